@@ -1,0 +1,31 @@
+"""Make the repository importable as ``ansible_collections.hpc.interactive``.
+
+The repository root is the collection root. Unit tests import the collection's code through
+its real package name, so we keep a symlink tree in ``.cache/collections`` (git-ignored)
+pointing back at the checkout and put it first on ``sys.path``.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+COLLECTIONS = REPO / ".cache" / "collections"
+
+
+def _ensure_collection_link() -> None:
+    link = COLLECTIONS / "ansible_collections" / "hpc" / "interactive"
+    link.parent.mkdir(parents=True, exist_ok=True)
+    if link.is_symlink() and Path(os.readlink(link)) == REPO:
+        return
+    tmp = link.with_name(f".interactive.{os.getpid()}")
+    if tmp.is_symlink():
+        tmp.unlink()
+    tmp.symlink_to(REPO)
+    os.replace(tmp, link)
+
+
+_ensure_collection_link()
+if str(COLLECTIONS) not in sys.path:
+    sys.path.insert(0, str(COLLECTIONS))
