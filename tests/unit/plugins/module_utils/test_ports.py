@@ -1,0 +1,611 @@
+"""Unit tests for the port reservation logic (plugins/module_utils/_ports.py)."""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import random
+import shutil
+import socket
+import stat
+import subprocess
+import tempfile
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from ansible_collections.hpc.interactive.plugins.module_utils import _ports
+from ansible_collections.hpc.interactive.plugins.module_utils._ports import (
+    Me,
+    PortError,
+    Reservation,
+    ReservationDir,
+)
+
+SCRIPT = Path(_ports.__file__).resolve()
+ME = Me(uid=os.geteuid(), user="tester", host="hostA", boot_id="boot-1")
+NOBODY = 65534
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a second user")
+
+
+def rdir(path, **kw) -> ReservationDir:
+    kw.setdefault("me", ME)
+    kw.setdefault("bindable", lambda port: True)
+    return ReservationDir(str(path), **kw)
+
+
+def record(port=20000, **kw) -> Reservation:
+    base = dict(port=port, owner="s1", user="tester", uid=ME.uid, host="hostA", boot_id="boot-1",
+                created=1000.0, expires=5000.0)
+    base.update(kw)
+    return Reservation(**base)
+
+
+def write_record(d: Path, res: Reservation) -> Path:
+    path = d / f"port-{res.port}"
+    path.write_text(res.to_json())
+    return path
+
+
+def free_tcp_ports(n: int, lo: int = 20000, hi: int = 30000):
+    """``n`` consecutive ports in [lo, hi) that bind right now (outside the ephemeral range)."""
+    start = random.randrange(lo, hi - n)
+    while not all(_ports.port_bindable(p) for p in range(start, start + n)):
+        start = random.randrange(lo, hi - n)
+    return list(range(start, start + n))
+
+
+@pytest.fixture
+def shared_dir():
+    """A root-owned-like sticky 1777 directory under /tmp, readable by other users."""
+    path = Path(tempfile.mkdtemp(prefix="fp-unit-", dir="/tmp"))
+    os.chmod(path, 0o755)  # noqa: S103
+    d = path / "res"
+    yield d
+    shutil.rmtree(path, ignore_errors=True)
+
+
+# ---------------------------------------------------------------- parsing
+
+
+@pytest.mark.parametrize("value, expected", [
+    ("10000-20000", (10000, 20000)),
+    (" 10000 - 20000 ", (10000, 20000)),
+    ("12345", (12345, 12345)),
+    (12345, (12345, 12345)),
+    ([20000, 20010], (20000, 20010)),
+    ({"start": 1024, "end": 65535}, (1024, 65535)),
+    (["20000", "20010"], (20000, 20010)),
+])
+def test_parse_range_accepts(value, expected):
+    assert _ports.parse_range(value) == expected
+
+
+@pytest.mark.parametrize("value", [
+    "80-90", "1000-2000", "20000-10000", "1-2-3", "abc", "", "20000-", "70000", True, None, 3.5,
+    [1], [20000, 20001, 20002], {"start": 20000}, {"start": 20000, "end": 20001, "x": 1}, "20000;id",
+])
+def test_parse_range_refuses_and_names_the_field(value):
+    with pytest.raises(PortError) as err:
+        _ports.parse_range(value, "port_range")
+    assert err.value.field == "port_range" and str(err.value).startswith("port_range: ")
+
+
+def test_candidates_skip_x11_always():
+    ports = _ports.candidate_ports((5990, 6110))
+    assert 5999 in ports and 6100 in ports
+    assert not any(6000 <= p <= 6099 for p in ports)
+    assert len(ports) == 121 - 100
+
+
+def test_candidates_skip_exclusions_and_ephemeral():
+    ports = _ports.candidate_ports((20000, 20020), exclude=[(20001, 20001), (20005, 20009)], ephemeral=(20015, 60999))
+    assert ports == [20000, 20002, 20003, 20004, 20010, 20011, 20012, 20013, 20014]
+
+
+def test_default_candidates_avoid_the_kernels_ephemeral_range(tmp_path):
+    eph = tmp_path / "ip_local_port_range"
+    eph.write_text("20000\t60999\n")
+    ports = _ports.build_candidates(None, ["10000-10009", 10500], ephemeral_file=str(eph))
+    assert ports[0] == 10010 and ports[-1] == 19999 and 10500 not in ports
+    assert len(ports) == 10000 - 10 - 1
+    # the real kernel range is honoured too
+    real = _ports.read_ephemeral_range()
+    default = _ports.build_candidates()
+    assert real is None or not any(real[0] <= p <= real[1] for p in default)
+    assert min(default) >= 10000 and max(default) <= 32767
+
+
+def test_ephemeral_can_be_allowed_but_x11_not(tmp_path):
+    eph = tmp_path / "r"
+    eph.write_text("32768 60999")
+    assert _ports.build_candidates("40000-40001", avoid_ephemeral=False, ephemeral_file=str(eph)) == [40000, 40001]
+    with pytest.raises(PortError) as err:
+        _ports.build_candidates("40000-40001", ephemeral_file=str(eph))
+    assert err.value.field == "port_range" and "ephemeral" in str(err.value)
+    with pytest.raises(PortError):
+        _ports.build_candidates("6000-6099", avoid_ephemeral=False)
+
+
+@pytest.mark.parametrize("text, expected", [("32768\t60999\n", (32768, 60999)), ("1 2", (1, 2)),
+                                            ("", None), ("5 4", None), ("a b", None), ("1 2 3", None)])
+def test_parse_ephemeral(text, expected):
+    assert _ports.parse_ephemeral(text) == expected
+
+
+@pytest.mark.parametrize("owner", ["s1", "abc-DEF_1.2", "0", "a" * 64, "isession-20261125-abcd"])
+def test_owner_accepted(owner):
+    assert _ports.validate_owner(owner) == owner
+
+
+@pytest.mark.parametrize("owner", ["../x", "a/b", "a\nb", "a;b", "", "-x", ".x", "_x", "a" * 65, "$(id)", "`id`",
+                                   "a b", "x\n", None, 5, "é"])
+def test_hostile_owner_refused(owner):
+    with pytest.raises(PortError) as err:
+        _ports.validate_owner(owner)
+    assert err.value.field == "owner"
+
+
+def test_check_request():
+    _ports.check_request("s1", 64, 1, os.getpid())
+    for kw, field in [(dict(count=0), "count"), (dict(count=65), "count"), (dict(lease=0), "lease"),
+                      (dict(lease=31 * 86400), "lease"), (dict(pid=0), "pid"), (dict(pid=-1), "pid"),
+                      (dict(pid=2 ** 22 + 12345), "pid")]:
+        args = dict(owner="s1", count=1, lease=60, pid=None)
+        args.update(kw)
+        with pytest.raises(PortError) as err:
+            _ports.check_request(**args)
+        assert err.value.field == field
+
+
+MOUNTINFO = """\
+22 1 8:1 / / rw,relatime shared:1 - ext4 /dev/sda1 rw
+23 22 0:21 / /tmp rw,nosuid shared:2 - tmpfs tmpfs rw
+24 22 0:40 / /home rw,relatime shared:3 - nfs4 srv:/home rw,vers=4.2
+25 24 0:41 / /home/my\\040dir rw - ext4 /dev/sdb1 rw
+26 22 0:42 / /scratch rw - lustre 10.0.0.1@o2ib:/fs rw
+"""
+
+
+@pytest.mark.parametrize("path, fstype", [("/tmp/isession-ports", "tmpfs"), ("/home/u/x", "nfs4"), ("/home", "nfs4"),
+                                          ("/home/my dir/p", "ext4"), ("/homework", "ext4"), ("/var/tmp", "ext4"),
+                                          ("/scratch/p", "lustre")])
+def test_fs_type_of(path, fstype):
+    assert _ports.fs_type_of(path, MOUNTINFO) == fstype
+
+
+# ---------------------------------------------------------------- records and staleness
+
+
+def test_record_roundtrip_and_junk():
+    res = record(pid=42, pid_start=7, creator_pid=9)
+    assert Reservation.from_json(res.to_json()) == res
+    for junk in ["", "{", "[]", '{"port": 1}', json.dumps(dict(json.loads(res.to_json()), extra=1)),
+                 json.dumps(dict(json.loads(res.to_json()), port=True)),
+                 json.dumps(dict(json.loads(res.to_json()), expires="never")),
+                 json.dumps(dict(json.loads(res.to_json()), owner=None))]:
+        assert Reservation.from_json(junk) is None
+
+
+def never_alive(pid, start):
+    return False
+
+
+def always_alive(pid, start):
+    return True
+
+
+@pytest.mark.parametrize("res, now, age, alive, stale", [
+    (record(), 4999.0, 0, never_alive, False),                       # within lease, no pid
+    (record(), 5000.0, 0, always_alive, True),                       # lease over, even with a live pid
+    (record(pid=42), 2000.0, 0, never_alive, True),                  # watched pid gone on this host
+    (record(pid=42), 2000.0, 0, always_alive, False),                # watched pid alive
+    (record(pid=42, host="hostB"), 2000.0, 0, never_alive, False),   # another host's pid: cannot judge
+    (record(host="hostB"), 6000.0, 0, always_alive, True),           # ... but its lease still ends
+    (record(boot_id="boot-0"), 2000.0, 0, always_alive, True),       # written before this host rebooted
+    (record(boot_id="boot-0", host="hostB"), 2000.0, 0, always_alive, False),
+    (record(boot_id=""), 2000.0, 0, always_alive, False),            # unknown boot id: not judged by it
+    (None, 2000.0, 5, always_alive, False),                          # unparsable, young: taken
+    (None, 2000.0, 61, always_alive, True),                          # unparsable, old: stale
+])
+def test_staleness_rules(res, now, age, alive, stale):
+    assert _ports.is_stale(res, now, ME, age=age, alive=alive) is stale
+
+
+def test_pid_alive_checks_start_time():
+    me = os.getpid()
+    start = _ports.pid_start_time(me)
+    assert start is not None and _ports.pid_alive(me) and _ports.pid_alive(me, start)
+    assert not _ports.pid_alive(me, start + 1)  # same pid number, different process: a reused pid
+    proc = subprocess.Popen(["sleep", "0"])
+    proc.wait()
+    assert not _ports.pid_alive(proc.pid)
+    assert not _ports.pid_alive(0) and not _ports.pid_alive(-1)
+    assert _ports.pid_alive(1)  # init: alive, whoever owns it
+
+
+# ---------------------------------------------------------------- the bind test
+
+
+@pytest.mark.parametrize("addr", ["127.0.0.1", "0.0.0.0"])  # noqa: S104
+def test_bind_test_honours_a_real_listener(addr):
+    srv = socket.socket()
+    srv.bind((addr, 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+    try:
+        assert _ports.port_bindable(port) is False
+    finally:
+        srv.close()
+    assert _ports.port_bindable(port) is True
+
+
+def test_bind_test_sees_time_wait_as_busy():
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    port = srv.getsockname()[1]
+    cli = socket.create_connection(("127.0.0.1", port))
+    conn, _ = srv.accept()
+    conn.close()  # the server side closes first: its end (local port = port) enters TIME_WAIT
+    cli.close()
+    srv.close()
+    assert _ports.port_bindable(port) is False
+
+
+def test_reserve_skips_a_listening_port(tmp_path):
+    ports = free_tcp_ports(3)
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", ports[1]))
+    srv.listen()
+    try:
+        d = ReservationDir(str(tmp_path / "r"), me=ME)  # real bind test
+        got, _ = d.reserve("s1", 2, ports)
+        assert sorted(got) == [ports[0], ports[2]]
+        with pytest.raises(PortError):
+            d.reserve("s2", 1, ports)
+    finally:
+        srv.close()
+
+
+# ---------------------------------------------------------------- the directory
+
+
+def test_directory_created_sticky_and_files_carry_the_record(tmp_path):
+    d = rdir(tmp_path / "r")
+    got, new = d.reserve("s1", 3, list(range(20000, 20010)), lease=120, pid=os.getpid())
+    assert got == new and len(got) == 3 and len(set(got)) == 3
+    st = os.lstat(tmp_path / "r")
+    assert stat.S_IMODE(st.st_mode) == 0o1777
+    for port in got:
+        f = tmp_path / "r" / f"port-{port}"
+        assert stat.S_IMODE(f.stat().st_mode) == 0o644
+        data = json.loads(f.read_text())
+        assert data["owner"] == "s1" and data["uid"] == ME.uid and data["user"] == "tester"
+        assert data["host"] == "hostA" and data["pid"] == os.getpid() and data["port"] == port
+        assert data["pid_start"] == _ports.pid_start_time(os.getpid())
+        assert data["expires"] - data["created"] == 120
+    assert not [n for n in os.listdir(tmp_path / "r") if n.startswith(".tmp")]
+
+
+def test_refuses_symlink_foreign_nonsticky_relative_and_network_dirs(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    with pytest.raises(PortError, match="symlink") as err:
+        rdir(tmp_path / "link").reserve("s1", 1, [20000])
+    assert err.value.field == "reservation_dir"
+    with pytest.raises(PortError):
+        rdir("relative/dir")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(PortError, match="not a directory"):
+        rdir(tmp_path / "file").reserve("s1", 1, [20000])
+    other = Me(uid=ME.uid + 1000, user="other", host="hostA", boot_id="boot-1")
+    os.chmod(real, 0o777)  # noqa: S103
+    with pytest.raises(PortError, match="sticky"):
+        rdir(real, me=other).validate()
+    os.chmod(real, 0o1777)  # noqa: S103
+    rdir(real, me=other).validate()  # sticky and not ours: fine
+    os.chmod(real, 0o700)
+    rdir(real).validate()  # ours, private: fine
+    mi = tmp_path / "mountinfo"
+    mi.write_text(f"22 1 8:1 / / rw - ext4 /dev/sda1 rw\n24 22 0:40 / {tmp_path} rw - nfs srv:/x rw\n")
+    with pytest.raises(PortError, match="network file system"):
+        rdir(real, mountinfo_file=str(mi)).reserve("s1", 1, [20000])
+    assert not list(real.iterdir())
+
+
+def test_idempotent_present_and_growing_count(tmp_path):
+    d = rdir(tmp_path / "r")
+    first, new = d.reserve("s1", 2, list(range(20000, 20100)))
+    assert new == first
+    again, new = d.reserve("s1", 2, list(range(20000, 20100)))
+    assert again == first and new == []
+    fewer, new = d.reserve("s1", 1, list(range(20000, 20100)))
+    assert fewer == first[:1] and new == []
+    more, new = d.reserve("s1", 4, list(range(20000, 20100)))
+    assert set(first) <= set(more) and len(more) == 4 and sorted(new) == sorted(set(more) - set(first))
+
+
+def test_held_ports_outside_a_new_range_do_not_count(tmp_path):
+    d = rdir(tmp_path / "r")
+    old, _ = d.reserve("s1", 1, [20000, 20001])
+    new_ports, new = d.reserve("s1", 1, [21000, 21001])
+    assert new == new_ports and new_ports[0] in (21000, 21001)
+    assert d.reserve("s1", 1, [20000, 20001, 20002]) == (old, [])
+    assert sorted(d.release("s1")) == sorted(old + new_ports)
+
+
+def test_idempotence_is_per_host_and_per_uid(tmp_path):
+    cands = list(range(20000, 20100))
+    a = rdir(tmp_path / "r")
+    ports_a, _ = a.reserve("s1", 1, cands)
+    b = rdir(tmp_path / "r", me=Me(uid=ME.uid, user="tester", host="hostB", boot_id="boot-9"))
+    ports_b, new_b = b.reserve("s1", 1, cands)
+    assert new_b == ports_b and ports_b != ports_a  # another host's reservation is not "held" here
+    assert b.release("s1") == ports_b and a.held("s1")[0].port == ports_a[0]
+
+
+def test_absent_releases_only_that_owner_and_is_idempotent(tmp_path):
+    d = rdir(tmp_path / "r")
+    mine, _ = d.reserve("s1", 3, list(range(20000, 20100)))
+    theirs, _ = d.reserve("s2", 2, list(range(20000, 20100)))
+    assert d.release("s1", dry_run=True) == mine
+    assert len(d.ports_on_disk()) == 5
+    assert d.release("s1") == mine
+    assert d.ports_on_disk() == sorted(theirs)
+    assert d.release("s1") == []
+    assert rdir(tmp_path / "missing").release("s1") == []
+    assert not (tmp_path / "missing").exists()
+
+
+def test_not_enough_ports_fails_and_leaves_nothing(tmp_path):
+    d = rdir(tmp_path / "r")
+    d.reserve("other", 1, [20001])
+    with pytest.raises(PortError) as err:
+        d.reserve("s1", 3, [20000, 20001, 20002])
+    assert err.value.field == "count" and "2 of 3" in str(err.value)
+    assert d.ports_on_disk() == [20001]
+
+
+def test_predict_touches_nothing(tmp_path):
+    target = tmp_path / "r"
+    d = rdir(target)
+    ports, new = d.predict("s1", 2, [20000, 20001, 20002])
+    assert len(ports) == 2 and new == ports and not target.exists()
+    d.reserve("s0", 1, [20000])
+    stale = write_record(target, record(port=20001, owner="old", expires=1.0))
+    before = sorted(os.listdir(target))
+    ports, new = d.predict("s1", 2, [20000, 20001, 20002])
+    assert ports == [20001, 20002]  # the stale one would be reclaimed
+    assert sorted(os.listdir(target)) == before and stale.exists()
+    d.reserve("s1", 2, [20000, 20001, 20002])
+    assert d.predict("s1", 2, [20000, 20001, 20002]) == ([20001, 20002], [])
+
+
+# ---------------------------------------------------------------- staleness and reclaim
+
+
+def test_expired_own_reservation_is_reclaimed(tmp_path):
+    now = [10_000.0]
+    d = rdir(tmp_path / "r", clock=lambda: now[0])
+    d.reserve("old", 1, [20000], lease=60)
+    with pytest.raises(PortError):
+        d.reserve("new", 1, [20000])
+    now[0] += 61
+    assert d.reserve("new", 1, [20000])[0] == [20000]
+    assert json.loads((tmp_path / "r" / "port-20000").read_text())["owner"] == "new"
+    assert d.held("old") == []
+
+
+def test_reservation_dies_with_its_pid(tmp_path):
+    proc = subprocess.Popen(["sleep", "30"])
+    try:
+        d = ReservationDir(str(tmp_path / "r"), me=ME, bindable=lambda p: True)  # real pid checks
+        d.reserve("job", 1, [20000], pid=proc.pid)
+        assert d.held("job")[0].pid == proc.pid
+        with pytest.raises(PortError):
+            d.reserve("other", 1, [20000])
+    finally:
+        proc.kill()
+        proc.wait()
+    assert d.held("job") == []
+    assert d.reserve("other", 1, [20000])[0] == [20000]
+
+
+def test_sweep_removes_own_stale_files_and_dead_temp_files(tmp_path):
+    d = rdir(tmp_path / "r")
+    d.ensure()
+    write_record(tmp_path / "r", record(port=20005, expires=1.0))
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    tmp_dead = tmp_path / "r" / f".tmp.{ME.uid}.{dead.pid}.1"
+    tmp_live = tmp_path / "r" / f".tmp.{ME.uid}.{os.getpid()}.2"
+    tmp_dead.write_text("x")
+    tmp_live.write_text("x")
+    d.reserve("s1", 1, [20000])
+    assert not (tmp_path / "r" / "port-20005").exists() and not tmp_dead.exists() and tmp_live.exists()
+
+
+def test_unparsable_and_lying_files(tmp_path):
+    now = [time.time()]
+    d = rdir(tmp_path / "r", clock=lambda: now[0])
+    d.ensure()
+    junk = tmp_path / "r" / "port-20000"
+    junk.write_text("garbage")
+    write_record(tmp_path / "r", record(port=20002, expires=now[0] + 999))  # claims 20002 ...
+    os.rename(tmp_path / "r" / "port-20002", tmp_path / "r" / "port-20001")  # ... but sits in port-20001
+    with pytest.raises(PortError):
+        d.reserve("s1", 1, [20000, 20001])  # both young junk: taken
+    now[0] += 120
+    assert sorted(d.reserve("s1", 2, [20000, 20001])[0]) == [20000, 20001]
+
+
+def test_reclaim_is_skipped_while_the_lock_is_held_elsewhere(tmp_path, monkeypatch):
+    monkeypatch.setattr(_ports, "LOCK_TIMEOUT", 0.2)
+    d = rdir(tmp_path / "r")
+    d.ensure()
+    write_record(tmp_path / "r", record(port=20000, expires=1.0))
+    fd = os.open(tmp_path / "r" / ".lock", os.O_RDONLY | os.O_CREAT, 0o644)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    try:
+        with pytest.raises(PortError):
+            d.reserve("s1", 1, [20000])
+        assert d.reserve("s1", 1, [20000, 20001])[0] == [20001]  # creating needs no lock
+    finally:
+        os.close(fd)
+    assert d.reserve("s2", 1, [20000])[0] == [20000]
+
+
+def test_a_fifo_lock_does_not_hang_or_break_reservations(tmp_path):
+    d = rdir(tmp_path / "r")
+    d.ensure()
+    os.mkfifo(tmp_path / "r" / ".lock")
+    write_record(tmp_path / "r", record(port=20000, owner="old", expires=1.0))
+    assert d.reserve("s1", 1, [20000, 20001])[0] == [20001]  # no usable lock: stale one left alone
+    assert d.release("s1") == [20001]
+
+
+# ---------------------------------------------------------------- races
+
+
+def test_threads_never_share_a_port(tmp_path):
+    cands = list(range(20000, 20060))
+
+    def one(i):
+        # every thread starts at the same candidate: maximal contention
+        d = rdir(tmp_path / "r", rng=random.Random(0))
+        return d.reserve(f"t{i}", 2, cands)[0]
+
+    with ThreadPoolExecutor(max_workers=30) as pool:
+        results = list(pool.map(one, range(30)))
+    ports = [p for r in results for p in r]
+    assert len(ports) == 60 and len(set(ports)) == 60
+
+
+def test_reclaimers_race_for_one_stale_port(tmp_path):
+    d0 = rdir(tmp_path / "r")
+    d0.ensure()
+    write_record(tmp_path / "r", record(port=20000, expires=1.0))
+    barrier = threading.Barrier(12)
+
+    def one(i):
+        barrier.wait()
+        try:
+            return rdir(tmp_path / "r").reserve(f"t{i}", 1, [20000])[0]
+        except PortError:
+            return []
+
+    with ThreadPoolExecutor(max_workers=12) as pool:
+        results = list(pool.map(one, range(12)))
+    assert sorted(map(len, results)) == [0] * 11 + [1]
+    winner = "t%d" % next(i for i, r in enumerate(results) if r)
+    assert json.loads((tmp_path / "r" / "port-20000").read_text())["owner"] == winner
+
+
+def _reserve_in_process(args):
+    path, owner, cands = args
+    d = ReservationDir(path, me=Me(uid=os.geteuid(), user="p", host="hostA", boot_id="b"),
+                       bindable=lambda p: True, rng=random.Random(1))
+    try:
+        return d.reserve(owner, 1, cands)[0]
+    except PortError:
+        return []
+
+
+def test_processes_never_share_a_port(tmp_path):
+    cands = list(range(21000, 21016))
+    with ProcessPoolExecutor(max_workers=8) as pool:
+        results = list(pool.map(_reserve_in_process, [(str(tmp_path / "r"), f"p{i}", cands) for i in range(20)]))
+    ports = [p for r in results for p in r]
+    assert len(ports) == 16 and sorted(ports) == cands  # 16 winners, 4 refused, no duplicates
+
+
+# ---------------------------------------------------------------- the plain script, and a second user
+
+
+@pytest.fixture(scope="module")
+def script():
+    """A world-readable copy of _ports.py, so a second user can run it as the batch job would."""
+    d = Path(tempfile.mkdtemp(prefix="fp-script-", dir="/tmp"))
+    os.chmod(d, 0o755)  # noqa: S103
+    copy = d / "_ports.py"
+    shutil.copy(SCRIPT, copy)
+    os.chmod(copy, 0o644)
+    yield copy
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def run_script(script, *args, user=None):
+    """Run the module_utils file as a plain script with the managed hosts' /usr/bin/python3."""
+    pre = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user is not None else []
+    return subprocess.run(pre + ["/usr/bin/python3", str(script), *args], capture_output=True, text=True,
+                          timeout=60, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
+
+
+def test_script_reserve_and_release(script, tmp_path):
+    ports = free_tcp_ports(4)
+    rng = f"{ports[0]}-{ports[-1]}"
+    res = run_script(script, "reserve", "--owner", "job1", "--count", "2", "--range", rng, "--dir", str(tmp_path / "r"))
+    assert res.returncode == 0, res.stderr
+    out = json.loads(res.stdout)
+    assert len(out["ports"]) == 2 and set(out["ports"]) <= set(ports) and out["port"] == out["ports"][0]
+    again = json.loads(run_script(script, "reserve", "--owner", "job1", "--count", "2", "--range", rng,
+                                  "--dir", str(tmp_path / "r")).stdout)
+    assert again["ports"] == out["ports"] and again["new"] == []
+    rel = run_script(script, "release", "--owner", "job1", "--dir", str(tmp_path / "r"))
+    assert json.loads(rel.stdout)["released"] == out["ports"]
+    assert not list((tmp_path / "r").glob("port-*"))
+
+
+@pytest.mark.parametrize("args, field", [
+    (["--owner", "../x"], "owner"), (["--owner", "a\nb"], "owner"), (["--owner", "a;b"], "owner"),
+    (["--owner", "ok", "--range", "80-90"], "port_range"), (["--owner", "ok", "--count", "65"], "count"),
+    (["--owner", "ok", "--dir", "rel"], "reservation_dir"), (["--owner", "ok", "--exclude", "x"], "exclude"),
+])
+def test_script_refuses_bad_input(script, args, field):
+    res = run_script(script, "reserve", *args)
+    assert res.returncode == 1 and res.stdout == ""
+    assert json.loads(res.stderr)["field"] == field
+
+
+@as_root
+def test_other_users_stale_file_is_taken_but_root_reclaims(script, shared_dir):
+    p0, p1, p2, p3 = free_tcp_ports(4)
+    past = time.time() - 7200
+    root = ReservationDir(str(shared_dir), clock=lambda: past)
+    root.reserve("rootjob", 1, [p0], lease=60)  # expired an hour ago
+    root.reserve("rootlive", 1, [p1], lease=3600 * 24)  # valid
+    assert stat.S_IMODE(os.lstat(shared_dir).st_mode) == 0o1777
+    # nobody cannot unlink root's stale file in the sticky dir: it is skipped as taken
+    res = run_script(script, "reserve", "--owner", "nb", "--range", f"{p0}-{p2}", "--dir", str(shared_dir),
+                     user=NOBODY)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["ports"] == [p2]
+    assert (shared_dir / f"port-{p0}").exists()
+    # release by nobody removes nobody's files only
+    assert json.loads(run_script(script, "release", "--owner", "rootjob", "--dir", str(shared_dir),
+                                 user=NOBODY).stdout)["released"] == []
+    assert json.loads(run_script(script, "release", "--owner", "nb", "--dir", str(shared_dir),
+                                 user=NOBODY).stdout)["released"] == [p2]
+    # root's release of an owner does not remove another uid's file of the same owner
+    res = run_script(script, "reserve", "--owner", "shared", "--range", str(p3), "--dir", str(shared_dir), user=NOBODY)
+    assert res.returncode == 0, res.stderr
+    assert ReservationDir(str(shared_dir)).release("shared") == []
+    data = json.loads((shared_dir / f"port-{p3}").read_text())
+    assert (shared_dir / f"port-{p3}").stat().st_uid == NOBODY and data["uid"] == NOBODY and data["user"] == "nobody"
+    # once expired, root reclaims its own and nobody's stale files
+    later = ReservationDir(str(shared_dir), clock=lambda: time.time() + 7200, bindable=lambda p: True)
+    assert later.reserve("r2", 2, [p0, p3])[0] == [p0, p3]
+
+
+@as_root
+def test_a_foreign_non_sticky_dir_is_refused_for_a_second_user(script, shared_dir):
+    shared_dir.mkdir(mode=0o777)
+    os.chmod(shared_dir, 0o777)  # noqa: S103
+    res = run_script(script, "reserve", "--owner", "nb", "--dir", str(shared_dir), user=NOBODY)
+    assert res.returncode == 1 and "sticky" in json.loads(res.stderr)["error"]
+    assert not list(shared_dir.iterdir())
