@@ -1,0 +1,349 @@
+#!/usr/bin/python
+# Copyright (c) hpc.interactive contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+module: scheduler_submit
+short_description: Render, submit or cancel a batch job (Slurm, PBS, Grid Engine or a detached local process)
+version_added: 0.1.0
+description:
+  - Renders a batch script from O(script) or O(script_file), typed options and free-form O(directives), plus the
+    enforced directives and limits of the site file C(/etc/isession/site.yml) on the target host, and submits it.
+  - The site file is not an option. It is honoured only when it and its directory are owned by root and not
+    group/world writable; a site file that exists but fails that check makes the module fail (nothing submitted).
+  - Enforced directives replace the user's directives for the same option and are rendered last. Site limits
+    (C(max_walltime), C(allowed_queues), C(max_nodes), ...) are checked on the effective directives.
+  - O(state=present) with a O(job_name) that already has a queued or running job of this user does not submit again.
+    After a submit that timed out, the job is looked up by name before the module reports a failure.
+  - The rendered script is stored by the scheduler; it must never hold secrets. Environment variables whose names look
+    like secrets (TOKEN, PASSWORD, SECRET, API_KEY, ...) are refused; put secrets in 0600 files the job reads.
+  - O(scheduler=local) runs the script detached (new session) on the target host; the job id is its process group id.
+extends_documentation_fragment: [ansible.builtin.action_common_attributes]
+attributes:
+  check_mode: {support: full, details: renders and validates; submits, writes and cancels nothing}
+  diff_mode: {support: full, details: the script file before and after}
+  platform: {platforms: posix}
+options:
+  scheduler:
+    description: "Which scheduler."
+    type: str
+    required: true
+    choices: [slurm, pbs, sge, local]
+  state:
+    description: "V(present) submits, V(absent) cancels."
+    type: str
+    default: present
+    choices: [present, absent]
+  job_name:
+    description: "Unique name of the job for this user; required for O(state=present)."
+    type: str
+  job_id:
+    description: "Job to cancel with O(state=absent)."
+    type: str
+  script:
+    description: "Body of the batch script (text)."
+    type: str
+  script_file:
+    description: "Path of a file on the target holding the body of the batch script."
+    type: path
+  script_path:
+    description:
+      - "Where the rendered script is written (mode 0700)."
+      - "Default C(<workdir>/<job_name>.sh), C(~) without O(workdir)."
+    type: str
+  workdir:
+    description: "Working directory of the job."
+    type: str
+  output:
+    description: "Standard output path (scheduler patterns like C(%j) allowed)."
+    type: str
+  error:
+    description: "Standard error path."
+    type: str
+  queue:
+    description: "Queue or partition."
+    type: str
+    aliases: [partition]
+  walltime:
+    description: "Minutes, C(HH:MM:SS) or C(D-HH:MM:SS)."
+    type: str
+  nodes:
+    description: "Number of nodes."
+    type: int
+  ntasks:
+    description: "Number of tasks."
+    type: int
+  cpus_per_task:
+    description: "CPUs per task."
+    type: int
+  memory:
+    description: "Memory per node, for example C(512M) or C(4G)."
+    type: str
+  gpus:
+    description: "Number of GPUs."
+    type: int
+  account:
+    description: "Account to charge."
+    type: str
+  qos:
+    description: "Quality of service (Slurm)."
+    type: str
+  constraint:
+    description: "Node features (Slurm)."
+    type: str
+  exclusive:
+    description: "Whole nodes."
+    type: bool
+    default: false
+  reservation:
+    description: "Reservation name."
+    type: str
+  environment:
+    description: "Variables exported by the script (values shell-quoted, single line; secret-looking names refused)."
+    type: dict
+  directives:
+    description:
+      - "Extra scheduler options, one per item, for example C(--comment=x)."
+      - "Each must start with C(-); no newlines, quotes, backslashes or C($ ` ; | & < >)."
+    type: list
+    elements: str
+    default: []
+  pbs_flavor:
+    description: "How PBS resources are written, C(nodes=) (torque) or C(select=) (pro)."
+    type: str
+    default: torque
+    choices: [torque, pro]
+  wait_for:
+    description: "Wait until the job is at least queued, or running."
+    type: str
+    choices: [queued, running]
+  wait_timeout:
+    description: "Seconds to wait for O(wait_for)."
+    type: int
+    default: 60
+  submit_timeout:
+    description: "Seconds before a submit or cancel command counts as timed out."
+    type: int
+    default: 30
+  query_timeout:
+    description: "Seconds before a query counts as timed out."
+    type: int
+    default: 10
+author: [hpc.interactive contributors]
+"""
+
+EXAMPLES = r"""
+- name: Submit a Jupyter job to Slurm and wait until it runs
+  hpc.interactive.scheduler_submit:
+    scheduler: slurm
+    job_name: isession-abc123
+    workdir: /home/alice/isession/abc123
+    partition: debug
+    walltime: "01:00:00"
+    cpus_per_task: 4
+    memory: 8G
+    directives: ["--comment=isession"]
+    script: |
+      exec ./agent.sh
+    wait_for: running
+  register: job
+
+- name: Cancel it
+  hpc.interactive.scheduler_submit:
+    scheduler: slurm
+    state: absent
+    job_id: "{{ job.job_id }}"
+"""
+
+RETURN = r"""
+job_id: {description: The job's id (process group id for local)., returned: when a job exists or was submitted,
+         type: str, sample: "4711"}
+state: {description: "queued, running, completed, failed, cancelled, timeout or undetermined.", returned: always,
+        type: str, sample: running}
+nodes: {description: Hosts the job runs on, when known., returned: always, type: list, elements: str,
+        sample: [compute1]}
+script_path: {description: Where the rendered script was (or would be) written., returned: state=present, type: str,
+              sample: /home/alice/isession/abc123/isession-abc123.sh}
+script: {description: The rendered script., returned: state=present, type: str, sample: "#!/bin/bash\n#SBATCH ..."}
+removed_directives: {description: User directives dropped because the site enforces that option.,
+                     returned: state=present, type: list, elements: str, sample: ["--comment=mine"]}
+"""
+
+import os
+import pwd
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.hpc.interactive.plugins.module_utils import _directives as D
+from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import SCHEDULERS, get_backend
+from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._runtime import (
+    make_runner,
+    read_text,
+    wait_for_state,
+    write_atomic,
+)
+
+ARGUMENT_SPEC = dict(
+    scheduler=dict(type="str", required=True, choices=list(SCHEDULERS)),
+    state=dict(type="str", default="present", choices=["present", "absent"]),
+    job_name=dict(type="str"), job_id=dict(type="str"),
+    script=dict(type="str"), script_file=dict(type="path"), script_path=dict(type="str"),
+    workdir=dict(type="str"), output=dict(type="str"), error=dict(type="str"),
+    queue=dict(type="str", aliases=["partition"]), walltime=dict(type="str"),
+    nodes=dict(type="int"), ntasks=dict(type="int"), cpus_per_task=dict(type="int"), memory=dict(type="str"),
+    gpus=dict(type="int"), account=dict(type="str"), qos=dict(type="str"), constraint=dict(type="str"),
+    exclusive=dict(type="bool", default=False), reservation=dict(type="str"), environment=dict(type="dict"),
+    directives=dict(type="list", elements="str", default=[]),
+    pbs_flavor=dict(type="str", default="torque", choices=["torque", "pro"]),
+    wait_for=dict(type="str", choices=["queued", "running"]), wait_timeout=dict(type="int", default=60),
+    submit_timeout=dict(type="int", default=30), query_timeout=dict(type="int", default=10),
+)
+
+
+class SchedulerSubmit:
+    def __init__(self, module: AnsibleModule):
+        self.module = module
+        self.p = module.params
+        self.user = pwd.getpwuid(os.getuid()).pw_name
+        self.backend = get_backend(self.p["scheduler"], pbs_flavor=self.p["pbs_flavor"])
+        self.runner = make_runner(lambda name: module.get_bin_path(name) if not name.startswith("/") else name)
+        self.local = self.p["scheduler"] == "local"
+
+    def fail(self, msg: str, **kw):
+        self.module.fail_json(msg=msg, **kw)
+
+    def query_one(self, job_id: str):
+        return self.backend.query(self.runner, job_ids=[job_id], timeout=self.p["query_timeout"]).jobs.get(job_id)
+
+    def find_alive(self):
+        found = self.backend.find_by_name(self.runner, self.p["job_name"], self.user, timeout=self.p["query_timeout"])
+        if not found.reachable:
+            self.fail("scheduler did not answer (%s); not submitting to avoid a duplicate job" % found.error)
+        return found.jobs
+
+    def render(self):
+        p = self.p
+        try:
+            opts = D.normalise_options(dict(p, workdir=p["workdir"] and os.path.expanduser(p["workdir"])))
+            script_path = p["script_path"] or os.path.join(opts.workdir or os.path.expanduser("~"),
+                                                           "%s.sh" % opts.job_name)
+            D.check_path("script_path", os.path.expanduser(script_path))
+            body = p["script"]
+            if p["script_file"] is not None:
+                body = read_text(p["script_file"])
+                if body is None:
+                    self.fail("script_file: cannot read %s" % p["script_file"])
+            policy = D.load_site_policy(p["scheduler"], D.DEFAULT_SITE_FILE)
+            rendered = D.render_script(self.backend, opts, body, directives=p["directives"],
+                                       environment=p["environment"], policy=policy)
+        except (ValueError, OSError) as exc:
+            self.fail(str(exc))
+        return opts, os.path.expanduser(script_path), rendered
+
+    def present(self):
+        opts, script_path, rendered = self.render()
+        result = dict(changed=False, script_path=script_path, script=rendered.text,
+                      removed_directives=rendered.removed, state="undetermined", nodes=[])
+        alive = self.find_alive()
+        if alive:
+            info = sorted(alive.values(), key=lambda i: i.job_id)[0]
+            result.update(job_id=info.job_id, state=info.state, nodes=info.nodes)
+            self.module.exit_json(**result)
+        before = read_text(script_path)
+        if self.module._diff and before != rendered.text:
+            result["diff"] = dict(before=before or "", after=rendered.text, before_header=script_path,
+                                  after_header=script_path)
+        result["changed"] = True
+        if self.module.check_mode:
+            self.module.exit_json(**result)
+        try:
+            write_atomic(script_path, rendered.text, 0o700)
+        except OSError as exc:
+            self.fail("script_path: cannot write %s: %s" % (script_path, exc))
+        job_id = self.submit(script_path, opts)
+        info = self.query_one(job_id)
+        if self.p["wait_for"]:
+            info, ok, why = wait_for_state(self.backend, self.runner, job_id, self.p["wait_for"],
+                                           self.p["wait_timeout"], query_timeout=self.p["query_timeout"])
+            if not ok:
+                result.update(job_id=job_id, state=info.state, nodes=info.nodes)
+                self.fail(why, **result)
+        if info is not None:
+            result.update(state=info.state, nodes=info.nodes)
+        result["job_id"] = job_id
+        self.module.exit_json(**result)
+
+    def submit(self, script_path: str, opts) -> str:
+        if self.local:
+            try:
+                return self.backend.submit(script_path, self.p["job_name"], self.user, opts.output, opts.error)
+            except OSError as exc:
+                self.fail("local submit failed: %s" % exc)
+        res = self.runner(self.backend.submit_argv(script_path), self.p["submit_timeout"])
+        if res.ok:
+            try:
+                return self.backend.parse_submit(res.stdout)
+            except ValueError as exc:
+                self.fail(str(exc), rc=res.rc, stdout=res.stdout, stderr=res.stderr)
+        # Ambiguous (timeout, lost reply): the job may exist. Look it up by its unique name first.
+        for _attempt in range(3):
+            found = self.backend.find_by_name(self.runner, self.p["job_name"], self.user, self.p["query_timeout"])
+            if found.jobs:
+                return sorted(found.jobs)[0]
+            if not res.timed_out and found.reachable:
+                break
+        self.fail("submit failed%s" % (" (timed out)" if res.timed_out else ""), rc=res.rc, stdout=res.stdout,
+                  stderr=res.stderr)
+        return ""
+
+    def absent(self):
+        p = self.p
+        if p["job_id"] and not D.JOB_ID.match(p["job_id"]):
+            self.fail("job_id: %r is not a job id" % p["job_id"])
+        if p["job_name"]:
+            try:
+                D.check_name("job_name", p["job_name"], job_name=True)
+            except ValueError as exc:
+                self.fail(str(exc))
+        if p["job_id"]:
+            res = self.backend.query(self.runner, job_ids=[p["job_id"]], timeout=p["query_timeout"])
+            jobs = {k: v for k, v in res.jobs.items() if v.alive}
+        else:
+            res = self.backend.find_by_name(self.runner, p["job_name"], self.user, timeout=p["query_timeout"])
+            jobs = res.jobs
+        if not res.reachable:
+            self.fail("scheduler did not answer (%s); cannot tell whether the job is alive" % res.error)
+        if not jobs:
+            info = res.jobs.get(p["job_id"] or "")
+            self.module.exit_json(changed=False, job_id=p["job_id"], state=info.state if info else "undetermined",
+                                  nodes=[])
+        if not self.module.check_mode:
+            for job_id in sorted(jobs):
+                if self.local:
+                    self.backend.cancel(job_id=job_id)
+                    continue
+                out = self.runner(self.backend.cancel_argv(job_id), p["submit_timeout"])
+                if not out.ok:
+                    self.fail("cancel of job %s failed" % job_id, rc=out.rc, stdout=out.stdout, stderr=out.stderr)
+        self.module.exit_json(changed=True, job_id=",".join(sorted(jobs)), state="cancelled", nodes=[],
+                              cancelled=sorted(jobs))
+
+
+def main():
+    module = AnsibleModule(
+        argument_spec=ARGUMENT_SPEC,
+        mutually_exclusive=[("script", "script_file"), ("job_id", "job_name")],
+        required_if=[("state", "present", ("job_name",)), ("state", "present", ("script", "script_file"), True),
+                     ("state", "absent", ("job_id", "job_name"), True)],
+        supports_check_mode=True,
+    )
+    runner = SchedulerSubmit(module)
+    if module.params["state"] == "present":
+        runner.present()
+    else:
+        runner.absent()
+
+
+if __name__ == "__main__":
+    main()

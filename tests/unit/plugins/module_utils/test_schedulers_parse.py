@@ -1,0 +1,112 @@
+"""Job-state parsing from recorded real (Slurm, torque wrapper) and public-sample (PBS Pro, Torque, SGE) output."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ansible_collections.hpc.interactive.plugins.module_utils._cmd import CommandResult
+from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import get_backend
+from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import pbs, sge, slurm
+from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._hostlist import exec_hosts, expand
+
+HERE = Path(__file__).parent
+RECORDED = HERE.parents[1] / "fixtures" / "schedulers"
+CASES = yaml.safe_load((HERE / "fixtures" / "scheduler_parse.yml").read_text())
+PARSERS = {"slurm": slurm.Slurm(), "pbs": pbs.Pbs(), "sge": sge}
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_parse_recorded(case):
+    text = (RECORDED / case["file"]).read_text()
+    jobs = getattr(PARSERS[case["backend"]], case["parser"])(text)
+    for job_id, expected in case["expect"].items():
+        assert job_id in jobs, sorted(jobs)
+        got = jobs[job_id].as_dict()
+        for key, value in expected.items():
+            assert got[key] == value, (job_id, key, got)
+
+
+@pytest.mark.parametrize("raw,state", [
+    ("PENDING", "queued"), ("CONFIGURING", "queued"), ("REQUEUED", "queued"), ("RUNNING", "running"),
+    ("COMPLETING", "running"), ("COMPLETED", "completed"), ("TIMEOUT", "timeout"), ("CANCELLED by 1002", "cancelled"),
+    ("CANCELLED+", "cancelled"), ("FAILED", "failed"), ("NODE_FAIL", "failed"), ("OUT_OF_MEMORY", "failed"),
+    ("BOOT_FAIL", "failed"), ("PREEMPTED", "failed"), ("DEADLINE", "failed"), ("WHATEVER", "undetermined"),
+    ("", "undetermined"),
+])
+def test_slurm_state_table(raw, state):
+    assert slurm.map_state(raw) == state
+
+
+@pytest.mark.parametrize("raw,exit_status,state", [
+    ("Q", None, "queued"), ("H", None, "queued"), ("W", None, "queued"), ("T", None, "queued"),
+    ("R", None, "running"), ("E", None, "running"), ("F", 0, "completed"), ("F", 1, "failed"),
+    ("F", -29, "timeout"), ("F", 271, "cancelled"), ("C", None, "completed"), ("?", None, "undetermined"),
+])
+def test_pbs_state_table(raw, exit_status, state):
+    assert pbs.map_state(raw, exit_status) == state
+
+
+@pytest.mark.parametrize("raw,state", [("r", "running"), ("t", "running"), ("qw", "queued"), ("hqw", "queued"),
+                                       ("Eqw", "failed"), ("dr", "running"), ("", "undetermined")])
+def test_sge_state_table(raw, state):
+    assert sge.map_state(raw) == state
+
+
+def test_newer_slurm_json_shapes():
+    """Slurm >= 23.02: job_state is a list, numbers are {set, infinite, number}, exit_code is a dict."""
+    doc = {"jobs": [
+        {"job_id": 7, "name": "n", "user_name": "u", "job_state": ["RUNNING"], "nodes": "c[1-2]",
+         "state_reason": "None", "time_limit": {"set": False, "infinite": True, "number": 0}},
+        {"job_id": 8, "name": "n", "user_name": "u", "job_state": ["PENDING", "REQUEUED"], "nodes": "",
+         "state_reason": "BeginTime"},
+        {"job_id": 9, "name": "n", "user_name": "u", "job_state": ["FAILED"], "nodes": "c1",
+         "exit_code": {"status": ["EXITED"], "return_code": {"set": True, "infinite": False, "number": 2}}},
+    ]}
+    jobs = slurm.Slurm().parse_query(json.dumps(doc))
+    assert jobs["7"].state == "running" and jobs["7"].nodes == ["c1", "c2"] and jobs["7"].reason == ""
+    assert jobs["8"].state == "queued" and jobs["8"].reason == "BeginTime"
+    assert jobs["9"].state == "failed" and jobs["9"].exit_code == 2
+
+
+def test_slurm_text_survives_headers_and_odd_lines():
+    text = "CLUSTER: hpcbed\nJOBID|STATE|USER|NODES|REASON|NAME\n12|RUNNING|u|c1|None|a|b|c\ngarbage\n"
+    jobs = slurm.Slurm().parse_text(text)
+    assert list(jobs) == ["12"] and jobs["12"].name == "a|b|c" and jobs["12"].state == "running"
+
+
+def test_pbs_text_unlimited_and_continuation_lines():
+    text = ("Job Id: 55.srv\n    Job_Name = long\n    job_state = R\n    exec_host = n1/0+n2/0\n"
+            "    Resource_List.walltime = UNLIMITED\n    comment = first part\n\tsecond part\n")
+    jobs = pbs.parse_text(text)
+    assert jobs["55"].nodes == ["n1", "n2"] and jobs["55"].reason == "first partsecond part"
+
+
+@pytest.mark.parametrize("text,hosts", [("c[1-3]", ["c1", "c2", "c3"]), ("gpu[01-02],login", ["gpu01", "gpu02",
+                                        "login"]), ("", []), ("(null)", []), ("a[1,3]", ["a1", "a3"])])
+def test_hostlist(text, hosts):
+    assert expand(text) == hosts
+
+
+def test_exec_hosts():
+    assert exec_hosts("n1/0*2+n1/1+n2/0-3") == ["n1", "n2"]
+
+
+def test_registry():
+    assert get_backend("slurm").name == "slurm" and get_backend("pbs", pbs_flavor="pro").flavor == "pro"
+    with pytest.raises(ValueError, match="scheduler"):
+        get_backend("lsf")
+
+
+def test_slurm_json_errors_mean_unreachable():
+    """Recorded: squeue --json exits 0 with empty jobs and an errors list when slurmctld is unreachable."""
+    text = (RECORDED / "slurm" / "squeue_22.05_unreachable.json").read_text()
+
+    def runner(argv, timeout=None):
+        return CommandResult(tuple(argv), 0, text, "")
+
+    res = slurm.Slurm().query(runner, job_ids=["1", "2"])
+    assert res.reachable is False and set(res.jobs) == {"1", "2"}
+    assert {j.state for j in res.jobs.values()} == {"undetermined"} and "slurm_load_jobs" in res.error
