@@ -1,4 +1,3 @@
-#!/usr/bin/python3
 # Copyright (c) hpc.interactive contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Reverse SSH tunnel: argv building, validation and a small supervisor that keeps ``ssh -N -R`` up.
@@ -619,7 +618,8 @@ class Supervisor:
         child = self.child
         self.save(state="connecting", ssh_pid=child.pid, ssh_token=proc_token(child.pid))
         self.say("[supervisor] ssh pid %d started (attempt %d)" % (child.pid, self.status["attempts"]))
-        assert child.stdout is not None
+        if child.stdout is None:  # pragma: no cover - stdout=PIPE always gives one
+            raise RuntimeError("ssh has no stdout pipe")
         fd = child.stdout.fileno()
         os.set_blocking(fd, False)
         partial, eof, exited_at, up_at, started, term_at = b"", False, 0.0, 0.0, time.monotonic(), 0.0
