@@ -27,7 +27,7 @@ options:
   job_name: {description: Report the jobs with this name instead of O(job_ids)., type: str}
   user: {description: Owner of the jobs for O(job_name) (default the connecting user)., type: str}
   timeout: {description: Seconds before the scheduler counts as not answering., type: int, default: 10}
-author: [hpc.interactive contributors]
+author: [hpc.interactive developers (@hpc-interactive)]
 """
 
 EXAMPLES = r"""

@@ -21,8 +21,8 @@ description:
   - O(scheduler=local) runs the script detached (new session) on the target host; the job id is its process group id.
 extends_documentation_fragment: [ansible.builtin.action_common_attributes]
 attributes:
-  check_mode: {support: full, details: renders and validates; submits, writes and cancels nothing}
-  diff_mode: {support: full, details: the script file before and after}
+  check_mode: {support: full, details: "Renders and validates; submits, writes and cancels nothing."}
+  diff_mode: {support: full, details: "The script file before and after."}
   platform: {platforms: posix}
 options:
   scheduler:
@@ -50,11 +50,11 @@ options:
   script_path:
     description:
       - "Where the rendered script is written (mode 0700)."
-      - "Default C(<workdir>/<job_name>.sh), C(~) without O(workdir)."
-    type: str
+      - "Default C(<workdir>/<job_name>.sh), the home directory without O(workdir)."
+    type: path
   workdir:
     description: "Working directory of the job."
-    type: str
+    type: path
   output:
     description: "Standard output path (scheduler patterns like C(%j) allowed)."
     type: str
@@ -130,7 +130,7 @@ options:
     description: "Seconds before a query counts as timed out."
     type: int
     default: 10
-author: [hpc.interactive contributors]
+author: [hpc.interactive developers (@hpc-interactive)]
 """
 
 EXAMPLES = r"""
@@ -161,22 +161,26 @@ job_id: {description: The job's id (process group id for local)., returned: when
          type: str, sample: "4711"}
 state: {description: "queued, running, completed, failed, cancelled, timeout or undetermined.", returned: always,
         type: str, sample: running}
-nodes: {description: Hosts the job runs on, when known., returned: always, type: list, elements: str,
+nodes: {description: "Hosts the job runs on, when known.", returned: always, type: list, elements: str,
         sample: [compute1]}
 script_path: {description: Where the rendered script was (or would be) written., returned: state=present, type: str,
               sample: /home/alice/isession/abc123/isession-abc123.sh}
 script: {description: The rendered script., returned: state=present, type: str, sample: "#!/bin/bash\n#SBATCH ..."}
 removed_directives: {description: User directives dropped because the site enforces that option.,
                      returned: state=present, type: list, elements: str, sample: ["--comment=mine"]}
+cancelled: {description: The job ids cancelled (or that would be cancelled in check mode).,
+            returned: state=absent and a job was alive, type: list, elements: str, sample: ["4711"]}
 """
 
 import os
 import pwd
+import time
 
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.hpc.interactive.plugins.module_utils import _directives as D
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import SCHEDULERS, get_backend
+from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._base import describe_failure
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._runtime import (
     make_runner,
     read_text,
@@ -184,12 +188,15 @@ from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._runti
     write_atomic,
 )
 
+LOOKUPS_AFTER_TIMEOUT = 3  # a timed-out submit may still create the job a moment later
+LOOKUP_PAUSE = 1.0
+
 ARGUMENT_SPEC = dict(
     scheduler=dict(type="str", required=True, choices=list(SCHEDULERS)),
     state=dict(type="str", default="present", choices=["present", "absent"]),
     job_name=dict(type="str"), job_id=dict(type="str"),
-    script=dict(type="str"), script_file=dict(type="path"), script_path=dict(type="str"),
-    workdir=dict(type="str"), output=dict(type="str"), error=dict(type="str"),
+    script=dict(type="str"), script_file=dict(type="path"), script_path=dict(type="path"),
+    workdir=dict(type="path"), output=dict(type="str"), error=dict(type="str"),
     queue=dict(type="str", aliases=["partition"]), walltime=dict(type="str"),
     nodes=dict(type="int"), ntasks=dict(type="int"), cpus_per_task=dict(type="int"), memory=dict(type="str"),
     gpus=dict(type="int"), account=dict(type="str"), qos=dict(type="str"), constraint=dict(type="str"),
@@ -209,8 +216,11 @@ class SchedulerSubmit:
         self.backend = get_backend(self.p["scheduler"], pbs_flavor=self.p["pbs_flavor"])
         self.runner = make_runner(lambda name: module.get_bin_path(name) if not name.startswith("/") else name)
         self.local = self.p["scheduler"] == "local"
+        self.script_path = ""  # set once the rendered script is written, reported with any later failure
 
     def fail(self, msg: str, **kw):
+        if self.script_path:
+            kw.setdefault("script_path", self.script_path)
         self.module.fail_json(msg=msg, **kw)
 
     def query_one(self, job_id: str):
@@ -225,10 +235,10 @@ class SchedulerSubmit:
     def render(self):
         p = self.p
         try:
-            opts = D.normalise_options(dict(p, workdir=p["workdir"] and os.path.expanduser(p["workdir"])))
-            script_path = p["script_path"] or os.path.join(opts.workdir or os.path.expanduser("~"),
+            opts = D.normalise_options(p)
+            script_path = p["script_path"] or os.path.join(opts.workdir or pwd.getpwuid(os.getuid()).pw_dir,
                                                            "%s.sh" % opts.job_name)
-            D.check_path("script_path", os.path.expanduser(script_path))
+            D.check_path("script_path", script_path)
             body = p["script"]
             if p["script_file"] is not None:
                 body = read_text(p["script_file"])
@@ -239,7 +249,7 @@ class SchedulerSubmit:
                                        environment=p["environment"], policy=policy)
         except (ValueError, OSError) as exc:
             self.fail(str(exc))
-        return opts, os.path.expanduser(script_path), rendered
+        return opts, script_path, rendered
 
     def present(self):
         opts, script_path, rendered = self.render()
@@ -261,6 +271,7 @@ class SchedulerSubmit:
             write_atomic(script_path, rendered.text, 0o700)
         except OSError as exc:
             self.fail("script_path: cannot write %s: %s" % (script_path, exc))
+        self.script_path = script_path
         job_id = self.submit(script_path, opts)
         info = self.query_one(job_id)
         if self.p["wait_for"]:
@@ -286,15 +297,25 @@ class SchedulerSubmit:
                 return self.backend.parse_submit(res.stdout)
             except ValueError as exc:
                 self.fail(str(exc), rc=res.rc, stdout=res.stdout, stderr=res.stderr)
-        # Ambiguous (timeout, lost reply): the job may exist. Look it up by its unique name first.
-        for _attempt in range(3):
-            found = self.backend.find_by_name(self.runner, self.p["job_name"], self.user, self.p["query_timeout"])
+        # Ambiguous (timeout, lost reply): the job may exist. Look it up by its unique name, never resubmit.
+        name = self.p["job_name"]
+        found = None
+        for attempt in range(LOOKUPS_AFTER_TIMEOUT if res.timed_out else 1):
+            if attempt:
+                time.sleep(LOOKUP_PAUSE)
+            found = self.backend.find_by_name(self.runner, name, self.user, self.p["query_timeout"])
             if found.jobs:
                 return sorted(found.jobs)[0]
-            if not res.timed_out and found.reachable:
-                break
-        self.fail("submit failed%s" % (" (timed out)" if res.timed_out else ""), rc=res.rc, stdout=res.stdout,
-                  stderr=res.stderr)
+        command = os.path.basename(res.argv[0]) if res.argv else "submit"
+        if res.timed_out:
+            why = "%s timed out after %ss" % (command, self.p["submit_timeout"])
+            if found is not None and not found.reachable:
+                why += " and the scheduler did not answer the lookup by name (%s); the job may exist" % found.error
+            else:
+                why += " and no job named %s appeared; not submitting again" % name
+        else:
+            why = "%s failed: %s" % (command, describe_failure(res))
+        self.fail(why, rc=res.rc, stdout=res.stdout, stderr=res.stderr, timed_out=res.timed_out)
         return ""
 
     def absent(self):

@@ -1,6 +1,7 @@
 """scheduler_submit / scheduler_job_info against the bed's real Slurm, as wsuser -> cluser@controller."""
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import time
@@ -25,8 +26,7 @@ def _squeue_names(bed, name: str):
 def _submit(bed, **args):
     base = {"scheduler": "slurm", "script": "hostname\nsleep 300\n", "workdir": "/home/cluser/it-sched"}
     base.update(args)
-    return bed.ansible_module("hpc.interactive.scheduler_submit", base, target="controller",
-                              check=args.pop("_check", False) if "_check" in args else False)
+    return bed.ansible_module("hpc.interactive.scheduler_submit", base, target="controller")
 
 
 def test_slurm_lifecycle(bed):
@@ -77,55 +77,73 @@ def test_slurm_lifecycle(bed):
 
 @pytest.fixture
 def site_file():
-    """Write /etc/isession/site.yml (root, 0644) for one test and restore what was there."""
-    old = SITE.read_bytes() if SITE.exists() else None
-    created_dir = not SITE.parent.exists()
-    SITE.parent.mkdir(mode=0o755, exist_ok=True)
+    """``with site_file(text):`` — /etc/isession/site.yml (root, 0644) only for the block, then what was there.
 
-    def write(text: str) -> None:
-        tmp = SITE.with_suffix(".tmp")
-        tmp.write_text(text)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, SITE)
+    The file is global to the machine (every bed host reads it), so each window covers one module call.
+    """
+    parent_existed = SITE.parent.exists()
 
-    yield write
-    if old is None:
-        SITE.unlink(missing_ok=True)
-        if created_dir:
+    @contextlib.contextmanager
+    def window(text: str, uid: int = 0):
+        old = SITE.read_bytes() if SITE.exists() else None
+        old_stat = SITE.stat() if old is not None else None
+        SITE.parent.mkdir(mode=0o755, exist_ok=True)
+        _put(text.encode(), 0o644, uid, uid)
+        try:
+            yield
+        finally:
+            if old is None:
+                SITE.unlink(missing_ok=True)
+            else:
+                _put(old, old_stat.st_mode & 0o7777, old_stat.st_uid, old_stat.st_gid)
+
+    yield window
+    if not parent_existed:
+        try:
             SITE.parent.rmdir()
-    else:
-        SITE.write_bytes(old)
+        except OSError:
+            pass  # someone else put a file there meanwhile
+
+
+def _put(data: bytes, mode: int, uid: int, gid: int) -> None:
+    tmp = SITE.with_name(".site.yml.%d" % os.getpid())
+    tmp.write_bytes(data)
+    os.chown(tmp, uid, gid)
+    os.chmod(tmp, mode)
+    os.replace(tmp, SITE)
 
 
 def test_enforced_directive_wins_over_extra_vars(bed, site_file):
-    site_file("schedulers:\n  slurm:\n    enforced_directives: ['--comment=site-enforced', '--time=00:07:00']\n"
-              "    max_walltime: '02:00:00'\n")
     name = _name("site")
     play = ("- hosts: controller\n  gather_facts: false\n  tasks:\n    - name: submit\n"
             "      hpc.interactive.scheduler_submit:\n        scheduler: slurm\n        job_name: %s\n"
             "        workdir: /home/cluser/it-sched\n        script: sleep 300\n"
-            "        directives: \"{{ user_directives }}\"\n        walltime: \"{{ user_walltime }}\"\n"
-            "        wait_for: queued\n" % name)
-    res = bed.playbook_json(play, extra_vars={"user_directives": ["--comment=user-wins?", "-t 00:30:00"],
-                                              "user_walltime": "01:00:00"})
+            "        directives: \"{{ user_directives }}\"\n        walltime: \"{{ user_walltime }}\"\n" % name)
+    with site_file("schedulers:\n  slurm:\n    enforced_directives: ['--comment=site-enforced', '--time=00:07:00']\n"
+                   "    max_walltime: '02:00:00'\n"):
+        res = bed.playbook_json(play, extra_vars={"user_directives": ["--comment=user-wins?", "-t 00:30:00"],
+                                                  "user_walltime": "01:00:00"})
     task = res.task("submit", "controller")
     assert res.rc == 0 and task.get("changed") is True, res.stdout
-    job = bed.slurm(["scontrol", "show", "job", "-o", task["job_id"]]).stdout
     try:
+        job = bed.slurm(["scontrol", "show", "job", "-o", task["job_id"]]).stdout
         assert "Comment=site-enforced" in job and "TimeLimit=00:07:00" in job, job
         assert "user-wins" not in task["script"]
+        assert sorted(task["removed_directives"]) == ["--comment=user-wins?", "--time=01:00:00", "-t 00:30:00"]
     finally:
         bed.slurm(["scancel", task["job_id"]], check=False)
     # a site limit (checked on the effective directives): a clear error, nothing submitted
-    site_file("schedulers:\n  slurm:\n    max_walltime: '02:00:00'\n")
     over_name = _name("over")
-    over = _submit(bed, job_name=over_name, walltime="03:00:00")
-    assert over.get("failed") and "max_walltime" in over["msg"], over
+    with site_file("schedulers:\n  slurm:\n    max_walltime: '02:00:00'\n"):
+        over = _submit(bed, job_name=over_name, walltime="03:00:00")
+    assert over.get("failed") and over["msg"].startswith("walltime:") and "max_walltime" in over["msg"], over
     assert _squeue_names(bed, over_name) == []
-    # a site file that is not root-owned is refused
-    os.chown(SITE, 1, 1)
-    refused = _submit(bed, job_name=_name("owner"))
+    # a site file that is not root-owned is refused: nothing submitted
+    owner_name = _name("owner")
+    with site_file("schedulers: {}\n", uid=1):
+        refused = _submit(bed, job_name=owner_name)
     assert refused.get("failed") and refused["msg"].startswith("site_file"), refused
+    assert _squeue_names(bed, owner_name) == []
 
 
 @pytest.mark.parametrize("args,field", [

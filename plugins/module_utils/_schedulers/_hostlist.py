@@ -39,7 +39,7 @@ def expand(hostlist: str) -> List[str]:
             continue
         prefix, ranges, suffix = match.groups()
         for rng in ranges.split(","):
-            lo, _, hi = rng.partition("-")
+            lo, _sep, hi = rng.partition("-")
             width = len(lo)
             for num in range(int(lo), int(hi or lo) + 1):
                 for tail in expand(suffix) if "[" in suffix else [suffix]:

@@ -38,17 +38,38 @@ def default_state_dir() -> str:
     return os.path.join(base, "hpc-interactive", "local-jobs")
 
 
-def proc_start_time(pid: str, proc_root: str = "/proc") -> Optional[str]:
-    """Field 22 of ``/proc/PID/stat`` (start time in clock ticks), or None when the pid is gone."""
+def _stat_fields(pid: str, proc_root: str = "/proc") -> Optional[List[str]]:
+    """``/proc/PID/stat`` after the command name (state, ppid, pgrp, ...), or None when gone or a zombie."""
     try:
         with open(os.path.join(proc_root, str(pid), "stat"), encoding="utf-8", errors="replace") as handle:
             data = handle.read()
     except OSError:
         return None
     fields = data[data.rfind(")") + 2:].split()
-    if len(fields) < 20 or fields[0] == "Z":
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
         return None  # zombie: exited, not yet reaped
-    return fields[19]
+    return fields
+
+
+def proc_start_time(pid: str, proc_root: str = "/proc") -> Optional[str]:
+    """Field 22 of ``/proc/PID/stat`` (start time in clock ticks), or None when the pid is gone."""
+    fields = _stat_fields(pid, proc_root)
+    return None if fields is None else fields[19]
+
+
+def group_members(pgid: int, proc_root: str = "/proc") -> List[int]:
+    """Live (non-zombie) processes of process group ``pgid``: the job's leader may be gone, its children not."""
+    members = []
+    try:
+        entries = os.listdir(proc_root)
+    except OSError:
+        return members
+    for entry in entries:
+        if entry.isdigit():
+            fields = _stat_fields(entry, proc_root)
+            if fields is not None and fields[2] == str(pgid):
+                members.append(int(entry))
+    return sorted(members)
 
 
 class Local(Backend):
@@ -150,21 +171,27 @@ class Local(Backend):
         return QueryResult(jobs)
 
     def cancel(self, runner: Optional[Runner] = None, job_id: str = "", timeout: float = 10.0):
-        """Signal the job's process group (only when the record's start time still matches)."""
+        """Signal the job's whole process group: TERM, then KILL for whatever is left of it.
+
+        Only a job whose leader is still the recorded process is signalled (a reused pid is not ours);
+        once the leader is gone the group id cannot be reused while members live, so the group is
+        followed until it is empty (a grandchild that ignores TERM gets KILL). Returns False when
+        there was nothing to cancel.
+        """
         record = self._record(job_id)
         if record is None or not self._alive(record):
             return False
         with open(self._path(job_id, "cancelled"), "w", encoding="utf-8"):
             pass
         pgid = int(job_id)
-        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 2.0)):
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
             try:
                 self._kill(pgid, sig)
             except ProcessLookupError:
                 return True
             deadline = time.monotonic() + wait
             while time.monotonic() < deadline:
-                if not self._alive(record):
+                if not group_members(pgid, self.proc_root):
                     return True
                 time.sleep(0.05)
         return True

@@ -57,7 +57,7 @@ def map_state(raw: str, exit_status: Optional[int] = None, comment: str = "") ->
 
 def short_id(job_id: str) -> str:
     """``123.server`` -> ``123`` (the key users pass back)."""
-    return str(job_id).split(".")[0]
+    return str(job_id).split(".", maxsplit=1)[0]
 
 
 def _int(value) -> Optional[int]:
@@ -71,8 +71,8 @@ def _info(job_id: str, attrs: Dict[str, str]) -> JobInfo:
     exit_status = _int(attrs.get("Exit_status", attrs.get("exit_status")))
     comment = str(attrs.get("comment", ""))
     raw = str(attrs.get("job_state", ""))
-    owner = str(attrs.get("Job_Owner", "")).split("@")[0]
-    euser = str(attrs.get("euser", "")).split("(")[0]
+    owner = str(attrs.get("Job_Owner", "")).split("@", maxsplit=1)[0]
+    euser = str(attrs.get("euser", "")).split("(", maxsplit=1)[0]
     return JobInfo(
         job_id=short_id(job_id), state=map_state(raw, exit_status, comment), raw_state=raw,
         nodes=exec_hosts(str(attrs.get("exec_host", ""))), reason=comment, exit_code=exit_status,
@@ -170,7 +170,7 @@ class Pbs(Backend):
         return out
 
     def directive_keys(self, directive: str) -> List[str]:
-        flag, _, value = directive.strip().partition(" ")
+        flag, _sep, value = directive.strip().partition(" ")
         if flag == "-l" or flag.startswith("-l") and len(flag) > 2:
             value = value if flag == "-l" else flag[2:]
             return ["-l " + item.split("=")[0].split(":")[0] for item in re.split(r"[,:]", value)
@@ -181,12 +181,12 @@ class Pbs(Backend):
     def effective_values(self, directives: Sequence[str]) -> Dict[str, str]:
         out: Dict[str, str] = {}
         for directive in directives:
-            flag, _, value = directive.strip().partition(" ")
+            flag, _sep, value = directive.strip().partition(" ")
             if flag == "-q":
                 out["queue"] = value.strip()
             if flag == "-l":
                 for item in re.split(r"[,:]", value):
-                    key, _, val = item.partition("=")
+                    key, _sep, val = item.partition("=")
                     if key in LIMIT_RESOURCES:
                         out[LIMIT_RESOURCES[key]] = val
                     if key == "select":

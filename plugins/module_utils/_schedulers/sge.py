@@ -82,7 +82,7 @@ class Sge(Backend):
         return out
 
     def directive_keys(self, directive: str) -> List[str]:
-        flag, _, value = directive.strip().partition(" ")
+        flag, _sep, value = directive.strip().partition(" ")
         if flag in ("-l", "-hard", "-soft") and value:
             return ["-l " + item.split("=")[0] for item in value.split(",")]
         return [flag]
@@ -90,12 +90,12 @@ class Sge(Backend):
     def effective_values(self, directives: Sequence[str]) -> Dict[str, str]:
         out: Dict[str, str] = {}
         for directive in directives:
-            flag, _, value = directive.strip().partition(" ")
+            flag, _sep, value = directive.strip().partition(" ")
             if flag == "-q":
                 out["queue"] = value
             if flag == "-l":
                 for item in value.split(","):
-                    key, _, val = item.partition("=")
+                    key, _sep, val = item.partition("=")
                     if key in ("h_rt", "s_rt"):
                         out["time"] = val
                     if key in ("h_vmem", "mem_free"):

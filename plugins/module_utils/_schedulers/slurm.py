@@ -76,7 +76,7 @@ def split_directive(directive: str):
         body = text[2:]
         name, sep, value = body.partition("=")
         if not sep:
-            name, _, value = body.partition(" ")
+            name, _sep, value = body.partition(" ")
         return _canon_long(name.strip()), value.strip()
     letter = text[1:2]
     rest = text[2:].strip()
@@ -174,8 +174,8 @@ class Slurm(Backend):
         data = json.loads(stdout)
         errors = [e for e in data.get("errors") or [] if isinstance(e, dict)]
         if errors:  # 22.05 exits 0 with no jobs and this list when slurmctld cannot be reached
-            raise SchedulerUnreachable("; ".join("%s: %s" % (e.get("source", ""), e.get("description") or
-                                                            e.get("error", "")) for e in errors))
+            raise SchedulerUnreachable("; ".join(
+                "%s: %s" % (e.get("source", ""), e.get("description") or e.get("error", "")) for e in errors))
         jobs: Dict[str, JobInfo] = {}
         for job in data.get("jobs", []):
             raw = job.get("job_state")
@@ -268,4 +268,3 @@ class Slurm(Backend):
         out = {j: found[j] for j in ids if j in found}
         out.update(undetermined([j for j in ids if j not in found], reason))
         return out
-

@@ -1,0 +1,200 @@
+"""scheduler_submit run for real (args file, module entry point) against fake scheduler commands on PATH.
+
+The fakes (tests/unit/fixtures/schedulers/fake_scheduler.py) replay recorded answers and log every call,
+so each case asserts the exact conversation: what was submitted, and above all what was *not*.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import stat
+import uuid
+from pathlib import Path
+
+import pytest
+import yaml
+
+from ansible_collections.hpc.interactive.plugins.module_utils import _cmd
+from ansible_collections.hpc.interactive.plugins.module_utils._schedulers.local import group_members
+
+COLLECTIONS = str(Path(os.path.abspath(_cmd.__file__)).parents[5])
+FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "schedulers"
+_spec = importlib.util.spec_from_file_location("fake_scheduler", FIXTURES / "fake_scheduler.py")
+fake = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(fake)
+CASES = yaml.safe_load((FIXTURES / "modules" / "scheduler_submit.yml").read_text())
+USER = __import__("pwd").getpwuid(os.getuid()).pw_name
+
+
+@pytest.fixture
+def harness(tmp_path):
+    return fake.Harness(tmp_path, COLLECTIONS, names={"name": "t-%s" % uuid.uuid4().hex[:8], "user": USER})
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])
+def test_conversation(harness, case):
+    harness.plan(case["plan"])
+    res = harness.run_module("scheduler_submit", case["args"], check=case.get("check", False))
+    calls = harness.calls()
+    assert [c["cmd"] for c in calls] == case["calls"], (calls, res)
+    expect = fake._subst(case.get("expect", {}), harness.names)
+    for key, value in expect.items():
+        assert res.get(key) == value, (key, res)
+    if not expect.get("failed"):
+        assert not res.get("failed"), res
+    for text in fake._subst(case.get("msg_contains", []), harness.names):
+        assert text in res["msg"], res["msg"]
+    for cmd, argv in fake._subst(case.get("argv", {}), harness.names).items():
+        assert [c["argv"] for c in calls if c["cmd"] == cmd] == [argv]
+    for text in fake._subst(case.get("script_contains", []), harness.names):
+        assert text in res["script"], res["script"]
+    script = Path(harness.tmp) / "work" / ("%s.sh" % harness.names["name"])
+    if "script_written" in case:
+        assert script.exists() is case["script_written"]
+    submitted = [c for c in calls if c["cmd"] in ("sbatch", "qsub")]
+    assert len(submitted) <= 1  # never a second submit, whatever happened
+    if submitted:
+        # the script on disk, 0700, is what the scheduler got, and it is the script the module returned
+        assert submitted[0]["argv"][-1] == str(script) == res["script_path"]
+        assert submitted[0]["script"] == script.read_text() == res.get("script", script.read_text())
+        assert stat.S_IMODE(script.stat().st_mode) == 0o700
+
+
+def test_submit_argv_and_rendered_script(harness):
+    harness.plan({"squeue": [{"json": []}, {"json": [{"job_id": 5, "state": "PENDING"}]}],
+                  "sbatch": [{"stdout": "5;cluster\n"}]})
+    args = {"scheduler": "slurm", "job_name": "{name}", "workdir": "{tmp}/work", "script": "#!/bin/sh\necho hi\n",
+            "partition": "debug", "cpus_per_task": 2, "memory": "1G", "directives": ["--comment=x"],
+            "environment": {"APP_MODE": "a b"}}
+    res = harness.run_module("scheduler_submit", args, diff=True)
+    assert res["changed"] is True and res["job_id"] == "5", res
+    sbatch = [c for c in harness.calls() if c["cmd"] == "sbatch"][0]
+    assert sbatch["argv"] == ["sbatch", "--parsable", res["script_path"]]
+    lines = sbatch["script"].splitlines()
+    assert lines[0] == "#!/bin/sh"
+    for line in ("#SBATCH --partition=debug", "#SBATCH --cpus-per-task=2", "#SBATCH --mem=1024M",
+                 "#SBATCH --comment=x", "export APP_MODE='a b'", "echo hi"):
+        assert line in lines, lines
+    assert res["diff"]["before"] == "" and res["diff"]["after"] == sbatch["script"]
+    # the squeue lookups asked for this user's jobs of this name
+    first = harness.calls()[0]["argv"]
+    assert first[:2] == ["squeue", "--json"] and "--name=%s" % harness.names["name"] in first
+    assert "--user=%s" % USER in first
+
+
+HOSTILE = [
+    ({"job_name": "x;id"}, "job_name"),
+    ({"job_name": "-x"}, "job_name"),
+    ({"job_name": "a\nb"}, "job_name"),
+    ({"job_name": "$(id)"}, "job_name"),
+    ({"directives": ["--comment=$(id)"]}, "directives"),
+    ({"directives": ["--comment=a\n#SBATCH -p x"]}, "directives"),
+    ({"directives": ["--comment=`id`"]}, "directives"),
+    ({"directives": ["-p debug; id"]}, "directives"),
+    ({"directives": ["comment=x"]}, "directives"),
+    ({"workdir": "/tmp/a\nb"}, "workdir"),
+    ({"workdir": "/tmp/-rf"}, "workdir"),
+    ({"queue": "debug;id"}, "queue"),
+    ({"account": "-A"}, "account"),
+    ({"output": "/tmp/$(id)"}, "output"),
+    ({"error": "/tmp/a b"}, "error"),
+    ({"script_path": "/tmp/x`id`.sh"}, "script_path"),
+    ({"walltime": "1h"}, "walltime"),
+    ({"memory": "lots"}, "memory"),
+    ({"nodes": 0}, "nodes"),
+    ({"constraint": "a;b"}, "constraint"),
+    ({"environment": {"A": "x\ny"}}, "environment"),
+    ({"environment": {"BAD-NAME": "x"}}, "environment"),
+    ({"environment": {"JUPYTER_TOKEN": "s3cret"}}, "environment"),
+]
+
+
+@pytest.mark.parametrize("args,field", HOSTILE, ids=["%s-%d" % (f, i) for i, (_a, f) in enumerate(HOSTILE)])
+@pytest.mark.parametrize("scheduler", ["slurm", "pbs"])
+def test_hostile_input_fails_naming_the_field_and_runs_nothing(harness, scheduler, args, field):
+    harness.plan({"squeue": [{"json": []}], "sbatch": [{"stdout": "1\n"}], "qsub": [{"stdout": "1\n"}],
+                  "qstat": [{"rc": 153}]})
+    params = {"scheduler": scheduler, "job_name": "{name}", "workdir": "{tmp}/work", "script": "true\n"}
+    params.update(args)
+    for check in (True, False):
+        res = harness.run_module("scheduler_submit", params, check=check)
+        assert res.get("failed") is True and res["msg"].startswith(field + ":"), res
+    assert harness.calls() == []
+    assert not (Path(harness.tmp) / "work").exists()
+    assert "s3cret" not in res["msg"]
+
+
+def test_argument_spec_refusals(harness):
+    res = harness.run_module("scheduler_submit", {"scheduler": "slurm", "script": "true"})
+    assert res.get("failed") and "job_name" in res["msg"]
+    res = harness.run_module("scheduler_submit", {"scheduler": "slurm", "job_name": "{name}", "script": "true",
+                                                  "script_file": "/etc/hostname"})
+    assert res.get("failed") and "mutually exclusive" in res["msg"]
+    res = harness.run_module("scheduler_submit", {"scheduler": "lsf", "job_name": "{name}", "script": "true"})
+    assert res.get("failed") and "scheduler" in res["msg"]
+    res = harness.run_module("scheduler_submit", {"scheduler": "slurm", "state": "absent", "job_id": "1;id"})
+    assert res.get("failed") and res["msg"].startswith("job_id:")
+    assert harness.calls() == []
+
+
+def test_script_file_and_unreadable_script_file(harness, tmp_path):
+    body = tmp_path / "body.sh"
+    body.write_text("echo from-file\n")
+    harness.plan({"squeue": [{"json": []}]})
+    res = harness.run_module("scheduler_submit", {"scheduler": "slurm", "job_name": "{name}", "workdir": "{tmp}/w",
+                                                  "script_file": str(body)}, check=True)
+    assert res["changed"] is True and "echo from-file" in res["script"]
+    res = harness.run_module("scheduler_submit", {"scheduler": "slurm", "job_name": "{name}", "workdir": "{tmp}/w",
+                                                  "script_file": str(tmp_path / "missing.sh")})
+    assert res.get("failed") and res["msg"].startswith("script_file:")
+    assert [c["cmd"] for c in harness.calls()] == ["squeue"]  # the check-mode lookup only
+
+
+def test_wait_for_running_polls_until_running(harness):
+    harness.plan({"squeue": [{"json": []}, {"json": [{"job_id": 7, "state": "PENDING"}]},
+                             {"json": [{"job_id": 7, "state": "PENDING", "reason": "Resources"}]},
+                             {"json": [{"job_id": 7, "state": "RUNNING", "nodes": "compute2"}]}],
+                  "sbatch": [{"stdout": "7\n"}]})
+    res = harness.run_module("scheduler_submit", {"scheduler": "slurm", "job_name": "{name}", "workdir": "{tmp}/w",
+                                                  "script": "true", "wait_for": "running", "wait_timeout": 20})
+    assert res["changed"] is True and res["state"] == "running" and res["nodes"] == ["compute2"], res
+    assert [c["cmd"] for c in harness.calls()] == ["squeue", "sbatch", "squeue", "squeue", "squeue"]
+
+
+def test_wait_for_running_fails_when_the_job_ends_first(harness):
+    harness.plan({"squeue": [{"json": []}, {"json": [{"job_id": 8, "state": "FAILED", "exit_code": 256}]}],
+                  "sbatch": [{"stdout": "8\n"}]})
+    res = harness.run_module("scheduler_submit", {"scheduler": "slurm", "job_name": "{name}", "workdir": "{tmp}/w",
+                                                  "script": "false", "wait_for": "running", "wait_timeout": 20})
+    assert res.get("failed") and res["job_id"] == "8" and res["state"] == "failed", res
+    assert "before it was running" in res["msg"]
+    assert [c["cmd"] for c in harness.calls()].count("sbatch") == 1
+
+
+def test_local_lifecycle_through_the_modules(harness):
+    """scheduler: local runs no scheduler command at all: a detached process group, cancelled twice fine."""
+    args = {"scheduler": "local", "job_name": "{name}", "workdir": "{tmp}/work", "script": "exec sleep 60\n",
+            "wait_for": "running", "wait_timeout": 10}
+    first = harness.run_module("scheduler_submit", args)
+    assert first["changed"] is True and first["state"] == "running", first
+    pgid = first["job_id"]
+    try:
+        again = harness.run_module("scheduler_submit", args)
+        assert again["changed"] is False and again["job_id"] == pgid
+        info = harness.run_module("scheduler_job_info", {"scheduler": "local", "job_ids": [pgid]})
+        assert info["jobs"][pgid]["state"] == "running" and info["jobs"][pgid]["name"] == harness.names["name"]
+        pred = harness.run_module("scheduler_submit", {"scheduler": "local", "state": "absent", "job_id": pgid},
+                                  check=True)
+        assert pred["changed"] is True and group_members(int(pgid))  # check mode killed nothing
+        gone = harness.run_module("scheduler_submit", {"scheduler": "local", "state": "absent", "job_id": pgid})
+        assert gone["changed"] is True and gone["cancelled"] == [pgid] and group_members(int(pgid)) == []
+        info = harness.run_module("scheduler_job_info", {"scheduler": "local", "job_ids": [pgid]})
+        assert info["jobs"][pgid]["state"] == "cancelled"
+        twice = harness.run_module("scheduler_submit", {"scheduler": "local", "state": "absent", "job_id": pgid})
+        assert twice["changed"] is False and not twice.get("failed")
+    finally:
+        try:
+            os.killpg(int(pgid), 9)
+        except OSError:
+            pass
+    assert harness.calls() == []
