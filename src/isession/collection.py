@@ -22,13 +22,13 @@ class Collection:
         return self.root / "ansible_collections" / NAMESPACE / NAME
 
 
-def search_roots(env: dict[str, str] | None = None) -> list[Path]:
-    """Where to look, first match wins: $ISESSION_COLLECTIONS, the venv, Ansible's own paths."""
+def search_roots(env: dict[str, str] | None = None, prefix: str | None = None) -> list[Path]:
+    """Where to look, first match wins: $ISESSION_COLLECTIONS, the venv (``prefix``), Ansible's own paths."""
     env = dict(os.environ if env is None else env)
     roots: list[Path] = []
     for var in ("ISESSION_COLLECTIONS", "ANSIBLE_COLLECTIONS_PATH", "ANSIBLE_COLLECTIONS_PATHS"):
         roots += [Path(p) for p in env.get(var, "").split(os.pathsep) if p]
-    roots.append(Path(sys.prefix) / "collections")
+    roots.append(Path(sys.prefix if prefix is None else prefix) / "collections")
     home = Path(env.get("HOME") or Path.home())
     roots += [home / ".ansible" / "collections", Path("/usr/share/ansible/collections")]
     seen: set[Path] = set()
@@ -55,9 +55,9 @@ def _version(path: Path) -> str | None:
     return None
 
 
-def find_collection(env: dict[str, str] | None = None) -> Collection:
+def find_collection(env: dict[str, str] | None = None, prefix: str | None = None) -> Collection:
     """The first usable copy of hpc.interactive, or LookupError listing where we looked."""
-    roots = search_roots(env)
+    roots = search_roots(env, prefix)
     for root in roots:
         path = root / "ansible_collections" / NAMESPACE / NAME
         version = _version(path)

@@ -34,7 +34,7 @@ def test_first_root_with_the_collection_wins(tmp_path):
 def test_missing_collection_names_where_it_looked(tmp_path):
     env = {"ISESSION_COLLECTIONS": str(tmp_path / "none"), "HOME": str(tmp_path)}
     with pytest.raises(LookupError, match=str(tmp_path / "none")):
-        find_collection(env)
+        find_collection(env, prefix=str(tmp_path / "venv"))
 
 
 def test_search_roots_are_unique(tmp_path):
