@@ -1,0 +1,247 @@
+#!/usr/bin/python
+# Copyright (c) hpc.interactive contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+from __future__ import annotations
+
+DOCUMENTATION = r"""
+---
+module: session_ready
+short_description: Wait until a session's app answers through the path the user will use
+version_added: 0.1.0
+description:
+  - Polls C(http://HOST:PORT<URL>/<PORT>/<probe>) (C(https) when O(url=/sme); the certificate is not checked,
+    the connection is to the loopback end of the session's tunnel) every O(interval) seconds.
+  - Ready means an HTTP answer with status 2xx, 3xx, 401 or 403 (the app is up and guards itself). A 5xx (for
+    example a proxy's 502) or no connection is not ready. Redirects are not followed.
+  - Between polls it reads the session directory (O(dir)) when given - a terminal step in C(state.json) (written by
+    a cancel or the watcher) or a C(cancel_requested) tombstone ends the wait at once, as does an C(agent.error)
+    file written by the agent - and, when O(agent_pid) is given, it ends the wait when that process is gone.
+  - Gives up after O(timeout) seconds with C(no answer from the server after N s).
+  - No secret is needed or sent; a 401/403 from the app counts as ready.
+  - With O(mark_running=true) the module records the session as running the moment the app answers - step
+    C(running) in C(state.json) (refused when a cancel was requested meanwhile) and C(JOB_STATUS Running) in
+    C(service.json) - so no further task stands between the port answering and C(Running).
+extends_documentation_fragment:
+  - ansible.builtin.action_common_attributes
+attributes:
+  check_mode:
+    support: full
+    details: probes once and does not wait; writes nothing.
+  diff_mode:
+    support: none
+  platform:
+    platforms: posix
+options:
+  port:
+    description: The workspace-side port C(PORT) (the tunnel's end or, for the workspace target, the server's port).
+    type: int
+    required: true
+  url:
+    description: C(URL) of the session; V(/sme) probes with https.
+    type: str
+    choices: [/me, /sme]
+    default: /me
+  probe:
+    description: Path under the base path C(<URL>/<PORT>/) that answers when the app is ready (no leading C(/)).
+    type: str
+    default: ""
+  host:
+    description: Address to connect to.
+    type: str
+    default: 127.0.0.1
+  timeout:
+    description: Seconds to wait in all (the role's C(session_start_timeout)).
+    type: float
+    default: 300
+  interval:
+    description: Seconds between polls.
+    type: float
+    default: 0.2
+  request_timeout:
+    description: Seconds one HTTP request may take.
+    type: float
+    default: 2
+  dir:
+    description: The session directory on the workspace (for C(state.json) and C(agent.error)).
+    type: path
+  agent_pid:
+    description: Pid of the local agent (workspace target); the wait ends when it exits.
+    type: int
+  mark_running:
+    description:
+      - When the app answers, set step C(running) in C(<dir>/state.json) and C(JOB_STATUS) V(Running) in
+        C(<dir>/service.json). Needs O(dir).
+    type: bool
+    default: false
+author:
+  - hpc.interactive developers (@hpc-interactive)
+"""
+
+EXAMPLES = r"""
+- name: Wait for the app
+  hpc.interactive.session_ready:
+    port: "{{ _wsport.port }}"
+    url: /me
+    probe: api/status
+    timeout: 300
+    dir: "{{ _session.dir }}"
+  register: _ready
+"""
+
+RETURN = r"""
+ready:
+  description: Whether the app answered (always V(true) unless in check mode; the module fails otherwise).
+  returned: always
+  type: bool
+  sample: true
+status:
+  description: The last HTTP status seen (V(null) when no connection succeeded).
+  returned: always
+  type: int
+  sample: 200
+elapsed:
+  description: Seconds spent waiting.
+  returned: always
+  type: float
+  sample: 0.42
+marked_running:
+  description: Whether C(state.json) and C(service.json) were set to running by this call.
+  returned: always
+  type: bool
+  sample: true
+probe_url:
+  description: The URL probed.
+  returned: always
+  type: str
+  sample: http://127.0.0.1:23456/me/23456/api/status
+"""
+
+import http.client
+import os
+import ssl
+from typing import Optional, Tuple
+from urllib.parse import urlsplit
+
+from ansible.module_utils.basic import AnsibleModule
+
+from ansible_collections.hpc.interactive.plugins.module_utils._service_file import (
+    ServiceFileError,
+    update_service_file,
+)
+from ansible_collections.hpc.interactive.plugins.module_utils._state import (
+    STATE_FILE,
+    TERMINAL_STEPS,
+    StateError,
+    agent_error,
+    probe_url,
+    process_alive,
+    read_record,
+    run_op,
+    wait_ready,
+)
+
+
+def fetch_status(url: str, timeout: float) -> Tuple[Optional[int], str]:
+    """One GET without following redirects -> (status, "") or (None, error text)."""
+    parts = urlsplit(url)
+    if parts.scheme == "https":
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE  # loopback end of the session's own tunnel; self-signed app certs
+        conn = http.client.HTTPSConnection(parts.hostname, parts.port, timeout=timeout, context=context)
+    else:
+        conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
+    try:
+        conn.request("GET", parts.path + ("?" + parts.query if parts.query else ""),
+                     headers={"User-Agent": "hpc.interactive session_ready"})
+        return conn.getresponse().status, ""
+    except (OSError, http.client.HTTPException) as exc:
+        return None, str(exc) or type(exc).__name__
+    finally:
+        conn.close()
+
+
+class SessionReady:
+    def __init__(self, module: AnsibleModule) -> None:
+        self.module = module
+        self.params = module.params
+
+    def abort_reason(self) -> Optional[str]:
+        """A reason to stop waiting now, or None."""
+        directory, pid = self.params["dir"], self.params["agent_pid"]
+        if directory:
+            try:
+                record = read_record(os.path.join(directory, STATE_FILE))
+            except StateError:
+                record = None
+            if record and record.get("step") in TERMINAL_STEPS:
+                return record.get("error") or "the session was %s while waiting for the server" % record["step"]
+            if record and record.get("cancel_requested"):
+                return "the session was cancelled while waiting for the server"
+            why = agent_error(directory)
+            if why:
+                return why
+        if pid and not process_alive(pid):
+            why = agent_error(directory)
+            return why or "the agent (pid %d) exited before the server answered; see its logs" % pid
+        return None
+
+    def run(self) -> None:
+        p = self.params
+        try:
+            url = probe_url(p["port"], p["url"], p["probe"], p["host"])
+        except StateError as exc:
+            self.module.fail_json(msg=exc.msg, field=exc.field)
+        if p["timeout"] <= 0 or p["interval"] <= 0 or p["request_timeout"] <= 0:
+            self.module.fail_json(msg="timeout, interval and request_timeout must be positive", field="timeout")
+        timeout = 0.0 if self.module.check_mode else p["timeout"]
+
+        def fetch() -> Tuple[Optional[int], str]:
+            return fetch_status(url, p["request_timeout"])
+
+        ready, status, elapsed, why = wait_ready(fetch, timeout, interval=p["interval"], abort=self.abort_reason)
+        result = {"changed": False, "ready": ready, "status": status, "elapsed": round(elapsed, 3), "probe_url": url,
+                  "marked_running": False}
+        if not ready and not self.module.check_mode:
+            self.module.fail_json(msg=why, **result)
+        if ready and p["mark_running"] and not self.module.check_mode:
+            self.mark_running(result)
+        self.module.exit_json(**result)
+
+    def mark_running(self, result: dict) -> None:
+        """step running in state.json (refused after a cancel request), then JOB_STATUS Running in service.json."""
+        directory = self.params["dir"]
+        root, session_id = os.path.split(os.path.normpath(directory))
+        try:
+            plan = run_op("update", root, session_id, {"step": "running"})
+            changed, _content = update_service_file(os.path.join(directory, "service.json"), job_status="Running")
+        except (StateError, ServiceFileError) as exc:
+            self.module.fail_json(msg=exc.msg, field="dir", **result)
+        except OSError as exc:
+            self.module.fail_json(msg="cannot record the running session in %s: %s" % (directory, exc), field="dir",
+                                  **result)
+        result.update(changed=plan.changed or changed, marked_running=True)
+
+
+def main() -> None:
+    module = AnsibleModule(
+        argument_spec=dict(
+            port=dict(type="int", required=True),
+            url=dict(type="str", choices=["/me", "/sme"], default="/me"),
+            probe=dict(type="str", default=""),
+            host=dict(type="str", default="127.0.0.1"),
+            timeout=dict(type="float", default=300),
+            interval=dict(type="float", default=0.2),
+            request_timeout=dict(type="float", default=2),
+            dir=dict(type="path"),
+            agent_pid=dict(type="int"),
+            mark_running=dict(type="bool", default=False),
+        ),
+        required_if=[("mark_running", True, ("dir",))],
+        supports_check_mode=True,
+    )
+    SessionReady(module).run()
+
+
+if __name__ == "__main__":
+    main()

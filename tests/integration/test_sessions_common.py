@@ -1,0 +1,105 @@
+"""Helpers shared by the session tests (no tests here): start/cancel through the collection's playbooks on the bed.
+
+The playbooks run as ``wsuser`` in the workspace, by their FQCN (``hpc.interactive.start_nginx``) imported from a
+one-line playbook in the user's own temporary directory. Everything is checked from outside as root: files on the
+shared filesystem, listeners per network namespace, and processes in ``/proc`` (one pid namespace for all hosts).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+WS_USER = "wsuser"
+PORTS_DIR = Path("/tmp/isession-ports")
+
+
+def run_playbook(bed, fqcn: str, extra_vars: dict, inventory=None, timeout: float = 600):
+    text = f"---\n- name: Run {fqcn}\n  ansible.builtin.import_playbook: {fqcn}\n"
+    return bed.playbook_json(text, user=WS_USER, extra_vars=extra_vars, inventory=inventory, timeout=timeout)
+
+
+def task_results(res, contains: str) -> List[dict]:
+    """Per-host results of every task whose name contains ``contains``."""
+    return [r for t in res.tasks() if contains in t["task"]["name"] for r in t["hosts"].values()]
+
+
+def failure_text(res) -> str:
+    failed = [r.get("msg", "") for t in res.tasks() for r in t["hosts"].values() if r.get("failed")]
+    return f"rc={res.rc} failed={failed!r} stderr={res.stderr[-2000:]!r}"
+
+
+def read_json(path: Path) -> dict:
+    return json.loads(path.read_text())
+
+
+def listening(bed, host: str, port: int) -> bool:
+    out = bed.run(host, ["ss", "-Hltn", f"sport = :{port}"], check=True).stdout
+    return bool(out.strip())
+
+
+def session_processes(marker: str) -> Dict[int, str]:
+    """Processes whose cwd or command line mentions ``marker`` (the session id or directory)."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            try:
+                cwd = os.readlink(f"/proc/{entry}/cwd")
+            except OSError:
+                cwd = ""
+        except OSError:
+            continue
+        if marker in cmd or marker in cwd:
+            found[int(entry)] = f"cwd={cwd} cmd={cmd.strip()}"
+    return found
+
+
+def wait_until(pred, timeout: float = 10.0, step: float = 0.1) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return bool(pred())
+
+
+def reservations(owner: str, ports_dir: Path = PORTS_DIR) -> List[int]:
+    out = []
+    for f in ports_dir.glob("port-*") if ports_dir.is_dir() else []:
+        try:
+            rec = json.loads(f.read_text())
+        except (OSError, ValueError):
+            continue
+        if rec.get("owner") == owner:
+            out.append(rec["port"])
+    return out
+
+
+def http_get(bed, host: str, url: str, secret_header: Optional[str], tmpdir: Path, *, user: str = WS_USER):
+    """(status, body) of a GET from ``host`` as ``user``; the header travels in a 0600 file, not argv."""
+    argv = ["curl", "-s", "-o", "-", "-w", "\n%{http_code}", "--max-time", "10"]
+    if secret_header:
+        hfile = bed.write_user_file(user, tmpdir / f"h-{time.monotonic_ns()}", secret_header + "\n")
+        argv += ["-H", f"@{hfile}"]
+    out = bed.run(host, argv + [url], user=user, check=True).stdout
+    body, _, code = out.rpartition("\n")
+    return int(code), body
+
+
+def assert_no_secret_in_argv(secret: str) -> None:
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+            except OSError:
+                continue
+            assert secret.encode() not in cmd, f"secret in argv of pid {entry}"
+
+
+SID_RE = re.compile(r"[a-z0-9-]+")

@@ -1,0 +1,193 @@
+"""The session_ready module against real local HTTP servers (loopback only)."""
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from ansible_collections.hpc.interactive.plugins.module_utils import _state
+
+COLLECTIONS = Path(os.path.abspath(_state.__file__)).parents[5]
+MODULE = "ansible_collections.hpc.interactive.plugins.modules.session_ready"
+
+
+def run_module(tmp_path: Path, args: dict, check: bool = False) -> dict:
+    argsfile = tmp_path / f"args-{random.randrange(1 << 30)}.json"
+    argsfile.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": dict(args, _ansible_check_mode=check)}))
+    env = dict(os.environ, PYTHONPATH=str(COLLECTIONS), LC_ALL="C")
+    proc = subprocess.run([sys.executable, "-m", MODULE, str(argsfile)], capture_output=True, text=True,
+                          cwd=tmp_path, env=env, timeout=60)
+    try:
+        return json.loads(proc.stdout)
+    except ValueError:
+        pytest.fail(f"module printed no JSON (rc={proc.returncode}): {proc.stdout!r} {proc.stderr!r}")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A loopback HTTP server answering ``status`` for paths under the expected base path, 404 otherwise."""
+
+    def __init__(self, port: int, status: int, delay: float = 0.0):
+        self.paths = []
+        outer = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):  # noqa: N802 - http.server API
+                outer.paths.append(self.path)
+                code = status if self.path.startswith(f"/me/{port}/") else 404
+                self.send_response(code)
+                if 300 <= code < 400:
+                    self.send_header("Location", "/elsewhere")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *a):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.timer = threading.Timer(delay, self.httpd.serve_forever) if delay else None
+        if self.timer:
+            self.timer.start()
+        else:
+            threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        if self.timer:
+            self.timer.cancel()
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("status", [200, 302, 401, 403])
+def test_ready_statuses(tmp_path, status):
+    port = free_port()
+    srv = Server(port, status)
+    try:
+        res = run_module(tmp_path, {"port": port, "probe": "api/status", "timeout": 10})
+    finally:
+        srv.close()
+    assert res.get("failed") is not True, res
+    assert res["ready"] is True and res["status"] == status and res["changed"] is False
+    assert res["probe_url"] == f"http://127.0.0.1:{port}/me/{port}/api/status"
+    assert srv.paths == [f"/me/{port}/api/status"]  # redirects are not followed
+
+
+def test_waits_for_a_server_that_comes_up_late(tmp_path):
+    port = free_port()
+    servers = []
+    starter = threading.Timer(1.5, lambda: servers.append(Server(port, 200)))
+    starter.start()
+    try:
+        res = run_module(tmp_path, {"port": port, "timeout": 20})
+    finally:
+        starter.join()
+        for srv in servers:
+            srv.close()
+    # the module needs well under 1.5 s to start, so it saw refused connections before the server came up
+    assert res["ready"] is True and res["status"] == 200 and 0.2 <= res["elapsed"] < 10
+
+
+def test_502_is_not_ready_and_times_out_with_words(tmp_path):
+    port = free_port()
+    srv = Server(port, 502)
+    try:
+        t0 = time.monotonic()
+        res = run_module(tmp_path, {"port": port, "timeout": 1.5})
+        took = time.monotonic() - t0
+    finally:
+        srv.close()
+    assert res["failed"] is True and res["ready"] is False and res["status"] == 502
+    assert res["msg"] == "no answer from the server after 2 s (last answer HTTP 502)"
+    assert 1.4 <= res["elapsed"] < 3 and took < 10
+
+
+def test_terminal_step_in_state_ends_the_wait_at_once(tmp_path):
+    _state.run_op("create", str(tmp_path), "s1", {})
+    _state.run_op("update", str(tmp_path), "s1", {"step": "failed", "error": "sbatch: invalid partition"})
+    res = run_module(tmp_path, {"port": free_port(), "timeout": 60, "dir": str(tmp_path / "s1")})
+    assert res["failed"] is True and res["msg"] == "sbatch: invalid partition" and res["elapsed"] < 5
+
+
+def test_tombstone_ends_the_wait(tmp_path):
+    _state.run_op("create", str(tmp_path), "s1", {})
+    _state.run_op("cancel", str(tmp_path), "s1", {})
+    res = run_module(tmp_path, {"port": free_port(), "timeout": 60, "dir": str(tmp_path / "s1")})
+    assert res["failed"] is True and "cancelled" in res["msg"] and res["elapsed"] < 5
+
+
+def test_agent_error_and_dead_agent_end_the_wait(tmp_path):
+    _state.run_op("create", str(tmp_path), "s1", {})
+    (tmp_path / "s1" / "agent.error").write_text("nginx not found on workspace\n")
+    res = run_module(tmp_path, {"port": free_port(), "timeout": 60, "dir": str(tmp_path / "s1")})
+    assert res["failed"] is True and res["msg"] == "nginx not found on workspace"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    res = run_module(tmp_path, {"port": free_port(), "timeout": 60, "agent_pid": dead.pid})
+    assert res["failed"] is True and f"agent (pid {dead.pid}) exited" in res["msg"] and res["elapsed"] < 5
+
+
+def test_check_mode_probes_once_without_failing(tmp_path):
+    res = run_module(tmp_path, {"port": free_port(), "timeout": 60}, check=True)
+    assert res.get("failed") is not True and res["ready"] is False and res["elapsed"] < 5
+
+
+def test_bad_inputs_name_the_field(tmp_path):
+    res = run_module(tmp_path, {"port": 70000})
+    assert res["failed"] is True and res["field"] == "port"
+    res = run_module(tmp_path, {"port": 2000, "probe": "/abs"})
+    assert res["failed"] is True and res["field"] == "probe"
+    res = run_module(tmp_path, {"port": 2000, "url": "/x"})
+    assert res["failed"] is True and "url" in res["msg"]
+
+
+def test_mark_running_records_the_session_when_the_app_answers(tmp_path):
+    _state.run_op("create", str(tmp_path), "s1", {"step": "starting"})
+    sdir = tmp_path / "s1"
+    (sdir / "service.json").write_text(json.dumps({"URL": "/me", "PORT": "2000", "JOB_STATUS": "Starting"}))
+    port = free_port()
+    srv = Server(port, 401)
+    try:
+        res = run_module(tmp_path, {"port": port, "timeout": 10, "dir": str(sdir), "mark_running": True})
+        check = run_module(tmp_path, {"port": port, "timeout": 10, "dir": str(sdir), "mark_running": True},
+                           check=True)
+    finally:
+        srv.close()
+    assert res["ready"] is True and res["marked_running"] is True and res["changed"] is True, res
+    assert json.loads((sdir / "service.json").read_text())["JOB_STATUS"] == "Running"
+    assert json.loads((sdir / "state.json").read_text())["step"] == "running"
+    assert check["changed"] is False and check["marked_running"] is False
+
+
+def test_mark_running_refused_after_a_cancel_request(tmp_path):
+    _state.run_op("create", str(tmp_path), "s1", {"step": "starting"})
+    sdir = tmp_path / "s1"
+    port = free_port()
+    srv = Server(port, 200)
+    try:
+        _state.run_op("cancel", str(tmp_path), "s1", {})
+        res = run_module(tmp_path, {"port": port, "timeout": 10, "dir": str(sdir), "mark_running": True})
+    finally:
+        srv.close()
+    # the app answered at the first poll, but the session is being cancelled: nothing is marked running
+    assert res["failed"] is True and "being cancelled" in res["msg"] and res["field"] == "dir"
+    assert json.loads((sdir / "state.json").read_text())["step"] == "starting"
+    assert not (sdir / "service.json").exists()
+
+
+def test_mark_running_needs_dir(tmp_path):
+    res = run_module(tmp_path, {"port": 2000, "mark_running": True})
+    assert res["failed"] is True and "dir" in res["msg"]

@@ -1,0 +1,107 @@
+"""The session_state module, run for real as Ansible runs it (args file, module entry point)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ansible_collections.hpc.interactive.plugins.module_utils import _state
+
+COLLECTIONS = Path(os.path.abspath(_state.__file__)).parents[5]
+MODULE = "ansible_collections.hpc.interactive.plugins.modules.session_state"
+
+
+def run_module(tmp_path: Path, args: dict, check: bool = False, diff: bool = False, env: dict = None) -> dict:
+    payload = dict(args, _ansible_check_mode=check, _ansible_diff=diff)
+    argsfile = tmp_path / f"args-{random.randrange(1 << 30)}.json"
+    argsfile.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": payload}))
+    full_env = dict(os.environ, PYTHONPATH=str(COLLECTIONS), LC_ALL="C", **(env or {}))
+    proc = subprocess.run([sys.executable, "-m", MODULE, str(argsfile)], capture_output=True, text=True,
+                          cwd=tmp_path, env=full_env, timeout=60)
+    try:
+        return json.loads(proc.stdout)
+    except ValueError:
+        pytest.fail(f"module printed no JSON (rc={proc.returncode}): {proc.stdout!r} {proc.stderr!r}")
+
+
+def test_create_then_idempotent_and_secret_never_returned(tmp_path):
+    root = tmp_path / "sessions"
+    args = {"op": "create", "id": "s1", "root": str(root), "service": "nginx", "target": "workspace", "url": "/me"}
+    res = run_module(tmp_path, args, diff=True)
+    assert res["changed"] is True and res["exists"] is False, res
+    d = root / "s1"
+    assert res["dir"] == str(d) and res["secret_path"] == str(d / "secret")
+    assert res["record"]["service"] == "nginx" and res["record"]["step"] == "created"
+    secret = (d / "secret").read_text().strip()
+    assert stat.S_IMODE((d / "secret").stat().st_mode) == 0o600 and stat.S_IMODE(d.stat().st_mode) == 0o700
+    assert secret not in json.dumps(res)
+    assert res["diff"]["before"] == "" and json.loads(res["diff"]["after"]) == res["record"]
+    again = run_module(tmp_path, args)
+    assert again["changed"] is False and again["exists"] is True and "diff" not in again
+    assert (d / "secret").read_text().strip() == secret
+
+
+def test_check_mode_create_predicts_and_writes_nothing(tmp_path):
+    res = run_module(tmp_path, {"op": "create", "id": "s1", "root": str(tmp_path / "r")}, check=True, diff=True)
+    assert res["changed"] is True and res["record"]["step"] == "created"
+    assert not (tmp_path / "r").exists()
+
+
+def test_update_merges_and_appends_history(tmp_path):
+    base = {"id": "s1", "root": str(tmp_path)}
+    run_module(tmp_path, dict(base, op="create"))
+    res = run_module(tmp_path, dict(base, step="ports_reserved", ports={"workspace": 23456}), diff=True)
+    assert res["changed"] is True and res["record"]["ports"] == {"workspace": 23456}
+    assert json.loads(res["diff"]["before"])["step"] == "created"
+    res = run_module(tmp_path, dict(base, step="running", job_id="77", pids={"agent": 1234}))
+    rec = json.loads((tmp_path / "s1" / "state.json").read_text())
+    assert rec == res["record"] and [h["step"] for h in rec["history"]] == ["created", "ports_reserved", "running"]
+    assert run_module(tmp_path, dict(base, step="running", job_id="77"))["changed"] is False
+    check = run_module(tmp_path, dict(base, step="failed", error="x"), check=True)
+    assert check["changed"] is True and check["record"]["step"] == "failed"
+    assert json.loads((tmp_path / "s1" / "state.json").read_text())["step"] == "running"
+
+
+def test_terminal_step_is_final(tmp_path):
+    base = {"id": "s1", "root": str(tmp_path)}
+    run_module(tmp_path, dict(base, op="create"))
+    assert run_module(tmp_path, dict(base, step="cancelled"))["changed"] is True
+    res = run_module(tmp_path, dict(base, step="running"))
+    assert res["failed"] is True and res["field"] == "step" and "already ended (cancelled)" in res["msg"]
+
+
+def test_cancel_and_read(tmp_path):
+    base = {"id": "s1", "root": str(tmp_path)}
+    read = run_module(tmp_path, dict(base, op="read"))
+    assert read["changed"] is False and read["exists"] is False and read["record"] == {}
+    run_module(tmp_path, dict(base, op="create", service="nginx"))
+    res = run_module(tmp_path, dict(base, op="cancel"))
+    assert res["changed"] is True and res["record"]["cancel_requested"] is True
+    assert run_module(tmp_path, dict(base, op="cancel"))["changed"] is False
+    read = run_module(tmp_path, dict(base, op="read"))
+    assert read["exists"] is True and read["record"]["cancel_requested"] is True and read["changed"] is False
+    refused = run_module(tmp_path, dict(base, op="create"))
+    assert refused["failed"] is True and refused["field"] == "id"
+
+
+def test_bad_values_fail_naming_the_field(tmp_path):
+    res = run_module(tmp_path, {"op": "create", "id": "../x", "root": str(tmp_path)})
+    assert res["failed"] is True and res["field"] == "id"
+    res = run_module(tmp_path, {"op": "create", "id": "s1", "root": str(tmp_path), "ports": {"workspace": -1}})
+    assert res["failed"] is True and res["field"] == "ports"
+    res = run_module(tmp_path, {"op": "create", "id": "s1", "root": str(tmp_path), "step": "nope"})
+    assert res["failed"] is True and "step" in res["msg"]
+    res = run_module(tmp_path, {"op": "update", "id": "missing", "root": str(tmp_path), "step": "running"})
+    assert res["failed"] is True and res["field"] == "id"
+
+
+def test_default_root_uses_xdg_state_home(tmp_path):
+    res = run_module(tmp_path, {"op": "create", "id": "s1"}, env={"XDG_STATE_HOME": str(tmp_path / "xdg")})
+    assert res["dir"] == str(tmp_path / "xdg" / "isession" / "sessions" / "s1")
+    assert (tmp_path / "xdg" / "isession" / "sessions" / "s1" / "state.json").is_file()
