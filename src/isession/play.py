@@ -1,0 +1,185 @@
+"""Run the collection's playbooks through ansible-runner's Python API and follow its events.
+
+Each run gets a private data dir ``<session dir>/logs/runner`` (0700) and its own ``ident``, so the
+artifacts (stdout, job_events) stay with the session. Extravars never hold a secret. While a run is
+in progress ``<session dir>/logs/runner/<ident>.pid`` names the ``isession`` process and the
+ansible-playbook process group, so ``isession cancel`` can stop it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional
+
+from .collection import Collection
+from .config import embedded_inventory
+from .progress import Progress
+
+RUNNER_DIR = Path("logs") / "runner"
+
+
+@dataclass
+class PlayResult:
+    status: str  # successful | failed | canceled | timeout | error
+    rc: Optional[int]
+    ident: str
+    artifacts: Path
+    failures: List[str] = field(default_factory=list)
+
+
+def runner_dir(session_dir: Path) -> Path:
+    path = session_dir / RUNNER_DIR
+    for p in (session_dir, session_dir / "logs", path):
+        p.mkdir(mode=0o700, exist_ok=True)
+    return path
+
+
+def playbook_path(col: Collection, name: str) -> Path:
+    return col.path / "playbooks" / f"{name}.yml"
+
+
+def runner_env(col: Collection, base: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """Environment for ansible-playbook: our collection first, the venv's binaries on PATH."""
+    base = os.environ if base is None else base
+    venv_bin = str(Path(sys.executable).parent)
+    path = base.get("PATH", "/usr/bin:/bin")
+    return {
+        "ANSIBLE_COLLECTIONS_PATH": str(col.root),
+        "ANSIBLE_COLLECTIONS_SCAN_SYS_PATH": "False",
+        "ANSIBLE_PIPELINING": "True",
+        "ANSIBLE_NOCOLOR": "1",
+        "ANSIBLE_RETRY_FILES_ENABLED": "False",
+        "ANSIBLE_LOCALHOST_WARNING": "False",
+        "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False",
+        "PATH": path if path.split(os.pathsep)[0] == venv_bin else venv_bin + os.pathsep + path,
+    }
+
+
+def write_pidfile(path: Path, playbook_pid: Optional[int]) -> None:
+    data = {"cli_pid": os.getpid(), "playbook_pid": playbook_pid, "started": time.time()}
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(data, fh)
+    os.replace(tmp, path)
+
+
+def run_playbook(col: Collection, session_dir: Path, playbook: str, extravars: Mapping[str, Any], *,
+                 inventory: Optional[Path], ident: str, emit: Callable[[str], None],
+                 verbose: bool = False, cancel: Optional[threading.Event] = None) -> PlayResult:
+    """Run ``playbooks/<playbook>.yml`` with ansible_runner.run_async; ``emit`` gets one line per task."""
+    import ansible_runner  # noqa: PLC0415 - heavy import, only for commands that run playbooks
+
+    pdd = runner_dir(session_dir)
+    if inventory is None:
+        inv_file = pdd / "inventory.yml"
+        inv_file.write_text(embedded_inventory())
+        inv_file.chmod(0o600)
+        inventory = inv_file
+    pidfile = pdd / f"{ident}.pid"
+    progress = Progress(verbose=verbose)
+    cancel = cancel or threading.Event()
+
+    def on_event(event: Dict[str, Any]) -> bool:
+        first = progress.playbook_pid is None
+        line = progress.line(event)
+        if first and progress.playbook_pid is not None:
+            write_pidfile(pidfile, progress.playbook_pid)
+        if line:
+            emit(line)
+        return True
+
+    write_pidfile(pidfile, None)
+    try:
+        thread, runner = ansible_runner.run_async(
+            private_data_dir=str(pdd),
+            playbook=str(playbook_path(col, playbook)),
+            inventory=str(inventory),
+            extravars=dict(extravars),
+            envvars=runner_env(col),
+            ident=ident,
+            quiet=True,
+            event_handler=on_event,
+            cancel_callback=cancel.is_set,
+            settings={"suppress_ansible_output": True, "pexpect_timeout": 0.2},
+        )
+        thread.join()
+    finally:
+        pidfile.unlink(missing_ok=True)
+    return PlayResult(status=runner.status, rc=runner.rc, ident=ident, artifacts=pdd / "artifacts" / ident,
+                      failures=list(progress.failed))
+
+
+def stop_runs_in_progress(session_dir: Path, grace: float = 3.0, exclude_pid: Optional[int] = None) -> List[int]:
+    """Stop any start still running for this session: its ansible-playbook process group and its CLI.
+
+    Only processes of our own uid whose command line is what the pid file says are signalled.
+    Returns the pids signalled.
+    """
+    pdd = session_dir / RUNNER_DIR
+    hit: List[int] = []
+    for pidfile in sorted(pdd.glob("*.pid")) if pdd.is_dir() else []:
+        try:
+            data = json.loads(pidfile.read_text())
+        except (OSError, ValueError):
+            continue
+        pb = data.get("playbook_pid")
+        if isinstance(pb, int) and _ours(pb, b"ansible-playbook"):
+            _signal_group(pb, signal.SIGTERM)
+            hit.append(pb)
+        cli = data.get("cli_pid")
+        if isinstance(cli, int) and cli != exclude_pid and cli != os.getpid() and _ours(cli, b"isession"):
+            _signal(cli, signal.SIGTERM)
+            hit.append(cli)
+    deadline = time.monotonic() + grace
+    while hit and time.monotonic() < deadline and any(_alive(p) for p in hit):
+        time.sleep(0.1)
+    for pid in hit:
+        if _alive(pid):
+            _signal_group(pid, signal.SIGKILL)
+    return hit
+
+
+def _ours(pid: int, needle: bytes) -> bool:
+    try:
+        if os.stat(f"/proc/{pid}").st_uid != os.getuid():
+            return False
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return needle in fh.read()
+    except OSError:
+        return False
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+    except (OSError, IndexError):
+        return False
+
+
+def _signal(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except OSError:
+        pass
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        pgid = os.getpgid(pid)
+    except OSError:
+        return
+    try:
+        if pgid == pid:
+            os.killpg(pgid, sig)
+        else:
+            os.kill(pid, sig)
+    except OSError:
+        pass

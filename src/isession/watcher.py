@@ -1,0 +1,388 @@
+"""The watcher: one per user, polls every resource once a second and applies the JOB_STATUS table.
+
+``decide`` is the pure heart (architecture.md, "JOB_STATUS table"); :class:`Watcher` does the I/O:
+it groups live sessions by resource, asks each resource ONCE per tick for all of their jobs (see
+``remote.py`` for why over one persistent ssh session), writes service.json (``_service_file``)
+and state.json (``_state``), and when a session ends tears down what is left on the workspace
+(the tunnel's listening end, the port reservations).
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+
+from . import mu
+from .remote import RemoteError, RemoteServer, inventory_conn
+
+CONFIRM_ABSENT = 3
+QUERY_TIMEOUT = 5.0
+PIDFILE = ".watcher.pid"
+LOGFILE = ".watcher.log"
+LIVE_STEPS = ("submitted", "queued", "starting", "running")
+TERMINAL_STEPS = ("cancelled", "completed", "failed")
+# the step each JOB_STATUS corresponds to
+STEP_OF = {"Queued": "queued", "Starting": "starting", "Running": "running", "Cancelled": "cancelled",
+           "Completed": "completed", "Failed": "failed"}
+FAILED_WORDS = {
+    "NODE_FAIL": "node failure", "OUT_OF_MEMORY": "out of memory", "BOOT_FAIL": "node boot failure",
+    "PREEMPTED": "preempted by the scheduler", "DEADLINE": "deadline reached",
+}
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What to write for one session after one poll. ``status`` None = leave service.json alone."""
+
+    status: Optional[str] = None
+    message: str = ""
+    absent: int = 0  # the new absence count
+    reason: str = ""  # why nothing changes (for the log)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in ("Cancelled", "Completed", "Failed")
+
+
+def _where(info: Mapping[str, Any]) -> str:
+    nodes = info.get("nodes") or []
+    return f" on {', '.join(nodes)}" if nodes else ""
+
+
+def _detail(job_id: str, info: Mapping[str, Any]) -> str:
+    bits = [str(info.get("raw_state") or info.get("state") or "")]
+    if info.get("exit_code") not in (None, 0):
+        bits.append(f"exit code {info['exit_code']}")
+    if info.get("reason") and info.get("reason") not in ("None", "none"):
+        bits.append(str(info["reason"]))
+    return f"job {job_id}: " + ", ".join(b for b in bits if b)
+
+
+def decide(record: Mapping[str, Any], current: Optional[str], info: Optional[Mapping[str, Any]],
+           reachable: bool, *, absent: int = 0, confirm: int = CONFIRM_ABSENT) -> Decision:
+    """Apply the JOB_STATUS table to one session.
+
+    ``record``: state.json; ``current``: service.json's JOB_STATUS; ``info``: the scheduler's
+    answer for the job (``scheduler_job_info`` shape) or None when it did not list it;
+    ``reachable``: whether the scheduler answered at all; ``absent``: how often in a row it
+    answered without knowing the job. Only a terminal scheduler state, or absence confirmed
+    ``confirm`` times, ends a session; a scheduler that did not answer changes nothing.
+    """
+    job_id = str(record.get("job_id") or "")
+    if record.get("step") in TERMINAL_STEPS or current in ("Cancelled", "Completed", "Failed"):
+        return Decision(absent=0, reason="already ended")
+    if not reachable:
+        return Decision(absent=absent, reason="scheduler did not answer: undetermined")
+    state = (info or {}).get("state", "undetermined")
+    if info is None or (state == "undetermined" and info.get("found") is False):
+        absent += 1
+        if absent < confirm:
+            return Decision(absent=absent, reason=f"job {job_id} not listed ({absent}/{confirm})")
+        if record.get("cancel_requested"):
+            return Decision("Cancelled", "", absent)
+        return Decision("Failed", f"job {job_id} is no longer known to the scheduler (checked {absent} times in a "
+                                  "row); it ended outside isession", absent)
+    if state == "undetermined":
+        return Decision(absent=0, reason=f"job {job_id} undetermined: {info.get('reason', '')}")
+    if state == "queued":
+        reason = str(info.get("reason") or "")
+        reason = "" if reason in ("None", "none") else reason
+        return Decision("Queued", reason, 0)
+    if state == "running":
+        if current in (None, "Submitting", "Queued"):
+            return Decision("Starting", "", 0)
+        return Decision(absent=0, reason="running")
+    if state == "completed":
+        return Decision("Completed", f"the job ended{_where(info)} ({_detail(job_id, info)})", 0)
+    if state == "timeout":
+        walltime = record.get("walltime")
+        limit = f"walltime {walltime} reached" if walltime else "walltime reached"
+        return Decision("Completed", f"{limit} ({_detail(job_id, info)})", 0)
+    if state == "cancelled":
+        if record.get("cancel_requested"):
+            return Decision("Cancelled", "", 0)
+        return Decision("Failed", f"the job was cancelled outside isession ({_detail(job_id, info)})", 0)
+    # failed
+    raw = str(info.get("raw_state") or "").upper()
+    what = FAILED_WORDS.get(raw, "the job failed")
+    return Decision("Failed", f"{what}{_where(info)} ({_detail(job_id, info)})", 0)
+
+
+def group_key(record: Mapping[str, Any]) -> Tuple[str, str]:
+    """(resource, scheduler) a session is polled through; the workspace itself is ``("", "local")``."""
+    if record.get("target") == "workspace" or not record.get("resource"):
+        return "", str(record.get("scheduler") or "local")
+    return str(record["resource"]), str(record.get("scheduler") or "slurm")
+
+
+# ---------------------------------------------------------------------------- workspace teardown
+def listeners(port: int, uid: int, proc: str = "/proc") -> List[int]:
+    """Pids of ``uid`` holding a TCP socket LISTENing on ``port`` (found by socket inode, not by grep)."""
+    inodes = set()
+    for table in ("net/tcp", "net/tcp6"):
+        try:
+            with open(f"{proc}/{table}") as fh:
+                rows = fh.read().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            f = row.split()
+            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port and int(f[7]) == uid:
+                inodes.add(f[9])
+    pids = []
+    for pid in (p for p in os.listdir(proc) if p.isdigit()) if inodes else []:
+        try:
+            for fd in os.listdir(f"{proc}/{pid}/fd"):
+                target = os.readlink(f"{proc}/{pid}/fd/{fd}")
+                if target.startswith("socket:[") and target[8:-1] in inodes:
+                    pids.append(int(pid))
+                    break
+        except OSError:
+            continue
+    return pids
+
+
+def teardown_workspace(record: Mapping[str, Any], session_id: str, log: Callable[[str], None],
+                       reservation_dir: Optional[str] = None) -> None:
+    """What cancel would undo on the workspace after the job ended: tunnel end, port reservations."""
+    port = (record.get("ports") or {}).get("workspace")
+    if isinstance(port, int):
+        for pid in listeners(port, os.getuid()):
+            if pid != os.getpid():
+                log(f"{session_id}: stopping pid {pid} still listening on workspace port {port}")
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except OSError:
+                    pass
+    try:
+        ports = mu.load("_ports")
+        rdir = ports.ReservationDir(reservation_dir) if reservation_dir else ports.ReservationDir()
+        released = rdir.release(session_id) if rdir.exists() else []
+        if released:
+            log(f"{session_id}: released workspace ports {released}")
+    except Exception as exc:  # noqa: BLE001 - teardown must not stop the watcher
+        log(f"{session_id}: releasing ports failed: {exc}")
+
+
+# ---------------------------------------------------------------------------- the loop
+class Watcher:
+    def __init__(self, root: Path, inventory: Optional[Path], *, log: Callable[[str], None] = print,
+                 interval: float = 1.0, confirm: int = CONFIRM_ABSENT, idle_exit: float = 0.0,
+                 query_timeout: float = QUERY_TIMEOUT) -> None:
+        self.root = root
+        self.inventory = inventory
+        self.log = log
+        self.interval = interval
+        self.confirm = confirm
+        self.idle_exit = idle_exit
+        self.query_timeout = query_timeout
+        self.absent: Dict[str, int] = {}
+        self.reservation_dir: Optional[str] = None  # None: the collection's default (free_port's)
+        self.servers: Dict[str, RemoteServer] = {}
+        self.busy: Dict[Tuple[str, str], Future] = {}
+        self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="isession-watch")
+        self.stop = threading.Event()
+        self._lock = threading.Lock()
+        self.st = mu.load("_state")
+        self.sf = mu.load("_service_file")
+
+    # -- sessions
+    def live_sessions(self) -> Dict[str, Dict[str, Any]]:
+        out = {}
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return out
+        for name in names:
+            if name.startswith("."):
+                continue
+            try:
+                rec = self.st.read_record(str(self.root / name / "state.json"))
+            except (ValueError, OSError):
+                continue
+            if rec and rec.get("step") in LIVE_STEPS and rec.get("job_id"):
+                out[name] = rec
+        return out
+
+    def cli_record(self, session_id: str) -> Dict[str, Any]:
+        """What the CLI noted at start (inventory, inputs; never a secret); {} for sessions started without it."""
+        try:
+            data = json.loads((self.root / session_id / "logs" / "runner" / "cli.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def inventory_for(self, session_id: str) -> Optional[Path]:
+        """The inventory the session was started with, else the watcher's own."""
+        recorded = self.cli_record(session_id).get("inventory")
+        if recorded and Path(recorded).exists():
+            return Path(recorded)
+        return self.inventory
+
+    # -- querying
+    def query(self, key: Tuple[str, str], job_ids: List[str], inventory: Optional[Path]) -> Dict[str, Any]:
+        resource, scheduler = key
+        if not resource:
+            backends = mu.load("_schedulers")
+            runtime = mu.load("_schedulers._runtime")
+            import shutil  # noqa: PLC0415
+
+            res = backends.get_backend(scheduler).query(runtime.make_runner(shutil.which), job_ids=job_ids,
+                                                        timeout=self.query_timeout)
+            return {"jobs": {k: v.as_dict() for k, v in res.jobs.items()}, "reachable": res.reachable,
+                    "error": res.error}
+        server = self.servers.get(resource)
+        if server is None:
+            conn = inventory_conn(inventory, resource)
+            mu_dir = Path(mu.load("_cmd").__file__).parent
+            server = self.servers[resource] = RemoteServer(conn, mu_dir)
+        req = {"op": "query", "scheduler": scheduler, "job_ids": job_ids, "timeout": self.query_timeout}
+        return server.ask(req, self.query_timeout + 3)
+
+    def poll_group(self, key: Tuple[str, str], sessions: Dict[str, Dict[str, Any]]) -> None:
+        ids = sorted({str(r["job_id"]) for r in sessions.values()})
+        started = time.monotonic()
+        try:
+            answer = self.query(key, ids, self.inventory_for(next(iter(sessions))))
+        except (RemoteError, LookupError, OSError) as exc:
+            answer = {"jobs": {}, "reachable": False, "error": str(exc)}
+        took = time.monotonic() - started
+        if not answer.get("reachable", False):
+            self.log(f"{key[0] or 'workspace'}: undetermined ({answer.get('error')}); {len(ids)} job(s) left "
+                     f"as they are ({took:.2f}s)")
+        for sid, rec in sessions.items():
+            self.apply(sid, rec, answer.get("jobs", {}).get(str(rec["job_id"])), bool(answer.get("reachable")))
+
+    def apply(self, sid: str, rec: Dict[str, Any], info: Optional[Dict[str, Any]], reachable: bool) -> None:
+        directory = self.root / sid
+        try:
+            current = (self.sf.read_service_file(str(directory / "service.json")) or {}).get("JOB_STATUS")
+        except ValueError:
+            current = None
+        walltime = (self.cli_record(sid).get("inputs") or {}).get("session_walltime")
+        if walltime and info and info.get("state") == "timeout":
+            rec = dict(rec, walltime=walltime)
+        d = decide(rec, current, info, reachable, absent=self.absent.get(sid, 0), confirm=self.confirm)
+        with self._lock:
+            self.absent[sid] = d.absent
+        if d.status is None or (d.status == current and not d.terminal):
+            if d.status is None and d.reason.startswith("job") and "not listed" in d.reason:
+                self.log(f"{sid}: {d.reason}")
+            return
+        try:
+            # state.json first: a cancel that already ended the session makes this refuse (StateError)
+            fields: Dict[str, Any] = {"step": STEP_OF[d.status]}
+            if d.terminal:
+                fields["error"] = d.message or None
+            self.st.update_state(str(self.root), sid, **fields)
+            self.sf.update_service_file(str(directory / "service.json"), job_status=d.status,
+                                        error_message=d.message)
+        except ValueError as exc:
+            self.log(f"{sid}: not updated: {exc}")
+            return
+        self.log(f"{sid}: {current or '-'} -> {d.status}" + (f" ({d.message})" if d.message else ""))
+        if d.terminal:
+            self.absent.pop(sid, None)
+            teardown_workspace(rec, sid, self.log, self.reservation_dir)
+
+    def tick(self) -> int:
+        """One round; returns how many live sessions there are."""
+        live = self.live_sessions()
+        groups: Dict[Tuple[str, str], Dict[str, Dict[str, Any]]] = {}
+        for sid, rec in live.items():
+            groups.setdefault(group_key(rec), {})[sid] = rec
+        for key, sessions in groups.items():
+            fut = self.busy.get(key)
+            if fut is not None and not fut.done():
+                continue  # the previous poll of this resource is still waiting: never pile up
+            self.busy[key] = self.pool.submit(self._safe_poll, key, sessions)
+        return len(live)
+
+    def _safe_poll(self, key: Tuple[str, str], sessions: Dict[str, Dict[str, Any]]) -> None:
+        try:
+            self.poll_group(key, sessions)
+        except Exception as exc:  # noqa: BLE001 - one resource's trouble must not stop the watcher
+            self.log(f"{key[0] or 'workspace'}: poll failed: {type(exc).__name__}: {exc}")
+
+    def run(self) -> None:
+        idle_since = time.monotonic()
+        while not self.stop.is_set():
+            started = time.monotonic()
+            if self.tick():
+                idle_since = started
+            elif self.idle_exit and started - idle_since > self.idle_exit:
+                self.log(f"no live session for {self.idle_exit:.0f} s: exiting")
+                break
+            self.stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+        self.close()
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        for server in self.servers.values():
+            server.close()
+
+
+# ---------------------------------------------------------------------------- one per user
+def lock_pidfile(root: Path) -> Optional[int]:
+    """Take the watcher lock (flock on ``<root>/.watcher.pid``); the fd, or None if another watcher holds it."""
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(root / PIDFILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def write_pid(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
+def running_pid(root: Path) -> Optional[int]:
+    """The pid of the running watcher, or None (the lock, not the file's text, decides)."""
+    path = root / PIDFILE
+    if not path.exists():
+        return None
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode().strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
+def daemonize(root: Path, fd: int) -> bool:
+    """Detach (double fork, setsid, output to ``<root>/.watcher.log``). True in the daemon, False in the caller."""
+    child = os.fork()
+    if child > 0:
+        os.close(fd)
+        os.waitpid(child, 0)
+        return False
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    log = os.open(root / LOGFILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(log, 1)
+    os.dup2(log, 2)
+    os.close(null)
+    os.close(log)
+    sys.stdout = os.fdopen(1, "w", buffering=1)
+    sys.stderr = os.fdopen(2, "w", buffering=1)
+    return True

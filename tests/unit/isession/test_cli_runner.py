@@ -1,0 +1,154 @@
+"""The CLI end to end through real ansible-runner, with stand-in playbooks (no test bed needed).
+
+The fake start creates a real record (``_state``, which also makes the 0600 secret) and a real
+service.json (module ``service_json``); the fake cancel sets the tombstone and Cancelled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from isession.watcher import running_pid
+
+REPO = Path(__file__).resolve().parents[3]
+
+
+def run_cli(env: dict, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "isession", *args], capture_output=True, text=True,
+                          env={**os.environ, **env}, timeout=timeout, check=False)
+
+
+def all_files(top: Path):
+    return [p for p in top.rglob("*") if p.is_file()]
+
+
+def test_start_status_list_cancel(cli_env, tmp_path):
+    root = Path(cli_env["ISESSION_ROOT"])
+    cp = run_cli(cli_env, "start", "fake", "--id", "fake-1")
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    out = cp.stdout
+    assert "Starting fake session fake-1 on workspace" in out
+    assert "changed Write service.json" in out  # live progress: one line per task
+    assert "Wait a while" not in out  # skipped tasks stay quiet
+    assert "url       http://127.0.0.1:12345/me/12345/lab" in out
+    assert f"file      {root}/fake-1/service.json" in out
+    # the private data dir of the run lives in the session dir and is private
+    art = root / "fake-1" / "logs" / "runner" / "artifacts" / "start"
+    assert (art / "job_events").is_dir() and (art / "stdout").is_file()
+    assert oct((root / "fake-1").stat().st_mode & 0o777) == "0o700"
+    assert not list((root / "fake-1" / "logs" / "runner").glob("*.pid"))  # removed after the run
+    # the secret (made inside the module run) is nowhere in the runner's files
+    secret = (root / "fake-1" / "secret").read_text().strip()
+    assert len(secret) >= 32
+    for path in all_files(root / "fake-1" / "logs"):
+        assert secret not in path.read_text(errors="replace"), path
+    extravars = json.loads((root / "fake-1" / "logs" / "runner" / "env" / "extravars").read_text())
+    assert extravars == {"session_id": "fake-1", "session_root": str(root), "session_target": "workspace"}
+
+    st = run_cli(cli_env, "status", "fake-1", "--json")
+    assert json.loads(st.stdout)["status"] == "Running"
+    ls = run_cli(cli_env, "list")
+    assert "fake-1" in ls.stdout and "Running" in ls.stdout
+
+    cc = run_cli(cli_env, "cancel", "fake-1")
+    assert cc.returncode == 0, cc.stdout + cc.stderr
+    assert "status    Cancelled" in cc.stdout
+    assert json.loads(run_cli(cli_env, "status", "fake-1", "--json").stdout)["status"] == "Cancelled"
+    # cancel twice is fine
+    assert run_cli(cli_env, "cancel", "fake-1").returncode == 0
+    logs = run_cli(cli_env, "logs", "fake-1", "-n", "5")
+    assert "artifacts/start/stdout" in logs.stdout and "artifacts/cancel-" in logs.stdout
+    _stop_watcher(root)
+
+
+def test_start_json_output(cli_env):
+    cp = run_cli(cli_env, "start", "fake", "--id", "fake-j", "--json")
+    assert cp.returncode == 0, cp.stderr
+    doc = json.loads(cp.stdout)  # only the JSON document on stdout; progress went to stderr
+    assert doc["id"] == "fake-j" and doc["status"] == "Running" and doc["url"].endswith("/me/12345/lab")
+    assert "Write service.json" in cp.stderr
+    _stop_watcher(Path(cli_env["ISESSION_ROOT"]))
+
+
+def test_failed_start_exits_1_with_the_message(cli_env):
+    cp = run_cli(cli_env, "start", "fake", "--id", "fake-f", "-e", "fake_fail=true")
+    assert cp.returncode == 1
+    assert re.search(r"failed  Fail when asked \([0-9.]+s\): fake failure for the test", cp.stdout), cp.stdout
+    assert "status    Failed" in cp.stdout and "message   fake failure for the test" in cp.stdout
+
+
+@pytest.mark.parametrize(("args", "match"), [
+    (["start", "nope"], "no service 'nope'"),
+    (["start", "fake", "-e", "vnc_password=x"], "looks like a secret"),
+    (["start", "fake", "--target", "compute", "--resource", "ctl"], "needs an inventory"),
+    (["status", "missing-id"], "no session"),
+    (["cancel", "../etc"], "not a session id"),
+])
+def test_usage_errors_exit_2(cli_env, args, match):
+    cp = run_cli(cli_env, *args)
+    assert cp.returncode == 2, cp.stdout + cp.stderr
+    assert match in cp.stderr
+
+
+def test_cancel_stops_a_start_in_progress(cli_env):
+    root = Path(cli_env["ISESSION_ROOT"])
+    start = subprocess.Popen([sys.executable, "-m", "isession", "start", "fake", "--id", "fake-s", "-e",
+                              "fake_sleep=60"], env={**os.environ, **cli_env}, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    try:
+        pidfile = root / "fake-s" / "logs" / "runner" / "start.pid"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if (root / "fake-s" / "state.json").exists() and pidfile.exists() \
+                    and json.loads(pidfile.read_text()).get("playbook_pid"):
+                break
+            time.sleep(0.2)
+        playbook_pid = json.loads(pidfile.read_text())["playbook_pid"]
+        started = time.monotonic()
+        cc = run_cli(cli_env, "cancel", "fake-s")
+        assert cc.returncode == 0, cc.stdout + cc.stderr
+        assert "stopped the start in progress" in cc.stdout
+        rc = start.wait(timeout=30)
+        assert time.monotonic() - started < 30
+        assert rc != 0
+        assert not Path(f"/proc/{playbook_pid}").exists() or _zombie(playbook_pid)
+        doc = json.loads((root / "fake-s" / "service.json").read_text())
+        assert doc["JOB_STATUS"] == "Cancelled"
+    finally:
+        start.kill()
+        start.wait()
+
+
+def test_watch_daemon_is_one_per_user(cli_env):
+    root = Path(cli_env["ISESSION_ROOT"])
+    first = run_cli(cli_env, "watch", "--daemon")
+    assert first.returncode == 0 and "watcher started (pid" in first.stdout
+    second = run_cli(cli_env, "watch", "--daemon")
+    assert second.returncode == 0 and "already runs" in second.stdout
+    pid = int((root / ".watcher.pid").read_text())
+    assert f"pid {pid}" in second.stdout
+    _stop_watcher(root)
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _stop_watcher(root: Path) -> None:
+    pid = running_pid(root)
+    if pid and pid > 0:
+        os.kill(pid, 15)
+        for _ in range(50):
+            if running_pid(root) is None:
+                break
+            time.sleep(0.1)

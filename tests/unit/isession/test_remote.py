@@ -1,0 +1,149 @@
+"""The watcher's persistent query server: the shipped module_utils run under /usr/bin/python3.
+
+The server runs locally here (``local=True``: the same argv minus ssh); a fake ``squeue`` on PATH
+replays a recorded Slurm 22.05 answer, so the whole chain (payload, in-memory importer, the Slurm
+backend, JSON lines) is exercised without a cluster. The bed test covers the ssh hop.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from isession.remote import RemoteError, RemoteServer, control_dir, payload, ssh_argv
+
+REPO = Path(__file__).resolve().parents[3]
+MU = REPO / "plugins" / "module_utils"
+SQUEUE_JSON = REPO / "tests" / "unit" / "fixtures" / "schedulers" / "slurm" / "squeue_22.05_mixed.json"
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+pytestmark = pytest.mark.skipif(not os.access(SYSTEM_PYTHON, os.X_OK), reason="needs /usr/bin/python3")
+
+
+@pytest.fixture
+def fake_bin(tmp_path, monkeypatch):
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    monkeypatch.setenv("PATH", f"{bindir}:{os.environ['PATH']}")
+    return bindir
+
+
+def script(path: Path, body: str) -> None:
+    path.write_text("#!/bin/sh\n" + body)
+    path.chmod(0o755)
+
+
+def server(tmp_path) -> RemoteServer:
+    return RemoteServer({"host": "localhost", "python": SYSTEM_PYTHON}, MU, local=True)
+
+
+def test_query_many_jobs_in_one_call(tmp_path, fake_bin):
+    calls = tmp_path / "calls"
+    script(fake_bin / "squeue", f'echo "$@" >> {calls}\ncat {SQUEUE_JSON}\n')
+    script(fake_bin / "sacct", "echo 'accounting storage is disabled' >&2; exit 1\n")
+    srv = server(tmp_path)
+    try:
+        ans = srv.ask({"op": "query", "scheduler": "slurm", "job_ids": ["1", "2", "4", "5", "999"]}, 10)
+        assert ans["reachable"] is True
+        jobs = ans["jobs"]
+        assert jobs["1"]["state"] == "running" and jobs["1"]["nodes"] == ["compute1"]
+        assert jobs["2"]["state"] == "queued"
+        assert jobs["4"]["state"] == "failed"
+        assert jobs["5"]["state"] == "completed"
+        assert jobs["999"]["found"] is False  # absent: the scheduler answered and does not know it
+        pid = srv.proc.pid
+        # the same process answers the next poll: one connection, one python, many polls
+        started = time.monotonic()
+        for _ in range(5):
+            assert srv.ask({"op": "query", "scheduler": "slurm", "job_ids": ["1"]}, 10)["jobs"]["1"]["state"] \
+                == "running"
+        per_poll = (time.monotonic() - started) / 5
+        assert srv.proc.pid == pid
+        assert per_poll < 0.5, per_poll
+        assert len(calls.read_text().splitlines()) == 6
+    finally:
+        srv.close()
+
+
+def test_scheduler_timeout_is_undetermined_not_an_end(tmp_path, fake_bin):
+    script(fake_bin / "squeue", "sleep 5\n")
+    srv = server(tmp_path)
+    try:
+        ans = srv.ask({"op": "query", "scheduler": "slurm", "job_ids": ["1"], "timeout": 0.5}, 10)
+        assert ans["reachable"] is False
+        assert ans["jobs"]["1"]["state"] == "undetermined"
+    finally:
+        srv.close()
+
+
+def test_no_answer_in_time_closes_the_connection(tmp_path, fake_bin):
+    script(fake_bin / "squeue", "sleep 5\n")
+    srv = server(tmp_path)
+    with pytest.raises(RemoteError, match="no answer"):
+        srv.ask({"op": "query", "scheduler": "slurm", "job_ids": ["1"], "timeout": 30}, 0.5)
+    assert srv.proc is None
+
+
+def test_broken_server_reconnects(tmp_path, fake_bin):
+    script(fake_bin / "squeue", f"cat {SQUEUE_JSON}\n")
+    srv = server(tmp_path)
+    try:
+        srv.ask({"op": "query", "scheduler": "slurm", "job_ids": ["1"]}, 10)
+        os.killpg(srv.proc.pid, 9)
+        srv.proc.wait()
+        assert srv.ask({"op": "query", "scheduler": "slurm", "job_ids": ["1"]}, 10)["reachable"] is True
+    finally:
+        srv.close()
+
+
+def test_tail_shows_logs_and_never_the_secret(tmp_path):
+    d = tmp_path / "remote"
+    d.mkdir()
+    (d / "job.out").write_text("line1\nline2\nline3\n")
+    (d / "server.log").write_text("started\n")
+    (d / "secret").write_text("s3cr3t-value\n")
+    (d / "secret.log").write_text("s3cr3t-value\n")
+    (d / "agent.sh").write_text("#!/bin/sh\n")
+    srv = server(tmp_path)
+    try:
+        files = srv.ask({"op": "tail", "dir": str(d), "lines": 2}, 10)["files"]
+    finally:
+        srv.close()
+    assert files == {"job.out": "line2\nline3", "server.log": "started"}
+
+
+def test_payload_ships_only_the_scheduler_code():
+    head, body = payload(MU).split(b"\n", 1)
+    assert int(head) == len(body)
+    names = {n.rsplit(".", 1)[-1] for n in json.loads(body)}
+    assert {"slurm", "pbs", "sge", "local", "_cmd", "_base"} <= names
+    assert not names & {"_service_file", "_state", "_ports", "_tunnel"}
+
+
+def test_ssh_argv_reuses_a_master_connection(tmp_path):
+    argv = ssh_argv({"host": "10.0.0.1", "user": "u", "port": "2222", "key": "/k"}, tmp_path, ["python3", "-c", "x"])
+    assert argv[0] == "ssh" and "BatchMode=yes" in argv and "ControlMaster=auto" in argv
+    assert f"ControlPath={tmp_path}/cm-%C" in argv
+    assert "ControlPath=none" in ssh_argv({"host": "h"}, None, ["true"])
+    assert argv[argv.index("-p") + 1] == "2222" and argv[argv.index("-l") + 1] == "u"
+    assert argv[-3:] == ["--", "10.0.0.1", "python3 -c x"]
+
+
+def test_remote_command_survives_the_remote_shell(tmp_path):
+    # what the remote login shell does with ssh's one command string: sh -c STRING
+    argv = ssh_argv({"host": "h"}, None, ["python3", "-c", "print('a b'); print(\"$HOME `x`\")\nprint(1)"])
+    cp = subprocess.run(["/bin/sh", "-c", argv[-1].replace("python3", SYSTEM_PYTHON, 1)], capture_output=True,
+                        text=True, check=True)
+    assert cp.stdout == "a b\n$HOME `x`\n1\n"
+
+
+def test_control_dir_is_private_and_short(tmp_path):
+    d = control_dir(str(tmp_path))
+    assert d is not None and oct(d.stat().st_mode & 0o777) == "0o700"
+    assert len(f"{d}/cm-{'0' * 40}.{'x' * 16}") < 104 or len(str(tmp_path)) > 40
+    d.chmod(0o755)
+    assert control_dir(str(tmp_path)) is None
