@@ -14,8 +14,11 @@ from pathlib import Path
 import pytest
 
 BED_DIR = Path(__file__).resolve().parents[1] / "bed"
-if str(BED_DIR) not in sys.path:
-    sys.path.insert(0, str(BED_DIR))
+# bedlib, and the helper modules the tests here share (pytest runs with --import-mode=importlib,
+# which does not put a test's directory on sys.path)
+for _path in (BED_DIR, Path(__file__).resolve().parent):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
 
 from bedlib import Bed, BedError  # noqa: E402
 
