@@ -350,6 +350,8 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    if argv is None:  # as a command: `isession list | head` ends quietly, like other Unix tools
+        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "collection":
