@@ -461,14 +461,20 @@ def apply(plan: Plan) -> None:
         os.chmod(plan.path, mode)
 
 
-def update_service_file(path: str, mode: int = 0o600, force: bool = False,
+def update_service_file(path: str, mode: int = 0o600, force: bool = False, expect_status: Optional[str] = None,
                         **fields: Any) -> Tuple[bool, Dict[str, Any]]:
     """Validate ``fields`` (url, port, slug, job_status, error_message, extra), merge, write if changed.
 
-    The one call the CLI and the watcher need; returns ``(changed, content)``.
+    The one call the CLI and the watcher need; returns ``(changed, content)``. ``expect_status``
+    makes it a compare-and-set: refused (ServiceFileError) when ``JOB_STATUS`` is no longer that value.
     """
     updates = validate(**fields)
     with locked(path):
         plan = plan_present(path, updates, mode=mode, force=force)
+        if expect_status is not None and plan.before_text is not None:
+            now = parse(plan.before_text, path).get("JOB_STATUS")
+            if now != expect_status:
+                raise ServiceFileError("JOB_STATUS changed to %s meanwhile (expected %s); not updated"
+                                       % (now, expect_status), "job_status")
         apply(plan)
     return plan.changed, plan.content

@@ -355,8 +355,13 @@ def apply(p: Plan, secret_gen: Optional[Callable[[], str]] = None) -> None:
 
 
 def run_op(op: str, root: str, session_id: str, updates: Optional[Mapping[str, Any]] = None, *,
-           check: bool = False, now: Optional[float] = None, missing_ok: bool = False) -> Plan:
-    """Plan and (unless ``check``) apply one operation under the session directory's lock."""
+           check: bool = False, now: Optional[float] = None, missing_ok: bool = False,
+           expect_step: Optional[str] = None) -> Plan:
+    """Plan and (unless ``check``) apply one operation under the session directory's lock.
+
+    ``expect_step`` makes an update a compare-and-set: it is refused (StateError) when the record's
+    step is no longer that one, so a writer that read an older step cannot undo a newer one.
+    """
     paths = session_paths(root, session_id)
     if check or op == "read":
         return plan(op, root, session_id, updates or {}, now=now, missing_ok=missing_ok)
@@ -365,13 +370,20 @@ def run_op(op: str, root: str, session_id: str, updates: Optional[Mapping[str, A
         apply(Plan(paths, None, None, first.make_dirs, False))
     with locked(paths["state"]):
         p = plan(op, root, session_id, updates or {}, now=now, missing_ok=missing_ok)
+        if expect_step is not None and p.before is not None and p.before.get("step") != expect_step:
+            raise StateError("session %s moved to step %s meanwhile (expected %s); not updated"
+                             % (session_id, p.before.get("step"), expect_step), "step")
         apply(p)
     return p
 
 
-def update_state(root: str, session_id: str, **updates: Any) -> Tuple[bool, Dict[str, Any]]:
-    """One update for the CLI and the watcher; returns ``(changed, record)``."""
-    p = run_op("update", root, session_id, updates)
+def update_state(root: str, session_id: str, expect_step: Optional[str] = None,
+                 **updates: Any) -> Tuple[bool, Dict[str, Any]]:
+    """One update for the CLI and the watcher; returns ``(changed, record)``.
+
+    With ``expect_step`` the update only happens while the record is still at that step.
+    """
+    p = run_op("update", root, session_id, updates, expect_step=expect_step)
     return p.changed, public_view(p.after)
 
 

@@ -21,6 +21,7 @@ import os
 import select
 import shlex
 import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
@@ -147,6 +148,9 @@ class RemoteServer:
         self.mu_dir = mu_dir
         self.proc: Optional[subprocess.Popen] = None
         self._buf = b""
+        # one request/answer at a time: the watcher's per-scheduler threads share this connection,
+        # and interleaved requests would hand one thread the other's answer
+        self._lock = threading.Lock()
 
     def start(self) -> None:
         python = str(self.conn.get("python") or "/usr/bin/python3")
@@ -171,6 +175,10 @@ class RemoteServer:
 
     def ask(self, request: Mapping[str, Any], timeout: float) -> Dict[str, Any]:
         """One request, one answer within ``timeout`` s; on any trouble the session is closed."""
+        with self._lock:
+            return self._ask(request, timeout)
+
+    def _ask(self, request: Mapping[str, Any], timeout: float) -> Dict[str, Any]:
         try:
             if self.proc is None or self.proc.poll() is not None:
                 self.close()

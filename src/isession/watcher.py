@@ -26,6 +26,7 @@ from .remote import RemoteError, RemoteServer, inventory_conn
 CONFIRM_ABSENT = 3
 QUERY_TIMEOUT = 5.0
 PIDFILE = ".watcher.pid"
+WATCHFILE = "watch.json"  # written by the start play (roles/session/tasks/watcher.yml)
 LOGFILE = ".watcher.log"
 LIVE_STEPS = ("submitted", "queued", "starting", "running")
 TERMINAL_STEPS = ("cancelled", "completed", "failed")
@@ -66,6 +67,18 @@ def _detail(job_id: str, info: Mapping[str, Any]) -> str:
     return f"job {job_id}: " + ", ".join(b for b in bits if b)
 
 
+def timed_out(info: Mapping[str, Any]) -> bool:
+    """The job reached its walltime: TIMEOUT, or still COMPLETING with Slurm's reason ``TimeLimit``.
+
+    Slurm shows a job it ended as COMPLETING (its final state hidden) until every process of the job is gone,
+    which takes up to KillWait (30 s by default) after the time limit; the reason already says why it ended.
+    """
+    if info.get("state") == "timeout":
+        return True
+    raw = str(info.get("raw_state") or "").upper()
+    return raw.startswith("COMPLETING") and str(info.get("reason") or "") == "TimeLimit"
+
+
 def decide(record: Mapping[str, Any], current: Optional[str], info: Optional[Mapping[str, Any]],
            reachable: bool, *, absent: int = 0, confirm: int = CONFIRM_ABSENT) -> Decision:
     """Apply the JOB_STATUS table to one session.
@@ -81,6 +94,8 @@ def decide(record: Mapping[str, Any], current: Optional[str], info: Optional[Map
         return Decision(absent=0, reason="already ended")
     if not reachable:
         return Decision(absent=absent, reason="scheduler did not answer: undetermined")
+    if info is not None and timed_out(info):
+        info = dict(info, state="timeout", raw_state="TIMEOUT")
     state = (info or {}).get("state", "undetermined")
     if info is None or (state == "undetermined" and info.get("found") is False):
         absent += 1
@@ -100,6 +115,10 @@ def decide(record: Mapping[str, Any], current: Optional[str], info: Optional[Map
         if current in (None, "Submitting", "Queued"):
             return Decision("Starting", "", 0)
         return Decision(absent=0, reason="running")
+    if record.get("cancel_requested") and state in ("completed", "timeout", "cancelled", "failed"):
+        # a cancel is under way (tombstone): however the scheduler words the end (PBS says C for a qdel), the
+        # session was cancelled, and the cancel playbook's own "cancelled" must not be refused
+        return Decision("Cancelled", "", 0)
     if state == "completed":
         return Decision("Completed", f"the job ended{_where(info)} ({_detail(job_id, info)})", 0)
     if state == "timeout":
@@ -114,6 +133,24 @@ def decide(record: Mapping[str, Any], current: Optional[str], info: Optional[Map
     raw = str(info.get("raw_state") or "").upper()
     what = FAILED_WORDS.get(raw, "the job failed")
     return Decision("Failed", f"{what}{_where(info)} ({_detail(job_id, info)})", 0)
+
+
+def walltime_text(value: Any) -> str:
+    """A walltime input (minutes, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``) as the scheduler shows it: ``HH:MM:SS``.
+
+    Same reading as ``scheduler_submit`` (``_directives.parse_walltime``); text it cannot read is kept as given.
+    """
+    if value in (None, "") or isinstance(value, bool):
+        return ""
+    try:
+        seconds = mu.load("_directives").parse_walltime("session_walltime", value)
+    except ValueError:
+        return str(value)
+    if not seconds:
+        return ""
+    days, rest = divmod(seconds, 86400)
+    hms = mu.load("_schedulers._base").format_hms(rest)
+    return f"{days}-{hms}" if days else hms
 
 
 def group_key(record: Mapping[str, Any]) -> Tuple[str, str]:
@@ -220,12 +257,31 @@ class Watcher:
             return {}
         return data if isinstance(data, dict) else {}
 
+    def play_record(self, session_id: str) -> Dict[str, Any]:
+        """What the start play noted for the watcher (``watch.json``: inventory, walltime); {} when absent.
+
+        Sessions started by ``ansible-playbook`` without the CLI have no cli.json: this is how the watcher
+        learns how to reach their resource and the walltime they asked for.
+        """
+        try:
+            data = json.loads((self.root / session_id / WATCHFILE).read_text())
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
     def inventory_for(self, session_id: str) -> Optional[Path]:
-        """The inventory the session was started with, else the watcher's own."""
-        recorded = self.cli_record(session_id).get("inventory")
-        if recorded and Path(recorded).exists():
-            return Path(recorded)
+        """The inventory the session was started with (CLI record, then the play's note), else the watcher's own."""
+        for recorded in (self.cli_record(session_id).get("inventory"), self.play_record(session_id).get("inventory")):
+            if recorded and Path(recorded).exists():
+                return Path(recorded)
         return self.inventory
+
+    def walltime_for(self, session_id: str) -> str:
+        """The walltime the session asked for, as ``HH:MM:SS`` when it parses ("" when none was given)."""
+        value = (self.cli_record(session_id).get("inputs") or {}).get("session_walltime")
+        if value in (None, ""):
+            value = self.play_record(session_id).get("walltime")
+        return walltime_text(value)
 
     # -- querying
     def query(self, key: Tuple[str, str], job_ids: List[str], inventory: Optional[Path]) -> Dict[str, Any]:
@@ -263,13 +319,18 @@ class Watcher:
 
     def apply(self, sid: str, rec: Dict[str, Any], info: Optional[Dict[str, Any]], reachable: bool) -> None:
         directory = self.root / sid
+        try:  # the record as it is now, after the query: a cancel's tombstone set meanwhile must count
+            rec = self.st.read_record(str(directory / "state.json")) or rec
+        except (ValueError, OSError):
+            pass
         try:
             current = (self.sf.read_service_file(str(directory / "service.json")) or {}).get("JOB_STATUS")
         except ValueError:
             current = None
-        walltime = (self.cli_record(sid).get("inputs") or {}).get("session_walltime")
-        if walltime and info and info.get("state") == "timeout":
-            rec = dict(rec, walltime=walltime)
+        if info and timed_out(info):
+            walltime = self.walltime_for(sid)
+            if walltime:
+                rec = dict(rec, walltime=walltime)
         d = decide(rec, current, info, reachable, absent=self.absent.get(sid, 0), confirm=self.confirm)
         with self._lock:
             self.absent[sid] = d.absent
@@ -282,9 +343,12 @@ class Watcher:
             fields: Dict[str, Any] = {"step": STEP_OF[d.status]}
             if d.terminal:
                 fields["error"] = d.message or None
-            self.st.update_state(str(self.root), sid, **fields)
+            # a non-terminal move is a compare-and-set against what we read: session_ready may have
+            # written Running meanwhile, and Starting must not overwrite it
+            cas = not d.terminal
+            self.st.update_state(str(self.root), sid, expect_step=rec.get("step") if cas else None, **fields)
             self.sf.update_service_file(str(directory / "service.json"), job_status=d.status,
-                                        error_message=d.message)
+                                        error_message=d.message, expect_status=current if cas else None)
         except ValueError as exc:
             self.log(f"{sid}: not updated: {exc}")
             return
@@ -377,6 +441,9 @@ def daemonize(root: Path, fd: int) -> bool:
     if os.fork() > 0:
         os._exit(0)
     log = os.open(root / LOGFILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    if root.is_absolute():
+        # not the caller's directory: a start run's (inside a session dir) must not look like a session process
+        os.chdir("/")
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
     os.dup2(log, 1)

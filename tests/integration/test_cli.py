@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from test_cli_support import PLAYBOOKS, Cli, files_containing
+from cli_support import PLAYBOOKS, Cli, files_containing
 
 pytestmark = [pytest.mark.bed,
               pytest.mark.skipif(not (PLAYBOOKS / "start_nginx.yml").is_file(),

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_sessions_common import (  # noqa: E402
+from sessions_common import (  # noqa: E402
     WS_USER,
     assert_no_secret_in_argv,
     failure_text,

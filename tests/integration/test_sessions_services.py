@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_sessions_common import (  # noqa: E402
+from sessions_common import (  # noqa: E402
     WS_USER,
     failure_text,
     http_get,

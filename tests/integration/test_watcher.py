@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from test_cli_support import Cli
+from cli_support import Cli
 
 pytestmark = pytest.mark.bed
 

@@ -458,3 +458,15 @@ def test_absent_in_missing_directory_is_not_a_change(tmp_path):
     with sf.locked(path):
         plan = sf.plan_absent(path)
     assert not plan.changed
+
+
+def test_update_with_expect_status_is_a_compare_and_set(tmp_path):
+    path = str(tmp_path / "service.json")
+    sf.update_service_file(path, url="/me", port=12345, job_status="Starting")
+    sf.update_service_file(path, job_status="Running")  # session_ready wins the race
+    with pytest.raises(ServiceFileError, match="changed to Running") as exc:
+        sf.update_service_file(path, job_status="Starting", expect_status="Starting")
+    assert exc.value.field == "job_status"
+    assert sf.read_service_file(path)["JOB_STATUS"] == "Running"
+    changed, content = sf.update_service_file(path, job_status="Queued", expect_status="Running")
+    assert changed and content["JOB_STATUS"] == "Queued"

@@ -231,3 +231,16 @@ def test_agent_error_and_process_alive(tmp_path):
     (tmp_path / "agent.error").write_text("nginx not found on compute1\nmore\n")
     assert S.agent_error(str(tmp_path)) == "nginx not found on compute1"
     assert S.process_alive(os.getpid()) and not S.process_alive(2 ** 22 + 1)
+
+
+def test_update_with_expect_step_is_a_compare_and_set(tmp_path):
+    root = str(tmp_path)
+    S.run_op("create", root, "cas-1", {"service": "nginx", "target": "workspace"})
+    S.update_state(root, "cas-1", step="starting")
+    S.update_state(root, "cas-1", step="running")  # e.g. session_ready, between a watcher's read and write
+    with pytest.raises(S.StateError, match="moved to step running") as exc:
+        S.update_state(root, "cas-1", expect_step="starting", step="starting")
+    assert exc.value.field == "step"
+    assert S.read_record(os.path.join(root, "cas-1", "state.json"))["step"] == "running"
+    changed, rec = S.update_state(root, "cas-1", expect_step="running", step="queued")  # a requeue, seen right
+    assert changed and rec["step"] == "queued"
