@@ -35,6 +35,7 @@ VERSION = {
     "jupyterlab": ([f"{APPS}/jupyterlab/bin/jupyter-lab", "--version"], "4."),
     "notebook": ([f"{APPS}/notebook/bin/jupyter-notebook", "--version"], "7."),
     "code_server": ([f"{APPS}/code-server/bin/code-server", "--config", "/dev/null", "--version"], "4.100.3 "),
+    "nginx": (["/bin/sh", "-c", "/usr/sbin/nginx -v 2>&1"], "nginx version: nginx/1."),
 }
 
 
@@ -48,7 +49,7 @@ def _changed_tasks(res):
     return [t["task"]["name"] for t in res.tasks() for h in t["hosts"].values() if h.get("changed")]
 
 
-@pytest.mark.parametrize("service", ["jupyterlab", "notebook", "code_server"])
+@pytest.mark.parametrize("service", ["jupyterlab", "notebook", "code_server", "nginx"])
 def test_install_twice_then_check_mode_changes_nothing(bed, service):
     _install(bed, service)
     again = _install(bed, service)

@@ -27,6 +27,20 @@ def submit(bed, seconds: int = 300) -> str:
     return cp.stdout.strip().split(";")[0]
 
 
+def wait_running(bed, jobs, timeout: float = 60.0) -> None:
+    """The records below say "running": make that true first (a fresh job can be PENDING/CONFIGURING
+    for a moment, and the watcher would rightly report it as Queued, then Starting)."""
+    deadline = time.monotonic() + timeout
+    states = {}
+    while time.monotonic() < deadline:
+        cp = bed.run("controller", ["squeue", "-h", "-j", ",".join(jobs), "-o", "%i %T"], user="cluser")
+        states = dict(line.split(None, 1) for line in cp.stdout.splitlines() if line.strip())
+        if all(states.get(j) == "RUNNING" for j in jobs):
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"jobs not RUNNING after {timeout} s: {states}")
+
+
 def make_session(bed, cli: Cli, sid: str, job: str) -> None:
     cli.root.mkdir(mode=0o700, exist_ok=True)
     bed.run("workspace", ["chown", "wsuser:", str(cli.root)], check=True)
@@ -46,6 +60,7 @@ def wait_status(cli: Cli, sid: str, wanted: str, timeout: float) -> float:
 def test_hand_scancel_is_failed_within_5s_and_live_jobs_stay(bed):
     cli = Cli(bed)
     live_job, victim_job = submit(bed), submit(bed)
+    wait_running(bed, [live_job, victim_job])
     make_session(bed, cli, "watch-live", live_job)
     make_session(bed, cli, "watch-victim", victim_job)
     watcher = bed.popen("workspace", [str(bed.venv / "bin" / "python"), "-m", "isession", "watch"],
