@@ -269,7 +269,7 @@ class SchedulerSubmit:
             self.module.exit_json(**result)
         try:
             write_atomic(script_path, rendered.text, 0o700)
-        except OSError as exc:
+        except (OSError, ValueError) as exc:  # ValueError: the path is a directory
             self.fail("script_path: cannot write %s: %s" % (script_path, exc))
         self.script_path = script_path
         job_id = self.submit(script_path, opts)

@@ -1,10 +1,9 @@
 # Copyright (c) hpc.interactive contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Glue shared by the scheduler modules: a runner resolving binaries, atomic script writes, waiting."""
+"""Glue shared by the scheduler modules: a runner resolving binaries, script writes, waiting."""
 from __future__ import annotations
 
 import os
-import tempfile
 import time
 from typing import Callable, Optional, Sequence
 
@@ -37,21 +36,12 @@ def read_text(path: str) -> Optional[str]:
 
 
 def write_atomic(path: str, text: str, mode: int = 0o700) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory, fsync, chmod, rename."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".%s." % os.path.basename(path), dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fchmod(handle.fileno(), mode)
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    """Write the batch script atomically, making its directory (0700) first if needed."""
+    # imported here: the watcher ships this file to controllers without _service_file and never writes scripts
+    from ansible_collections.hpc.interactive.plugins.module_utils import _service_file  # noqa: PLC0415
+
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
+    _service_file.write_atomic(path, text, mode)
 
 
 def wait_for_state(backend: Backend, runner: Runner, job_id: str, wanted: str, timeout: float, *,
