@@ -39,7 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="a role input (repeatable; JSON for lists)")
     p.add_argument("--inputs", metavar="FILE", help="YAML file of role inputs (-e wins)")
     p.add_argument("--id", help="session id (default: <service>-<UTC time>-<random>)")
-    p.add_argument("--wait", action="store_true", help="stay attached until the session ends (Ctrl-C cancels)")
+    p.add_argument("--wait", action="store_true",
+                   help="stay attached until the session ends, then exit 0 (Cancelled, Completed) or 1 (Failed); "
+                        "Ctrl-C cancels the session and exits 130 (SIGTERM: 143), a second Ctrl-C does not stop "
+                        "that cancel")
     p.add_argument("--json", action="store_true", help="print the result as JSON (progress goes to stderr)")
     p.add_argument("-v", "--verbose", action="store_true", help="also show skipped tasks")
 
@@ -66,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit after this many seconds without a live session (0: never)")
     p = with_inventory(sub.add_parser("doctor", help="check that sessions can start"))
     p.add_argument("-r", "--resource", help="check only this resource")
+    p.add_argument("-s", "--service", help="also check this service's binaries where its sessions would run")
+    p.add_argument("-t", "--target", choices=config.TARGETS,
+                   help="with --service: only this target (default: the workspace, and the controller and a "
+                   "compute node of each resource checked)")
+    p.add_argument("-e", "--extra", action="append", default=[], metavar="KEY=VALUE",
+                   help="with --service: a role input as for start (e.g. jupyterlab_executable=PATH, "
+                   "session_partition=P); repeatable")
     return parser
 
 
@@ -111,6 +121,41 @@ class Interrupts:
     def __exit__(self, *exc: Any) -> None:
         for s, h in self.old.items():
             signal.signal(s, h)
+
+
+def _cancel_goes_on(_signum: int, _frame: Any) -> None:
+    # a signal handler: os.write, not print (the main thread may be inside a print)
+    os.write(2, b"isession: the cancel goes on until it is done\n")
+
+
+def cancel_after_interrupt(root: Path, sid: str, inventory: Optional[Path], emit: Callable[[str], None],
+                           signum: int) -> int:
+    """Cancel the session after Ctrl-C (SIGINT) or SIGTERM reached a start or an attached ``--wait``.
+
+    Another Ctrl-C or SIGTERM while the cancel runs is acknowledged, not obeyed: stopping the cancel's playbook
+    half-way would leave the job, a listener or the port reservation behind. Returns 128 + ``signum`` once the
+    session has ended, EXIT_FAIL when the cancel failed.
+    """
+    emit("Interrupted: cancelling the session")
+    old = {s: signal.signal(s, _cancel_goes_on) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        rc = run_cancel(root, sid, inventory, emit)
+        sess = sessions.load(root, sid)
+        status = sess.status if sess else "Unknown"
+        if rc == 0 and status in config.TERMINAL_STATUSES:
+            emit(_ended_line(sess))
+            return 128 + signum
+        emit(f"the cancel failed (status {status}); `isession cancel {sid}` tries again")
+        return EXIT_FAIL
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def _ended_line(sess: Optional[sessions.Session]) -> str:
+    if sess is None:
+        return "session ended: its record is gone"
+    return f"session ended: {sess.status}" + (f": {sess.message}" if sess.message else "")
 
 
 def ensure_watcher(root: Path, inventory: Optional[Path]) -> None:
@@ -173,50 +218,64 @@ def cmd_start(args: argparse.Namespace) -> int:
     cli_json.chmod(0o600)
     where = args.target if args.target == "workspace" else f"{args.target} of {args.resource}"
     emit(f"Starting {service} session {sid} on {where}")
+    # one handler from the start to the end of the command: a Ctrl-C at any point (the start's play, the report,
+    # the wait) cancels the session, and none turns into a KeyboardInterrupt half-way
     with Interrupts() as intr:
         result = run_playbook(col, session_dir, f"start_{service}", extravars, inventory=inventory, ident="start",
                               emit=emit, verbose=args.verbose, cancel=intr.event)
-    if intr.signal is not None:
-        if intr.signal == signal.SIGINT:
-            emit("Interrupted: cancelling the session")
-            run_cancel(root, sid, inventory, emit)
-        return EXIT_INTERRUPTED
-    sess = sessions.load(root, sid) or sessions.Session(id=sid, dir=session_dir)
-    ok = sess.status == "Running"
-    if ok:
-        ensure_watcher(root, inventory)
-    doc = dict(sess.as_dict(), runner_status=result.status, failures=result.failures)
-    if args.json:
-        print(json.dumps(doc, indent=2))
-    else:
-        emit(f"session   {sid}\nstatus    {sess.status}")
-        if sess.message or (not ok and result.failures):
-            emit(f"message   {sess.message or result.failures[-1]}")
-        emit(f"file      {sess.service_json}")
-        if sess.url:
-            emit(f"url       {sess.url}")
-    if not ok:
-        return EXIT_FAIL
-    return wait_for_end(root, sid, inventory, emit) if args.wait else 0
+        if intr.signal is not None:
+            if intr.signal == signal.SIGINT:
+                return cancel_after_interrupt(root, sid, inventory, emit, signal.SIGINT)
+            return EXIT_INTERRUPTED  # SIGTERM: `isession cancel` stops the start and cancels it itself
+        sess = sessions.load(root, sid) or sessions.Session(id=sid, dir=session_dir)
+        ok = sess.status == "Running"
+        if ok:
+            ensure_watcher(root, inventory)
+        doc = dict(sess.as_dict(), runner_status=result.status, failures=result.failures)
+        if args.json:
+            print(json.dumps(doc, indent=2))
+        else:
+            emit(f"session   {sid}\nstatus    {sess.status}")
+            if sess.message or (not ok and result.failures):
+                emit(f"message   {sess.message or result.failures[-1]}")
+            emit(f"file      {sess.service_json}")
+            if sess.url:
+                emit(f"url       {sess.url}")
+        if not ok:
+            return EXIT_FAIL
+        if args.wait:
+            return wait_for_end(root, sid, inventory, emit, intr)
+        if intr.signal == signal.SIGINT:  # Ctrl-C while the result was printed
+            return cancel_after_interrupt(root, sid, inventory, emit, signal.SIGINT)
+        return 0
 
 
 def wait_for_end(root: Path, sid: str, inventory: Optional[Path], emit: Callable[[str], None],
-                 interval: float = 1.0) -> int:
-    """Stay attached until the session ends (like the seed's main script); Ctrl-C cancels it."""
+                 intr: Interrupts, *, interval: float = 0.5) -> int:
+    """Stay attached until the session ends (like the seed's main script); Ctrl-C or SIGTERM cancels it.
+
+    The last line is ``session ended: STATUS[: message]``. Exit codes: 0 when the session ended Cancelled or
+    Completed by itself (a cancel from elsewhere, walltime, the server's exit), EXIT_FAIL when it Failed or its
+    record vanished; after Ctrl-C 130 (SIGTERM 143) once the cancel is done, EXIT_FAIL if the cancel failed.
+    ``intr`` is the caller's handler, so a signal that came just before the wait is not lost.
+    """
     emit("Waiting until the session ends (Ctrl-C cancels it)")
     last = None
-    with Interrupts() as intr:
-        while not intr.event.wait(interval):
-            sess = sessions.load(root, sid)
-            status = sess.status if sess else "Unknown"
-            if status != last:
-                emit(f"  {status}" + (f": {sess.message}" if sess and sess.message else ""))
-                last = status
-            if status in config.TERMINAL_STATUSES:
-                return 0 if status in ("Completed", "Cancelled") else EXIT_FAIL
-    emit("Interrupted: cancelling the session")
-    run_cancel(root, sid, inventory, emit)
-    return EXIT_INTERRUPTED
+    while True:
+        if intr.signal is not None:
+            return cancel_after_interrupt(root, sid, inventory, emit, intr.signal)
+        sess = sessions.load(root, sid)
+        if sess is None and not (root / sid).is_dir():
+            emit(_ended_line(None))
+            return EXIT_FAIL
+        status = sess.status if sess else "Unknown"
+        if status in config.TERMINAL_STATUSES:
+            emit(_ended_line(sess))
+            return 0 if status in ("Completed", "Cancelled") else EXIT_FAIL
+        if status != last:
+            emit(f"  {status}" + (f": {sess.message}" if sess and sess.message else ""))
+            last = status
+        intr.event.wait(interval)
 
 
 def cmd_cancel(args: argparse.Namespace) -> int:
@@ -330,7 +389,12 @@ def cmd_watch(args: argparse.Namespace) -> int:
 def cmd_doctor(args: argparse.Namespace) -> int:
     from .doctor import run_checks  # noqa: PLC0415
 
-    return run_checks(config.session_root(), config.find_inventory(args.inventory), args.resource)
+    if (args.target or args.extra) and not args.service:
+        raise UsageError("doctor: --target and -e go with --service SERVICE")
+    service = config.check_service(args.service) if args.service else None
+    inputs = config.check_inputs(config.parse_extra(args.extra))
+    return run_checks(config.session_root(), config.find_inventory(args.inventory), args.resource,
+                      service=service, target=args.target, inputs=inputs)
 
 
 def cmd_collection() -> int:
