@@ -53,6 +53,7 @@ NETNS_DIR = Path("/run/netns")
 PACKAGES = (
     "openssh-server", "openssh-client", "slurmctld", "slurmd", "slurm-client", "munge", "slurm-wlm-torque",
     "iproute2", "procps", "psmisc", "python3-venv", "python3-yaml", "curl", "util-linux", "nginx-light",
+    "environment-modules",  # a real `module` command for the session_modules tests
 )
 VENV = Path(os.environ.get("HPCBED_VENV", "/opt/hpc-interactive/venv"))
 REPO = Path(__file__).resolve().parents[2]
