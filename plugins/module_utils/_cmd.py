@@ -46,14 +46,36 @@ def c_locale_env(extra: Optional[Mapping[str, str]] = None, base: Optional[Mappi
     return env
 
 
-def run(
+class Started:
+    """A command started by :func:`start`; :meth:`wait` collects it the way :func:`run` does."""
+
+    def __init__(self, args: Tuple[str, ...], proc: Optional[subprocess.Popen[bytes]],
+                 input_text: Optional[str] = None, error: str = "") -> None:
+        self.args = args
+        self.proc = proc
+        self._input = None if input_text is None else input_text.encode()
+        self._error = error
+
+    def wait(self, timeout: Optional[float] = None) -> CommandResult:
+        """Wait up to ``timeout`` s for the exit and the output; on timeout the process group is killed."""
+        if self.proc is None:
+            return CommandResult(self.args, 127, "", self._error)
+        try:
+            out, err = self.proc.communicate(input=self._input, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(self.proc.pid)
+            out, err = self.proc.communicate()
+            return CommandResult(self.args, -1, _text(out), _text(err), timed_out=True)
+        return CommandResult(self.args, self.proc.returncode, _text(out), _text(err))
+
+
+def start(
     argv: Sequence[str],
-    timeout: Optional[float] = None,
     env: Optional[Mapping[str, str]] = None,
     input_text: Optional[str] = None,
     cwd: Optional[str] = None,
-) -> CommandResult:
-    """Run ``argv`` (never a shell string) in its own process group and collect its output."""
+) -> Started:
+    """Start ``argv`` (never a shell string) in its own process group; collect it later with ``wait``."""
     if isinstance(argv, (str, bytes)):
         raise TypeError("argv must be a sequence of arguments, not a string")
     args = tuple(str(a) for a in argv)
@@ -71,14 +93,19 @@ def run(
             close_fds=True,
         )
     except OSError as exc:
-        return CommandResult(args, 127, "", "%s: %s" % (args[0], exc.strerror or exc))
-    try:
-        out, err = proc.communicate(input=None if input_text is None else input_text.encode(), timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc.pid)
-        out, err = proc.communicate()
-        return CommandResult(args, -1, _text(out), _text(err), timed_out=True)
-    return CommandResult(args, proc.returncode, _text(out), _text(err))
+        return Started(args, None, error="%s: %s" % (args[0], exc.strerror or exc))
+    return Started(args, proc, input_text)
+
+
+def run(
+    argv: Sequence[str],
+    timeout: Optional[float] = None,
+    env: Optional[Mapping[str, str]] = None,
+    input_text: Optional[str] = None,
+    cwd: Optional[str] = None,
+) -> CommandResult:
+    """Run ``argv`` (never a shell string) in its own process group and collect its output."""
+    return start(argv, env=env, input_text=input_text, cwd=cwd).wait(timeout)
 
 
 def runner(timeout: Optional[float] = None, env: Optional[Mapping[str, str]] = None) -> Runner:

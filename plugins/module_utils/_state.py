@@ -388,6 +388,20 @@ def update_state(root: str, session_id: str, expect_step: Optional[str] = None,
 
 
 # ---------------------------------------------------------------------------- readiness (pure helpers)
+WATCH_FILE = "watch.json"
+
+
+def write_watch(directory: str, data: Mapping[str, Any], *, check: bool = False) -> bool:
+    """Write ``<directory>/watch.json`` (0600, atomically) unless it already holds ``data``; True when it changed."""
+    text = json.dumps(dict(data), sort_keys=True) + "\n"
+    path = os.path.join(directory, WATCH_FILE)
+    if read_text(path) == text:
+        return False
+    if not check:
+        write_atomic(path, text, 0o600)
+    return True
+
+
 def ready_status(status: Optional[int]) -> bool:
     """An HTTP answer that means the app is up: 2xx, 3xx, 401, 403 (a 5xx proxy error is not)."""
     return status is not None and (200 <= status < 400 or status in (401, 403))

@@ -204,25 +204,31 @@ class FreePort:
         self.module.exit_json(reservation_dir=self.rdir.path, **result)
 
 
-def main() -> None:
-    module = AnsibleModule(
-        argument_spec=dict(
-            owner=dict(type="str", required=True),
-            state=dict(type="str", default="present", choices=["present", "absent"]),
-            count=dict(type="int", default=1),
-            port_range=dict(type="raw"),
-            exclude=dict(type="list", elements="raw", default=[]),
-            avoid_ephemeral=dict(type="bool", default=True),
-            lease=dict(type="int", default=DEFAULT_LEASE),
-            pid=dict(type="int"),
-            reservation_dir=dict(type="path", default=DEFAULT_DIR),
-        ),
-        supports_check_mode=True,
-    )
+ARGUMENT_SPEC = dict(
+    owner=dict(type="str", required=True),
+    state=dict(type="str", default="present", choices=["present", "absent"]),
+    count=dict(type="int", default=1),
+    port_range=dict(type="raw"),
+    exclude=dict(type="list", elements="raw", default=[]),
+    avoid_ephemeral=dict(type="bool", default=True),
+    lease=dict(type="int", default=DEFAULT_LEASE),
+    pid=dict(type="int"),
+    reservation_dir=dict(type="path", default=DEFAULT_DIR),
+)
+
+MODULE_OPTIONS = dict(supports_check_mode=True)
+
+
+def run_module(module: AnsibleModule) -> None:
+    """The module's work; also run inside the Ansible worker by the action plugin of the same name."""
     try:
         FreePort(module).run()
     except PortError as exc:
         module.fail_json(msg=str(exc), field=exc.field)
+
+
+def main() -> None:
+    run_module(AnsibleModule(argument_spec=ARGUMENT_SPEC, **MODULE_OPTIONS))
 
 
 if __name__ == "__main__":

@@ -53,14 +53,25 @@ options:
       - "Default C(<workdir>/<job_name>.sh), the home directory without O(workdir)."
     type: path
   workdir:
-    description: "Working directory of the job."
+    description:
+      - "Working directory of the job. Made when it does not exist, with its missing parents, each mode 0700."
     type: path
   output:
-    description: "Standard output path (scheduler patterns like C(%j) allowed)."
-    type: str
+    description: "Standard output path (scheduler patterns like C(%j) allowed; C(~) is expanded)."
+    type: path
   error:
-    description: "Standard error path."
+    description: "Standard error path (C(~) is expanded)."
+    type: path
+  secret:
+    description:
+      - "A secret the job reads (for example the session token), written to O(secret_path) with mode 0600 before
+        the job is submitted, so that it travels in this module's arguments (piped, never in argv) instead of
+        a separate copy. Never logged or returned, and never put into the job script."
+      - "Nothing is written when a job of that name is already alive."
     type: str
+  secret_path:
+    description: "Where O(secret) is written (mode 0600; missing directories are made with mode 0700)."
+    type: path
   queue:
     description: "Queue or partition."
     type: str
@@ -165,6 +176,8 @@ nodes: {description: "Hosts the job runs on, when known.", returned: always, typ
         sample: [compute1]}
 script_path: {description: Where the rendered script was (or would be) written., returned: state=present, type: str,
               sample: /home/alice/isession/abc123/isession-abc123.sh}
+workdir: {description: "O(workdir) with C(~) expanded on the host that runs the job, when given.",
+          returned: state=present and O(workdir) given, type: str, sample: /home/alice/isession/abc123}
 script: {description: The rendered script., returned: state=present, type: str, sample: "#!/bin/bash\n#SBATCH ..."}
 removed_directives: {description: User directives dropped because the site enforces that option.,
                      returned: state=present, type: list, elements: str, sample: ["--comment=mine"]}
@@ -196,7 +209,8 @@ ARGUMENT_SPEC = dict(
     state=dict(type="str", default="present", choices=["present", "absent"]),
     job_name=dict(type="str"), job_id=dict(type="str"),
     script=dict(type="str"), script_file=dict(type="path"), script_path=dict(type="path"),
-    workdir=dict(type="path"), output=dict(type="str"), error=dict(type="str"),
+    workdir=dict(type="path"), output=dict(type="path"), error=dict(type="path"),
+    secret=dict(type="str", no_log=True), secret_path=dict(type="path"),
     queue=dict(type="str", aliases=["partition"]), walltime=dict(type="str"),
     nodes=dict(type="int"), ntasks=dict(type="int"), cpus_per_task=dict(type="int"), memory=dict(type="str"),
     gpus=dict(type="int"), account=dict(type="str"), qos=dict(type="str"), constraint=dict(type="str"),
@@ -206,6 +220,18 @@ ARGUMENT_SPEC = dict(
     wait_for=dict(type="str", choices=["queued", "running"]), wait_timeout=dict(type="int", default=60),
     submit_timeout=dict(type="int", default=30), query_timeout=dict(type="int", default=10),
 )
+
+
+def make_private_dirs(directory: str) -> None:
+    """Make ``directory`` and its missing parents, each with mode 0700 (os.makedirs gives parents the umask's)."""
+    if not directory or os.path.isdir(directory):
+        return
+    make_private_dirs(os.path.dirname(os.path.abspath(directory)))
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(directory):
+            raise
 
 
 class SchedulerSubmit:
@@ -255,6 +281,8 @@ class SchedulerSubmit:
         opts, script_path, rendered = self.render()
         result = dict(changed=False, script_path=script_path, script=rendered.text,
                       removed_directives=rendered.removed, state="undetermined", nodes=[])
+        if opts.workdir:
+            result["workdir"] = opts.workdir
         alive = self.find_alive()
         if alive:
             info = sorted(alive.values(), key=lambda i: i.job_id)[0]
@@ -267,13 +295,15 @@ class SchedulerSubmit:
         result["changed"] = True
         if self.module.check_mode:
             self.module.exit_json(**result)
+        self.prepare_files(opts, script_path)
         try:
             write_atomic(script_path, rendered.text, 0o700)
         except (OSError, ValueError) as exc:  # ValueError: the path is a directory
             self.fail("script_path: cannot write %s: %s" % (script_path, exc))
         self.script_path = script_path
         job_id = self.submit(script_path, opts)
-        info = self.query_one(job_id)
+        # with wait_for, wait_for_state's first query is immediate: no separate one
+        info = None if self.p["wait_for"] else self.query_one(job_id)
         if self.p["wait_for"]:
             info, ok, why = wait_for_state(self.backend, self.runner, job_id, self.p["wait_for"],
                                            self.p["wait_timeout"], query_timeout=self.p["query_timeout"])
@@ -284,6 +314,20 @@ class SchedulerSubmit:
             result.update(state=info.state, nodes=info.nodes)
         result["job_id"] = job_id
         self.module.exit_json(**result)
+
+    def prepare_files(self, opts, script_path: str) -> None:
+        """Make the job's directories (0700) and write the secret (0600) before anything is submitted."""
+        for field, directory in (("workdir", opts.workdir), ("script_path", os.path.dirname(script_path)),
+                                 ("secret_path", os.path.dirname(self.p["secret_path"] or ""))):
+            try:
+                make_private_dirs(directory)
+            except OSError as exc:
+                self.fail("%s: cannot make the directory %s: %s" % (field, directory, exc))
+        if self.p["secret_path"]:
+            try:
+                write_atomic(self.p["secret_path"], self.p["secret"], 0o600)
+            except (OSError, ValueError) as exc:
+                self.fail("secret_path: cannot write %s: %s" % (self.p["secret_path"], exc))
 
     def submit(self, script_path: str, opts) -> str:
         if self.local:
@@ -351,19 +395,26 @@ class SchedulerSubmit:
                               cancelled=sorted(jobs))
 
 
-def main():
-    module = AnsibleModule(
-        argument_spec=ARGUMENT_SPEC,
-        mutually_exclusive=[("script", "script_file"), ("job_id", "job_name")],
-        required_if=[("state", "present", ("job_name",)), ("state", "present", ("script", "script_file"), True),
-                     ("state", "absent", ("job_id", "job_name"), True)],
-        supports_check_mode=True,
-    )
+MODULE_OPTIONS = dict(
+    mutually_exclusive=[("script", "script_file"), ("job_id", "job_name")],
+    required_together=[("secret", "secret_path")],
+    required_if=[("state", "present", ("job_name",)), ("state", "present", ("script", "script_file"), True),
+                 ("state", "absent", ("job_id", "job_name"), True)],
+    supports_check_mode=True,
+)
+
+
+def run_module(module: AnsibleModule) -> None:
+    """The module's work; also run inside the Ansible worker by the action plugin of the same name."""
     runner = SchedulerSubmit(module)
     if module.params["state"] == "present":
         runner.present()
     else:
         runner.absent()
+
+
+def main() -> None:
+    run_module(AnsibleModule(argument_spec=ARGUMENT_SPEC, **MODULE_OPTIONS))
 
 
 if __name__ == "__main__":

@@ -210,23 +210,29 @@ class ServiceJson:
         }
 
 
-def main() -> None:
-    module = AnsibleModule(
-        argument_spec=dict(
-            path=dict(type="path", required=True),
-            state=dict(type="str", choices=["present", "absent"], default="present"),
-            url=dict(type="str", choices=list(URLS)),
-            port=dict(type="raw"),
-            slug=dict(type="str"),
-            job_status=dict(type="str", choices=list(JOB_STATUSES)),
-            error_message=dict(type="str"),
-            extra=dict(type="dict"),
-            mode=dict(type="raw", default="0600"),
-            force=dict(type="bool", default=False),
-        ),
-        supports_check_mode=True,
-    )
+ARGUMENT_SPEC = dict(
+    path=dict(type="path", required=True),
+    state=dict(type="str", choices=["present", "absent"], default="present"),
+    url=dict(type="str", choices=list(URLS)),
+    port=dict(type="raw"),
+    slug=dict(type="str"),
+    job_status=dict(type="str", choices=list(JOB_STATUSES)),
+    error_message=dict(type="str"),
+    extra=dict(type="dict"),
+    mode=dict(type="raw", default="0600"),
+    force=dict(type="bool", default=False),
+)
+
+MODULE_OPTIONS = dict(supports_check_mode=True)
+
+
+def run_module(module: AnsibleModule) -> None:
+    """The module's work; also run inside the Ansible worker by the action plugin of the same name."""
     ServiceJson(module).run()
+
+
+def main() -> None:
+    run_module(AnsibleModule(argument_spec=ARGUMENT_SPEC, **MODULE_OPTIONS))
 
 
 if __name__ == "__main__":

@@ -98,6 +98,12 @@ options:
   cancel_requested:
     description: The tombstone. Once V(true) it cannot be set back to V(false).
     type: bool
+  watch:
+    description:
+      - With O(op=create) or O(op=update), what the user's watcher needs to follow the session when it was not
+        started by the C(isession) CLI (the inventory, the resource, the walltime), written to
+        C(<dir>/watch.json) (mode 0600) in the same call. Nothing is written when it is unchanged.
+    type: dict
 author:
   - hpc.interactive developers (@hpc-interactive)
 """
@@ -174,6 +180,7 @@ from ansible_collections.hpc.interactive.plugins.module_utils._state import (
     default_root,
     public_view,
     run_op,
+    write_watch,
 )
 
 
@@ -194,8 +201,14 @@ class SessionState:
             self.module.fail_json(msg=exc.msg, field=exc.field)
         except OSError as exc:
             self.module.fail_json(msg="cannot write the session record under %s: %s" % (root, exc), field="root")
+        watch_changed = False
+        if p["watch"] is not None and p["op"] in ("create", "update") and plan.after is not None:
+            try:
+                watch_changed = write_watch(plan.paths["dir"], p["watch"], check=self.module.check_mode)
+            except (OSError, ValueError) as exc:  # ValueError: StateError (watch.json is a link, a dir, unreadable)
+                self.module.fail_json(msg="cannot write %s/watch.json: %s" % (plan.paths["dir"], exc), field="watch")
         result = {
-            "changed": plan.changed,
+            "changed": plan.changed or watch_changed,
             "record": public_view(plan.after),
             "exists": plan.before is not None,
             "dir": plan.paths["dir"],
@@ -208,31 +221,38 @@ class SessionState:
         self.module.exit_json(**result)
 
 
-def main() -> None:
-    module = AnsibleModule(
-        argument_spec=dict(
-            op=dict(type="str", choices=["create", "update", "cancel", "read"], default="update"),
-            id=dict(type="str", required=True),
-            root=dict(type="path"),
-            missing_ok=dict(type="bool", default=False),
-            service=dict(type="str"),
-            target=dict(type="str", choices=list(TARGETS)),
-            resource=dict(type="str"),
-            scheduler=dict(type="str", choices=list(SCHEDULERS)),
-            step=dict(type="str", choices=list(STEPS)),
-            job_id=dict(type="str"),
-            job_name=dict(type="str"),
-            ports=dict(type="dict"),
-            pids=dict(type="dict"),
-            remote_dir=dict(type="str"),
-            url=dict(type="str", choices=list(URLS)),
-            slug=dict(type="str"),
-            error=dict(type="str"),
-            cancel_requested=dict(type="bool"),
-        ),
-        supports_check_mode=True,
-    )
+ARGUMENT_SPEC = dict(
+    op=dict(type="str", choices=["create", "update", "cancel", "read"], default="update"),
+    id=dict(type="str", required=True),
+    root=dict(type="path"),
+    missing_ok=dict(type="bool", default=False),
+    service=dict(type="str"),
+    target=dict(type="str", choices=list(TARGETS)),
+    resource=dict(type="str"),
+    scheduler=dict(type="str", choices=list(SCHEDULERS)),
+    step=dict(type="str", choices=list(STEPS)),
+    job_id=dict(type="str"),
+    job_name=dict(type="str"),
+    ports=dict(type="dict"),
+    pids=dict(type="dict"),
+    remote_dir=dict(type="str"),
+    url=dict(type="str", choices=list(URLS)),
+    slug=dict(type="str"),
+    error=dict(type="str"),
+    cancel_requested=dict(type="bool"),
+    watch=dict(type="dict"),
+)
+
+MODULE_OPTIONS = dict(supports_check_mode=True)
+
+
+def run_module(module: AnsibleModule) -> None:
+    """The module's work; also run inside the Ansible worker by the action plugin of the same name."""
     SessionState(module).run()
+
+
+def main() -> None:
+    run_module(AnsibleModule(argument_spec=ARGUMENT_SPEC, **MODULE_OPTIONS))
 
 
 if __name__ == "__main__":

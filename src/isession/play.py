@@ -99,6 +99,9 @@ def run_playbook(col: Collection, session_dir: Path, playbook: str, extravars: M
     try:
         thread, runner = ansible_runner.run_async(
             private_data_dir=str(pdd),
+            # ansible-playbook (and the ssh ControlMaster it leaves behind for a minute) must not hold the session
+            # directory as its working directory
+            project_dir="/",
             playbook=str(playbook_path(col, playbook)),
             inventory=str(inventory),
             extravars=dict(extravars),

@@ -45,7 +45,9 @@ from sessions_common import (  # noqa: E402
 BUDGET = 5.0  # seconds from the scheduler's end of the job to service.json (issue 3)
 CLUSTER_USER = "cluser"
 TERMINAL = ("Cancelled", "Completed", "Failed")
-WATCH_TASK = "hpc.interactive.session : Ensure the user's watcher runs"
+# the watcher is ensured by session_ready's side command, while the app starts
+WATCH_TASK = ("hpc.interactive.session : Wait until the app answers through the session's port, then record it as "
+              "running")
 NODE = "compute1"  # the node-loss test pins its session here (debug partition: compute1, compute2)
 
 
@@ -383,8 +385,8 @@ def test_playbook_started_session_gets_the_watcher(bed):
         state = read_json(root / sids[0] / "state.json")
         jobs.append(state["job_id"])
         assert read_json(root / sids[0] / "service.json")["JOB_STATUS"] == "Running"
-        started = res.task(WATCH_TASK, "localhost")
-        assert started.get("changed") is True and "watcher started" in started.get("stdout", ""), started
+        started = res.task(WATCH_TASK, "localhost")["side_command"]
+        assert started.get("rc") == 0 and "watcher started" in started.get("stdout", ""), started
         assert not (root / sids[0] / "logs" / "runner" / "cli.json").exists()  # really without the CLI
         note = read_json(root / sids[0] / "watch.json")
         assert note == {"inventory": str(inv), "resource": "controller", "walltime": "00:05:00"}, note
@@ -402,8 +404,8 @@ def test_playbook_started_session_gets_the_watcher(bed):
         res2 = start_by_playbook(bed, dict(common, session_id=sids[1]), inv, env)
         assert res2.rc == 0, failure_text(res2)
         jobs.append(read_json(root / sids[1] / "state.json")["job_id"])
-        again = res2.task(WATCH_TASK, "localhost")
-        assert again.get("changed") is False and "already runs" in again.get("stdout", ""), again
+        again = res2.task(WATCH_TASK, "localhost")["side_command"]
+        assert again.get("rc") == 0 and "already runs" in again.get("stdout", ""), again
         assert watcher_pid(root) == pid
 
         # the watcher really watches playbook-started sessions: a hand scancel is Failed within the budget

@@ -45,11 +45,13 @@ def write_atomic(path: str, text: str, mode: int = 0o700) -> None:
 
 
 def wait_for_state(backend: Backend, runner: Runner, job_id: str, wanted: str, timeout: float, *,
-                   query_timeout: float = 10.0, interval: float = 0.5,
+                   query_timeout: float = 10.0, interval: float = 0.1, max_interval: float = 1.0,
                    clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
     """Poll until the job is ``wanted`` (``queued`` = known to the scheduler and alive or later).
 
-    Returns (info, ok, why). ``ok`` is False on timeout or when the job ended before ``running``.
+    Returns (info, ok, why). ``ok`` is False on timeout or when the job ended before ``running``. The first query
+    is immediate; the pause between queries starts at ``interval`` and grows by half up to ``max_interval``, so a
+    job that starts at once is seen at once and a long wait does not flood the scheduler.
     """
     deadline = clock() + timeout
     info = JobInfo(job_id=job_id)
@@ -63,4 +65,5 @@ def wait_for_state(backend: Backend, runner: Runner, job_id: str, wanted: str, t
             return info, False, "job %s ended (%s) before it was running" % (job_id, info.state)
         if clock() >= deadline:
             return info, False, "job %s not %s after %ss (state %s)" % (job_id, wanted, timeout, info.state)
-        sleep(interval)
+        sleep(min(interval, max(0.0, deadline - clock())))
+        interval = min(interval * 1.5, max_interval)

@@ -1,6 +1,7 @@
 """The ``local`` backend with real processes: detached submit, states, exit codes, group-wide cancel."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import subprocess
@@ -9,7 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import local
+from ansible_collections.hpc.interactive.plugins.module_utils._cmd import CommandResult
+from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import get_backend, local
+from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._runtime import wait_for_state
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers.local import Local, group_members
 
 
@@ -150,3 +153,152 @@ def test_wrapper_takes_data_as_arguments_only(backend):
     assert argv[:3] == ["/bin/sh", "-c", local.WRAPPER] and argv[-4:] == ["/tmp/s", "/tmp/$(id).out", "/tmp/e",
                                                                          "/tmp/x;id.sh"]
     assert "$(id)" not in local.WRAPPER and "x;id" not in local.WRAPPER
+
+
+# ----------------------------------------------------------------------------- wait_for_state's pacing
+# The Slurm backend parses recorded ``squeue --json`` answers (fake_scheduler.squeue_json); only the clock, the
+# sleep and the command are stand-ins, so each case can assert every pause and every query exactly.
+_fake_spec = importlib.util.spec_from_file_location(
+    "fake_scheduler", Path(__file__).resolve().parents[2] / "fixtures" / "schedulers" / "fake_scheduler.py")
+fake_scheduler = importlib.util.module_from_spec(_fake_spec)
+_fake_spec.loader.exec_module(fake_scheduler)
+PAUSES = [0.1, 0.15, 0.225, 0.3375, 0.50625, 0.759375]  # x1.5 from 0.1, then 1.0 each
+
+
+class FakeTime:
+    """A clock that moves only when something sleeps or a query costs time."""
+
+    def __init__(self):
+        self.now = 1000.0
+        self.sleeps = []
+
+    def clock(self):
+        return self.now
+
+    def sleep(self, seconds):
+        assert seconds >= 0
+        self.sleeps.append(seconds)
+        self.now += seconds
+
+
+def squeue_runner(clock, answers, cost=0.0):
+    """A runner answering the Nth squeue with answers[N] (the last repeats); None = slurmctld unreachable."""
+    calls = []
+
+    def run(argv, timeout=None):
+        calls.append({"argv": list(argv), "timeout": timeout, "at": clock.now})
+        clock.now += cost
+        jobs = answers[min(len(calls), len(answers)) - 1]
+        if jobs is None:
+            return CommandResult(tuple(argv), 1, "", "slurm_load_jobs error: Unable to contact slurm controller")
+        return CommandResult(tuple(argv), 0, fake_scheduler.squeue_json(jobs, {"name": "job", "user": "tester"}), "")
+
+    return run, calls
+
+
+def pending(n):
+    return [[{"job_id": 7, "state": "PENDING", "reason": "Resources"}]] * n
+
+
+def test_wait_first_query_is_immediate_and_pauses_grow_to_one_second():
+    clock = FakeTime()
+    run, calls = squeue_runner(clock, pending(9) + [[{"job_id": 7, "state": "RUNNING", "nodes": "compute1"}]])
+    info, ok, why = wait_for_state(get_backend("slurm"), run, "7", "running", 60, query_timeout=4,
+                                   clock=clock.clock, sleep=clock.sleep)
+    assert ok is True and why == "" and info.state == "running" and info.nodes == ["compute1"]
+    assert clock.sleeps == pytest.approx(PAUSES + [1.0, 1.0, 1.0])
+    assert len(calls) == 10 and calls[0]["at"] == 1000.0  # no pause before the first query
+    assert all(c["timeout"] == 4 and "--jobs=7" in c["argv"] for c in calls)
+
+
+@pytest.mark.parametrize("wanted,answer", [
+    ("running", {"job_id": 7, "state": "RUNNING"}),
+    ("queued", {"job_id": 7, "state": "PENDING"}),
+    ("queued", {"job_id": 7, "state": "COMPLETED"}),  # already over: it was queued
+])
+def test_wait_returns_at_the_first_query_without_sleeping(wanted, answer):
+    clock = FakeTime()
+    run, calls = squeue_runner(clock, [[answer]])
+    _info, ok, _why = wait_for_state(get_backend("slurm"), run, "7", wanted, 60, clock=clock.clock, sleep=clock.sleep)
+    assert ok is True and clock.sleeps == [] and len(calls) == 1
+
+
+def test_wait_timeout_last_pause_ends_exactly_at_the_deadline():
+    clock = FakeTime()
+    run, calls = squeue_runner(clock, pending(1))
+    info, ok, why = wait_for_state(get_backend("slurm"), run, "7", "running", 2, clock=clock.clock, sleep=clock.sleep)
+    assert ok is False and info.state == "queued" and why == "job 7 not running after 2s (state queued)"
+    # 0.1 .. 0.50625 add up to 1.31875; the next pause (0.759375) is cut to what is left of the 2 s
+    assert clock.sleeps == pytest.approx(PAUSES[:5] + [2 - sum(PAUSES[:5])])
+    assert sum(clock.sleeps) == pytest.approx(2.0) and clock.now == pytest.approx(1002.0)
+    assert len(calls) == len(clock.sleeps) + 1  # one last look at the deadline, then no more
+
+
+@pytest.mark.parametrize("cost", [0.0, 0.05, 0.4, 0.95])
+def test_wait_never_sleeps_past_the_deadline_when_queries_take_time(cost):
+    clock = FakeTime()
+    deadline = clock.now + 3
+    sleeps_at = []
+    real_sleep = clock.sleep
+
+    def sleep(seconds):
+        sleeps_at.append(clock.now)
+        real_sleep(seconds)
+
+    run, calls = squeue_runner(clock, pending(1), cost=cost)
+    _info, ok, _why = wait_for_state(get_backend("slurm"), run, "7", "running", 3, clock=clock.clock, sleep=sleep)
+    assert ok is False
+    expected = PAUSES + [1.0] * 10
+    for i, (start, pause) in enumerate(zip(sleeps_at, clock.sleeps, strict=True)):
+        assert start + pause <= deadline + 1e-9, (i, start, pause)
+        assert pause == pytest.approx(min(expected[i], deadline - start))
+    assert calls[-1]["at"] + cost >= deadline - 1e-9  # the last look ends at the deadline, not a pause earlier
+    assert len(calls) == len(clock.sleeps) + 1
+
+
+def test_a_long_wait_polls_about_once_a_second():
+    clock = FakeTime()
+    run, calls = squeue_runner(clock, pending(1))
+    _info, ok, _why = wait_for_state(get_backend("slurm"), run, "7", "running", 30, clock=clock.clock,
+                                     sleep=clock.sleep)
+    assert ok is False and max(clock.sleeps) == 1.0
+    # 6 growing pauses (2.078125 s), 27 of 1 s, one of 0.921875 s to the deadline: 34 pauses, 35 queries
+    assert clock.sleeps == pytest.approx(PAUSES + [1.0] * 27 + [30 - sum(PAUSES) - 27])
+    assert len(calls) == 35
+
+
+def test_wait_custom_interval_and_cap():
+    clock = FakeTime()
+    run, _calls = squeue_runner(clock, pending(4) + [[{"job_id": 7, "state": "RUNNING"}]])
+    _info, ok, _why = wait_for_state(get_backend("slurm"), run, "7", "running", 60, interval=0.5, max_interval=0.6,
+                                     clock=clock.clock, sleep=clock.sleep)
+    assert ok is True and clock.sleeps == pytest.approx([0.5, 0.6, 0.6, 0.6])
+
+
+def test_wait_stops_when_the_job_ends_before_running():
+    clock = FakeTime()
+    run, calls = squeue_runner(clock, pending(2) + [[{"job_id": 7, "state": "FAILED", "exit_code": 256}]])
+    info, ok, why = wait_for_state(get_backend("slurm"), run, "7", "running", 60, clock=clock.clock,
+                                   sleep=clock.sleep)
+    assert ok is False and info.state == "failed" and why == "job 7 ended (failed) before it was running"
+    assert clock.sleeps == pytest.approx(PAUSES[:2]) and len(calls) == 3
+
+
+def test_wait_keeps_polling_an_unreachable_scheduler_until_the_deadline():
+    clock = FakeTime()
+    run, calls = squeue_runner(clock, [None, None, [{"job_id": 7, "state": "PENDING"}]])
+    info, ok, _why = wait_for_state(get_backend("slurm"), run, "7", "queued", 60, clock=clock.clock,
+                                    sleep=clock.sleep)
+    assert ok is True and info.state == "queued" and clock.sleeps == pytest.approx(PAUSES[:2]) and len(calls) == 3
+    clock = FakeTime()
+    run, calls = squeue_runner(clock, [None])
+    info, ok, why = wait_for_state(get_backend("slurm"), run, "7", "queued", 1, clock=clock.clock, sleep=clock.sleep)
+    assert ok is False and info.state == "undetermined" and why.endswith("(state undetermined)")
+    assert sum(clock.sleeps) == pytest.approx(1.0) and len(calls) == len(clock.sleeps) + 1
+
+
+def test_wait_for_a_real_local_job_needs_no_pause(backend, submit):
+    job_id = submit("exec sleep 60\n", name="waited")
+    slept = []
+    info, ok, why = wait_for_state(backend, None, job_id, "running", 10, sleep=slept.append)
+    assert ok is True and why == "" and info.state == "running" and slept == []

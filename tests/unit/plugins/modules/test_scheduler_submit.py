@@ -6,8 +6,10 @@ so each case asserts the exact conversation: what was submitted, and above all w
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import stat
+import sys
 import uuid
 from pathlib import Path
 
@@ -198,3 +200,143 @@ def test_local_lifecycle_through_the_modules(harness):
         except OSError:
             pass
     assert harness.calls() == []
+
+
+# ----------------------------------------------------------------------------- secret, directories, workdir
+SECRET = "tok-%s" % uuid.uuid4().hex
+
+
+def mode(path) -> int:
+    return stat.S_IMODE(os.lstat(path).st_mode)
+
+
+def spy_on_sbatch(harness):
+    """Put a sbatch on PATH that first records what the job's files look like at the moment of the submit."""
+    seen = Path(harness.tmp) / "seen-at-submit"
+    job = Path(harness.tmp) / "job"
+    sbatch = Path(harness.bin) / "sbatch"
+    sbatch.write_text('#!/bin/sh\n'
+                      'stat -c "%%n %%a" "%s/work" "%s/bin" "%s/private" "%s/private/token" > "%s" 2>&1\n'
+                      'cat "%s/private/token" >> "%s" 2>&1\n'
+                      'exec "%s" "%s" sbatch "$@"\n'
+                      % (job, job, job, job, seen, job, seen, sys.executable, FIXTURES / "fake_scheduler.py"))
+    sbatch.chmod(0o700)
+    return seen
+
+
+SECRET_ARGS = {"scheduler": "slurm", "job_name": "{name}", "workdir": "{tmp}/job/work",
+               "script_path": "{tmp}/job/bin/run.sh", "script": "exec ./agent.sh\n", "secret": SECRET,
+               "secret_path": "{tmp}/job/private/token"}
+
+
+def test_secret_written_0600_in_0700_dirs_before_the_submit_and_never_returned(harness):
+    seen = spy_on_sbatch(harness)
+    harness.plan({"squeue": [{"json": []}, {"json": [{"job_id": 21, "state": "PENDING"}]}],
+                  "sbatch": [{"stdout": "21\n"}]})
+    res = harness.run_module("scheduler_submit", SECRET_ARGS)
+    assert res["changed"] is True and res["job_id"] == "21" and not res.get("failed"), res
+    job = Path(harness.tmp) / "job"
+    # at the moment sbatch ran: the three directories 0700 and the secret 0600 with its content
+    assert seen.read_text().splitlines() == ["%s/work 700" % job, "%s/bin 700" % job, "%s/private 700" % job,
+                                             "%s/private/token 600" % job, SECRET]
+    assert (job / "private" / "token").read_text() == SECRET and mode(job / "private" / "token") == 0o600
+    assert res["workdir"] == str(job / "work") and res["script_path"] == str(job / "bin" / "run.sh")
+    # the secret travels nowhere else: not in the result, the script, or any command line
+    assert SECRET not in json.dumps(res) and SECRET not in (job / "bin" / "run.sh").read_text()
+    assert res["invocation"]["module_args"]["secret"] == "VALUE_SPECIFIED_IN_NO_LOG_PARAMETER"
+    assert all(SECRET not in json.dumps(c["argv"]) and SECRET not in (c["script"] or "") for c in harness.calls())
+    assert [c["cmd"] for c in harness.calls()] == ["squeue", "sbatch", "squeue"]
+
+
+def test_secret_replaces_an_older_file_and_its_mode(harness):
+    token = Path(harness.tmp) / "job" / "private" / "token"
+    token.parent.mkdir(parents=True)
+    token.write_text("old-token")
+    token.chmod(0o644)
+    harness.plan({"squeue": [{"json": []}, {"json": [{"job_id": 22, "state": "PENDING"}]}],
+                  "sbatch": [{"stdout": "22\n"}]})
+    res = harness.run_module("scheduler_submit", SECRET_ARGS)
+    assert res["changed"] is True, res
+    assert token.read_text() == SECRET and mode(token) == 0o600
+
+
+def test_check_mode_writes_no_directory_secret_or_script(harness):
+    harness.plan({"squeue": [{"json": []}]})
+    res = harness.run_module("scheduler_submit", SECRET_ARGS, check=True)
+    assert res["changed"] is True and not res.get("failed"), res
+    assert res["workdir"] == str(Path(harness.tmp) / "job" / "work")
+    assert not (Path(harness.tmp) / "job").exists()
+    assert SECRET not in json.dumps(res)
+    assert [c["cmd"] for c in harness.calls()] == ["squeue"]
+
+
+def test_nothing_written_while_a_job_of_that_name_is_alive(harness):
+    token = Path(harness.tmp) / "job" / "private" / "token"
+    token.parent.mkdir(parents=True)
+    token.write_text("token-of-the-running-job")
+    harness.plan({"squeue": [{"json": [{"job_id": 23, "state": "RUNNING", "nodes": "compute1"}]}]})
+    res = harness.run_module("scheduler_submit", SECRET_ARGS)
+    assert res["changed"] is False and res["job_id"] == "23" and not res.get("failed"), res
+    assert token.read_text() == "token-of-the-running-job"
+    assert not (Path(harness.tmp) / "job" / "work").exists() and not (Path(harness.tmp) / "job" / "bin").exists()
+    assert [c["cmd"] for c in harness.calls()] == ["squeue"]
+
+
+@pytest.mark.parametrize("given", ["secret", "secret_path"])
+def test_secret_and_secret_path_are_required_together(harness, given):
+    args = {k: v for k, v in SECRET_ARGS.items() if k not in ("secret", "secret_path") or k == given}
+    res = harness.run_module("scheduler_submit", args)
+    assert res.get("failed") is True and res["msg"] == "parameters are required together: secret, secret_path"
+    assert SECRET not in json.dumps(res)
+    assert harness.calls() == [] and not (Path(harness.tmp) / "job").exists()
+
+
+def test_a_directory_that_cannot_be_made_fails_before_the_submit(harness):
+    blocker = Path(harness.tmp) / "job"
+    blocker.write_text("a file where the job directory should be")
+    harness.plan({"squeue": [{"json": []}], "sbatch": [{"stdout": "24\n"}]})
+    res = harness.run_module("scheduler_submit", SECRET_ARGS)
+    assert res.get("failed") is True and res["msg"].startswith("workdir: cannot make the directory %s/work"
+                                                               % blocker), res
+    assert [c["cmd"] for c in harness.calls()] == ["squeue"]
+    assert SECRET not in json.dumps(res)
+
+
+def test_a_secret_path_that_is_a_directory_fails_before_the_submit(harness):
+    (Path(harness.tmp) / "job" / "private" / "token").mkdir(parents=True)
+    harness.plan({"squeue": [{"json": []}], "sbatch": [{"stdout": "25\n"}]})
+    res = harness.run_module("scheduler_submit", SECRET_ARGS)
+    assert res.get("failed") is True and res["msg"].startswith("secret_path: cannot write"), res
+    assert [c["cmd"] for c in harness.calls()] == ["squeue"]
+    assert not (Path(harness.tmp) / "job" / "bin" / "run.sh").exists()  # the script comes after the secret
+    assert SECRET not in json.dumps(res)
+
+
+def test_output_and_error_are_paths_with_the_home_expanded(harness):
+    harness.plan({"squeue": [{"json": []}]})
+    args = {"scheduler": "slurm", "job_name": "{name}", "script": "true", "workdir": "~/isession-unit/{name}",
+            "output": "~/isession-unit/%j.out", "error": "~/isession-unit/%j.err"}
+    res = harness.run_module("scheduler_submit", args, check=True)
+    home = os.path.expanduser("~")
+    lines = res["script"].splitlines()
+    assert "#SBATCH --output=%s/isession-unit/%%j.out" % home in lines, lines
+    assert "#SBATCH --error=%s/isession-unit/%%j.err" % home in lines
+    assert res["workdir"] == "%s/isession-unit/%s" % (home, harness.names["name"])
+
+
+def test_no_workdir_in_the_result_without_workdir(harness):
+    harness.plan({"squeue": [{"json": []}]})
+    res = harness.run_module("scheduler_submit", {"scheduler": "slurm", "job_name": "{name}", "script": "true"},
+                             check=True)
+    assert res["changed"] is True and "workdir" not in res, res
+
+
+@pytest.mark.parametrize("wait_for,state", [("running", "RUNNING"), ("queued", "PENDING")])
+def test_wait_for_has_no_separate_query_before_the_wait(harness, wait_for, state):
+    harness.plan({"squeue": [{"json": []}, {"json": [{"job_id": 26, "state": state, "nodes": "compute1"}]}],
+                  "sbatch": [{"stdout": "26\n"}]})
+    res = harness.run_module("scheduler_submit", {"scheduler": "slurm", "job_name": "{name}", "workdir": "{tmp}/w",
+                                                  "script": "true", "wait_for": wait_for, "wait_timeout": 20})
+    assert res["changed"] is True and res["job_id"] == "26" and not res.get("failed"), res
+    assert [c["cmd"] for c in harness.calls()] == ["squeue", "sbatch", "squeue"]
+    assert "--jobs=26" in harness.calls()[2]["argv"]

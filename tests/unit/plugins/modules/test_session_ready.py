@@ -191,3 +191,103 @@ def test_mark_running_refused_after_a_cancel_request(tmp_path):
 def test_mark_running_needs_dir(tmp_path):
     res = run_module(tmp_path, {"port": 2000, "mark_running": True})
     assert res["failed"] is True and "dir" in res["msg"]
+
+
+# ----------------------------------------------------------------------------- side_command
+def test_side_command_runs_during_the_wait_and_is_killed_after_its_timeout(tmp_path):
+    """The side command *is* the server here: the wait can only succeed if it was started when the wait began."""
+    port = free_port()
+    (tmp_path / "www" / "me" / str(port)).mkdir(parents=True)
+    pidfile = tmp_path / "side.pid"
+    serve = ("import http.server, os, sys; open(sys.argv[1], 'w').write(str(os.getpid())); "
+             "os.chdir(sys.argv[2]); http.server.test(HandlerClass=http.server.SimpleHTTPRequestHandler, "
+             "ServerClass=http.server.ThreadingHTTPServer, port=int(sys.argv[3]), bind='127.0.0.1')")
+    res = run_module(tmp_path, {"port": port, "timeout": 20, "side_command_timeout": 0.5,
+                                "side_command": [sys.executable, "-c", serve, str(pidfile), str(tmp_path / "www"),
+                                                 str(port)]})
+    assert res.get("failed") is not True and res["ready"] is True and res["status"] == 200, res
+    side = res["side_command"]
+    assert side["rc"] is None and side["stderr"].endswith("killed after 0.5 s past the wait"), side
+    pid = int(pidfile.read_text())
+    with pytest.raises(ProcessLookupError):
+        os.kill(pid, 0)  # killed and reaped by the module
+
+
+def test_side_command_result_and_failure_never_fails_the_module(tmp_path):
+    port = free_port()
+    srv = Server(port, 200)
+    try:
+        res = run_module(tmp_path, {"port": port, "timeout": 10,
+                                    "side_command": ["sh", "-c", "echo ' out '; echo err >&2; exit 3"]})
+    finally:
+        srv.close()
+    assert res.get("failed") is not True and res["ready"] is True and res["changed"] is False, res
+    assert res["side_command"] == {"rc": 3, "stdout": "out", "stderr": "err"}
+
+
+def test_side_command_that_cannot_start_is_reported_not_fatal(tmp_path):
+    port = free_port()
+    srv = Server(port, 200)
+    try:
+        res = run_module(tmp_path, {"port": port, "timeout": 10, "side_command": [str(tmp_path / "no-such-tool")]})
+    finally:
+        srv.close()
+    assert res.get("failed") is not True and res["ready"] is True, res
+    side = res["side_command"]
+    assert side["rc"] is None and side["stdout"] == ""
+    assert side["stderr"].startswith("cannot start %s:" % (tmp_path / "no-such-tool")), side
+
+
+def test_side_command_environment_and_stdin(tmp_path):
+    """Added variables reach it; stdin is /dev/null (a ``cat`` ends at once instead of waiting for input)."""
+    port = free_port()
+    srv = Server(port, 200)
+    try:
+        res = run_module(tmp_path, {"port": port, "timeout": 10, "side_command_timeout": 20,
+                                    "side_command": ["sh", "-c", 'cat; printf "%s|%s" "$HPC_SIDE" "$HPC_NUM"'],
+                                    "side_command_environment": {"HPC_SIDE": "a b", "HPC_NUM": 7}})
+    finally:
+        srv.close()
+    assert res["side_command"] == {"rc": 0, "stdout": "a b|7", "stderr": ""}, res
+
+
+def test_side_command_is_collected_when_the_wait_fails(tmp_path):
+    res = run_module(tmp_path, {"port": free_port(), "timeout": 0.5, "interval": 0.1,
+                                "side_command": ["sh", "-c", "sleep 0.2; echo done"]})
+    assert res["failed"] is True and res["ready"] is False
+    assert res["side_command"] == {"rc": 0, "stdout": "done", "stderr": ""}
+
+
+def test_side_command_not_run_in_check_mode_nor_without_one(tmp_path):
+    marker = tmp_path / "side-ran"
+    res = run_module(tmp_path, {"port": free_port(), "timeout": 5, "side_command": ["touch", str(marker)]},
+                     check=True)
+    assert res.get("failed") is not True and res["side_command"] == {}, res
+    assert not marker.exists()
+    port = free_port()
+    srv = Server(port, 200)
+    try:
+        res = run_module(tmp_path, {"port": port, "timeout": 10})
+    finally:
+        srv.close()
+    assert res["ready"] is True and res["side_command"] == {}
+
+
+def test_running_is_marked_before_the_side_command_is_collected(tmp_path):
+    """The side command waits until state.json says running: it can only see that if Running is not held back."""
+    _state.run_op("create", str(tmp_path), "s1", {"step": "starting"})
+    sdir = tmp_path / "s1"
+    (sdir / "service.json").write_text(json.dumps({"URL": "/me", "PORT": "2000", "JOB_STATUS": "Starting"}))
+    watch = ("i=0; while [ $i -lt 200 ]; do "
+             "grep -q '\"step\": *\"running\"' state.json && grep -q Running service.json "
+             "&& echo saw-running && exit 0; i=$((i+1)); sleep 0.05; done; echo never-saw-running; exit 1")
+    port = free_port()
+    srv = Server(port, 200)
+    try:
+        res = run_module(tmp_path, {"port": port, "timeout": 10, "dir": str(sdir), "mark_running": True,
+                                    "side_command": ["sh", "-c", "cd \"$SDIR\" && " + watch],
+                                    "side_command_environment": {"SDIR": str(sdir)}})
+    finally:
+        srv.close()
+    assert res["ready"] is True and res["marked_running"] is True, res
+    assert res["side_command"] == {"rc": 0, "stdout": "saw-running", "stderr": ""}, res

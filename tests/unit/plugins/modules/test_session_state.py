@@ -105,3 +105,84 @@ def test_default_root_uses_xdg_state_home(tmp_path):
     res = run_module(tmp_path, {"op": "create", "id": "s1"}, env={"XDG_STATE_HOME": str(tmp_path / "xdg")})
     assert res["dir"] == str(tmp_path / "xdg" / "isession" / "sessions" / "s1")
     assert (tmp_path / "xdg" / "isession" / "sessions" / "s1" / "state.json").is_file()
+
+
+# ----------------------------------------------------------------------------- watch
+WATCH = {"inventory": "/home/u/.config/isession/inventory.yml", "resource": "controller", "walltime": "60"}
+
+
+def test_watch_written_0600_with_create_and_only_changed_when_different(tmp_path):
+    base = {"id": "s1", "root": str(tmp_path)}
+    res = run_module(tmp_path, dict(base, op="create", service="nginx", watch=WATCH))
+    assert res["changed"] is True and not res.get("failed"), res
+    watch = tmp_path / "s1" / "watch.json"
+    assert json.loads(watch.read_text()) == WATCH and stat.S_IMODE(watch.stat().st_mode) == 0o600
+    assert watch.read_text() == json.dumps(WATCH, sort_keys=True) + "\n"
+    # same record, same watch (keys in another order): nothing to do
+    again = run_module(tmp_path, dict(base, op="create", service="nginx", watch=dict(reversed(list(WATCH.items())))))
+    assert again["changed"] is False, again
+    inode = watch.stat().st_ino
+    assert run_module(tmp_path, dict(base, watch=WATCH))["changed"] is False
+    assert watch.stat().st_ino == inode  # not even rewritten
+    # only the watch differs: changed, the record is untouched
+    state_before = (tmp_path / "s1" / "state.json").read_text()
+    res = run_module(tmp_path, dict(base, watch=dict(WATCH, walltime="120")))
+    assert res["changed"] is True and json.loads(watch.read_text())["walltime"] == "120"
+    assert (tmp_path / "s1" / "state.json").read_text() == state_before
+    assert stat.S_IMODE(watch.stat().st_mode) == 0o600
+
+
+def test_watch_with_update_and_other_changes(tmp_path):
+    base = {"id": "s1", "root": str(tmp_path)}
+    run_module(tmp_path, dict(base, op="create"))
+    assert not (tmp_path / "s1" / "watch.json").exists()  # no watch given, none written
+    res = run_module(tmp_path, dict(base, step="starting", watch=WATCH))
+    assert res["changed"] is True and res["record"]["step"] == "starting"
+    assert json.loads((tmp_path / "s1" / "watch.json").read_text()) == WATCH
+
+
+def test_watch_check_mode_predicts_and_writes_nothing(tmp_path):
+    base = {"id": "s1", "root": str(tmp_path / "r")}
+    res = run_module(tmp_path, dict(base, op="create", watch=WATCH), check=True)
+    assert res["changed"] is True and not (tmp_path / "r").exists()
+    run_module(tmp_path, dict(base, op="create", watch=WATCH))
+    watch = tmp_path / "r" / "s1" / "watch.json"
+    before = watch.read_text()
+    res = run_module(tmp_path, dict(base, watch=dict(WATCH, resource="compute")), check=True)
+    assert res["changed"] is True and watch.read_text() == before
+    assert run_module(tmp_path, dict(base, watch=WATCH), check=True)["changed"] is False
+
+
+@pytest.mark.parametrize("op", ["read", "cancel"])
+def test_watch_ignored_by_read_and_cancel(tmp_path, op):
+    base = {"id": "s1", "root": str(tmp_path)}
+    run_module(tmp_path, dict(base, op="create"))
+    res = run_module(tmp_path, dict(base, op=op, watch=WATCH))
+    assert not res.get("failed") and not (tmp_path / "s1" / "watch.json").exists(), res
+    assert res["changed"] is (op == "cancel")
+
+
+def test_watch_not_written_for_a_missing_session(tmp_path):
+    res = run_module(tmp_path, {"id": "gone", "root": str(tmp_path), "missing_ok": True, "step": "running",
+                                "watch": WATCH})
+    assert not res.get("failed") and res["changed"] is False and res["exists"] is False, res
+    assert not (tmp_path / "gone").exists()
+
+
+def test_watch_that_cannot_be_written_fails_naming_the_field(tmp_path):
+    base = {"id": "s1", "root": str(tmp_path)}
+    run_module(tmp_path, dict(base, op="create"))
+    (tmp_path / "s1" / "watch.json").mkdir()
+    res = run_module(tmp_path, dict(base, watch=WATCH))
+    assert res["failed"] is True and res["field"] == "watch" and "watch.json" in res["msg"], res
+
+
+def test_watch_json_as_a_symlink_is_never_written_through_and_does_not_crash(tmp_path):
+    base = {"id": "s1", "root": str(tmp_path)}
+    run_module(tmp_path, dict(base, op="create"))
+    elsewhere = tmp_path / "elsewhere.txt"
+    elsewhere.write_text("not yours\n")
+    (tmp_path / "s1" / "watch.json").symlink_to(elsewhere)
+    res = run_module(tmp_path, dict(base, watch=WATCH))  # a module answer (JSON), not a traceback
+    assert elsewhere.read_text() == "not yours\n"
+    assert not res.get("failed") or res.get("field") == "watch", res
