@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import socket
 import subprocess
@@ -161,6 +162,9 @@ def isession_round(bed: bl.Bed, cli: bl.Cli, sid: str) -> Dict[str, Any]:
     return out
 
 
+CANCEL_RUN_RE = re.compile(r"isession\S* cancel |playbooks/cancel\.yml|artifacts/cancel-")
+
+
 def leftovers(bed: bl.Bed, cli: bl.Cli, sid: str, rec: Dict[str, Any]) -> List[str]:
     """What is still there of session ``sid`` (empty list: nothing)."""
     left = []
@@ -171,7 +175,9 @@ def leftovers(bed: bl.Bed, cli: bl.Cli, sid: str, rec: Dict[str, Any]) -> List[s
         left.append(f"listener on workspace:{rec['port']}")
     if rec.get("node") in bed.hosts and rec.get("node_port") and rec["node_port"] in bl.listeners(bed, rec["node"]):
         left.append(f"listener on {rec['node']}:{rec['node_port']}")
-    procs = bl.session_pids(bl.proc_table(), sid)
+    table = bl.proc_table()
+    # the cancel itself (the CLI, its ansible-playbook and workers) names the session too; it is not a leftover
+    procs = [pid for pid in bl.session_pids(table, sid) if not CANCEL_RUN_RE.search(table[pid]["cmd"])]
     if procs:
         left.append(f"processes {procs}")
     for f in PORTS_DIR.glob("port-*") if PORTS_DIR.is_dir() else []:
@@ -251,6 +257,43 @@ def part_start(bed: bl.Bed, tmp: Path, inventory: Path, *, runs: int, warmup: in
     return {"rounds": rounds, "summary": summarize_start([r for r in rounds if not r["warmup"]])}
 
 
+def part_cancel(bed: bl.Bed, tmp: Path, inventory: Path, *, runs: int, targets: List[str], tag: str
+                ) -> Dict[str, Any]:
+    """Cancel alone, per target, on nginx (it stops at once: what is left to wait for is isession's own work)."""
+    cli = bl.Cli(bed, tmp, "sessions-cancel", inventory)
+    out: Dict[str, Any] = {}
+    try:
+        for target in targets:
+            rounds = []
+            for i in range(runs + 1):  # the first round is a warm-up
+                sid = f"bench-cx-{target}-{tag}-{i}"
+                where = ["--target", target] + (["--resource", "controller"] if target != "workspace" else [])
+                run = cli.timed("start", "nginx", *where, "--id", sid, "--json", timeout=600)
+                service, state = cli.read(sid, "service.json"), cli.read(sid, "state.json")
+                if run["rc"] != 0 or service.get("JOB_STATUS") != "Running":
+                    rounds.append({"error": (run["stdout"] + run["stderr"])[-2000:]})
+                    continue
+                rec: Dict[str, Any] = {"port": int(service.get("PORT") or 0)}
+                try:
+                    agent = json.loads((Path(state.get("remote_dir") or "/nonexistent") / "agent.json").read_text())
+                    rec.update(node=agent.get("host"), node_port=agent.get("node_port"))
+                except (OSError, ValueError):
+                    pass
+                rnd = cancel_round(bed, cli, sid, rec)
+                rnd["warmup"] = i == 0
+                print(f"cancel {target} round {i}: CLI {rnd['cli_seconds']}s nothing left "
+                      f"{rnd.get('nothing_left_s')}s", flush=True)
+                rounds.append(rnd)
+            ok = [r for r in rounds if not r.get("warmup") and "nothing_left_s" in r]
+            out[target] = {"rounds": rounds,
+                           "cli_s": bl.stats(r["cli_seconds"] for r in ok),
+                           "nothing_left_s": bl.stats(r["nothing_left_s"] for r in ok),
+                           "leftovers": [r["left"] for r in rounds if r.get("left")]}
+    finally:
+        cli.stop_watcher()
+    return out
+
+
 def summarize_start(rounds: List[Dict[str, Any]]) -> Dict[str, Any]:
     ok = [r for r in rounds if "ratio" in r]
     bare = [r["bare"]["seconds"] for r in ok]
@@ -311,6 +354,13 @@ def table(results: Dict[str, Any]) -> str:
         lines += ["", "isession cancel, each step's share:"]
         lines += [f"  {r['step'][:62]:62} {r['median_s']:6.2f}s {100 * r['share']:5.1f}%" for r in st["cancel_steps"]]
         lines += ["", f"module run time inside the start play: {bl.fmt_stats(st['module_seconds'])}"]
+    cancel = results.get("cancel")
+    if cancel:
+        lines += ["", "cancel of an nginx session (median (min-max, n)):"]
+        for target, c in cancel.items():
+            left = f"  LEFTOVERS {c['leftovers']}" if c["leftovers"] else ""
+            lines += [f"  {target:10} CLI {bl.fmt_stats(c['cli_s']):30} nothing left "
+                      f"{bl.fmt_stats(c['nothing_left_s']):30} target <= {t['cancel_s']}s{left}"]
     many = results.get("many", {}).get("summary")
     if many:
         lines += ["", many_sessions.table(many, t)]
@@ -319,7 +369,9 @@ def table(results: Dict[str, Any]) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--parts", default="start,many", help="comma list of: start, many")
+    ap.add_argument("--parts", default="start,cancel,many", help="comma list of: start, cancel, many")
+    ap.add_argument("--cancel-targets", default="workspace,controller,compute",
+                    help="targets of the cancel part (nginx sessions; default workspace,controller,compute)")
     ap.add_argument("--runs", type=int, default=5, help="measured rounds of the start part (default 5)")
     ap.add_argument("--warmup", type=int, default=1, help="unmeasured rounds first (cold caches; default 1)")
     ap.add_argument("--sessions", type=int, default=50, help="sessions of the many part (default 50)")
@@ -347,6 +399,9 @@ def main() -> int:
                                         "targets": TARGETS, "hostname": socket.gethostname()}}
     if "start" in parts:
         results["start"] = part_start(bed, tmp, inventory, runs=args.runs, warmup=args.warmup, tag=tag)
+    if "cancel" in parts:
+        results["cancel"] = part_cancel(bed, tmp, inventory, runs=args.runs,
+                                        targets=[x for x in args.cancel_targets.split(",") if x], tag=tag)
     if "many" in parts:
         results["many"] = many_sessions.run(bed, tmp, inventory, n=args.sessions, parallel=args.parallel,
                                             target=args.many_target, idle=args.idle, tag=tag)
