@@ -34,6 +34,7 @@ import stat
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
+from ansible_collections.hpc.interactive.plugins.module_utils._schedulers.local import stat_fields
 from ansible_collections.hpc.interactive.plugins.module_utils._service_file import locked, write_atomic
 
 SCHEMA = 1
@@ -432,14 +433,8 @@ def agent_error(directory: Optional[str]) -> Optional[str]:
 
 
 def process_alive(pid: int, proc_root: str = "/proc") -> bool:
-    """True while ``pid`` exists and is not a zombie."""
-    try:
-        with open(os.path.join(proc_root, str(pid), "stat"), encoding="utf-8", errors="replace") as handle:
-            data = handle.read()
-    except OSError:
-        return False
-    fields = data[data.rfind(")") + 2:].split()
-    return bool(fields) and fields[0] not in ("Z", "X")
+    """True while ``pid`` exists and is not a zombie (read the way the local scheduler backend reads it)."""
+    return stat_fields(str(pid), proc_root) is not None
 
 
 def wait_ready(fetch: Callable[[], Tuple[Optional[int], str]], timeout: float, *, interval: float = 0.2,

@@ -15,6 +15,18 @@ from typing import Dict, List, Optional
 
 WS_USER = "wsuser"
 PORTS_DIR = Path("/tmp/isession-ports")
+# a service role's install entry point, run as root on the workspace (format with service=...)
+INSTALL_PLAY = """- name: Install {service}
+  hosts: localhost
+  gather_facts: false
+  vars:
+    ansible_python_interpreter: /usr/bin/python3
+  tasks:
+    - name: Run the install entry point
+      ansible.builtin.include_role:
+        name: hpc.interactive.{service}
+        tasks_from: install
+"""
 
 
 def run_playbook(bed, fqcn: str, extra_vars: dict, inventory=None, timeout: float = 600):

@@ -21,22 +21,12 @@ import time
 from pathlib import Path
 
 import pytest
+from sessions_common import INSTALL_PLAY
 
 pytestmark = pytest.mark.bed
 
 REPO = Path(__file__).resolve().parents[2]
 APPS = "/opt/hpc-interactive/apps"
-PLAY = """- name: Install {service}
-  hosts: localhost
-  gather_facts: false
-  vars:
-    ansible_python_interpreter: /usr/bin/python3
-  tasks:
-    - name: Run the install entry point
-      ansible.builtin.include_role:
-        name: hpc.interactive.{service}
-        tasks_from: install
-"""
 # service -> (command run as a cluster user on compute1, what its output starts with)
 VERSION = {
     "jupyterlab": ([f"{APPS}/jupyterlab/bin/jupyter-lab", "--version"], "4."),
@@ -47,7 +37,7 @@ VERSION = {
 
 
 def _install(bed, service, check=False):
-    res = bed.playbook_json(PLAY.format(service=service), user="root", check=check, timeout=1800)
+    res = bed.playbook_json(INSTALL_PLAY.format(service=service), user="root", check=check, timeout=1800)
     assert res.rc == 0, f"install of {service} failed:\n{res.stdout[-4000:]}\n{res.stderr[-2000:]}"
     return res
 

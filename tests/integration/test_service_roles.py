@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
+from sessions_common import INSTALL_PLAY
 
 pytestmark = pytest.mark.bed
 
@@ -36,17 +37,6 @@ EXECUTABLE_VAR = {
     "notebook": "notebook_executable",
     "code_server": "code_server_executable",
 }
-INSTALL_PLAY = """- name: Install {service}
-  hosts: localhost
-  gather_facts: false
-  vars:
-    ansible_python_interpreter: /usr/bin/python3
-  tasks:
-    - name: Run the install entry point
-      ansible.builtin.include_role:
-        name: hpc.interactive.{service}
-        tasks_from: install
-"""
 SPEC_PLAY = """- name: Describe {service}
   hosts: localhost
   gather_facts: false

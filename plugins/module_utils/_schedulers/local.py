@@ -38,7 +38,7 @@ def default_state_dir() -> str:
     return os.path.join(base, "hpc-interactive", "local-jobs")
 
 
-def _stat_fields(pid: str, proc_root: str = "/proc") -> Optional[List[str]]:
+def stat_fields(pid: str, proc_root: str = "/proc") -> Optional[List[str]]:
     """``/proc/PID/stat`` after the command name (state, ppid, pgrp, ...), or None when gone or a zombie."""
     try:
         with open(os.path.join(proc_root, str(pid), "stat"), encoding="utf-8", errors="replace") as handle:
@@ -53,7 +53,7 @@ def _stat_fields(pid: str, proc_root: str = "/proc") -> Optional[List[str]]:
 
 def proc_start_time(pid: str, proc_root: str = "/proc") -> Optional[str]:
     """Field 22 of ``/proc/PID/stat`` (start time in clock ticks), or None when the pid is gone."""
-    fields = _stat_fields(pid, proc_root)
+    fields = stat_fields(pid, proc_root)
     return None if fields is None else fields[19]
 
 
@@ -66,7 +66,7 @@ def group_members(pgid: int, proc_root: str = "/proc") -> List[int]:
         return members
     for entry in entries:
         if entry.isdigit():
-            fields = _stat_fields(entry, proc_root)
+            fields = stat_fields(entry, proc_root)
             if fields is not None and fields[2] == str(pgid):
                 members.append(int(entry))
     return sorted(members)
