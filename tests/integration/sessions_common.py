@@ -29,6 +29,22 @@ INSTALL_PLAY = """- name: Install {service}
 """
 
 
+def cluster_inventory(bed, scheduler: str = "slurm", via: str = "direct", user: str = WS_USER) -> Path:
+    """The bed inventory with the controller described as a resource (``scheduler``; jobs reach the workspace
+    ``via`` direct or the controller), written for ``user``."""
+    text = bed.inventory_path.read_text()
+    line = f"controller ansible_host={bed.ip('controller')} ansible_user=cluser"
+    assert line in text, f"bed inventory changed shape: {text}"
+    text = text.replace(line, f"{line} isession_scheduler={scheduler} isession_workspace_address={bed.ip('workspace')} "
+                              f"isession_workspace_user={WS_USER} isession_tunnel_via={via}")
+    return bed.write_user_file(user, bed.user_tmpdir(user) / "inventory.ini", text, mode=0o644)
+
+
+def queue(bed, name: str) -> str:
+    """The Slurm queue's lines (``id state reason``) of the jobs named ``name``."""
+    return bed.slurm(["squeue", "-h", "-n", name, "-o", "%i %T %R"]).stdout.strip()
+
+
 def run_playbook(bed, fqcn: str, extra_vars: dict, inventory=None, timeout: float = 600):
     text = f"---\n- name: Run {fqcn}\n  ansible.builtin.import_playbook: {fqcn}\n"
     return bed.playbook_json(text, user=WS_USER, extra_vars=extra_vars, inventory=inventory, timeout=timeout)

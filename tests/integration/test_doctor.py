@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli_support import Cli  # noqa: E402
-from test_sessions_compute import cluster_inventory  # noqa: E402
+from sessions_common import cluster_inventory  # noqa: E402
 
 pytestmark = pytest.mark.bed
 

@@ -30,7 +30,7 @@ from sessions_common import (  # noqa: E402
     run_playbook,
     wait_until,
 )
-from test_sessions_compute import cluster_inventory, queue  # noqa: E402
+from sessions_common import cluster_inventory, queue  # noqa: E402
 from test_sessions_services import APPS as JUPYTER_APPS  # noqa: E402
 from test_sessions_services import PAGE_MARK as JUPYTER_PAGE_MARK  # noqa: E402
 

@@ -35,7 +35,7 @@ from sessions_common import (  # noqa: E402
     session_processes,
     wait_until,
 )
-from test_sessions_compute import cluster_inventory, queue  # noqa: E402
+from sessions_common import cluster_inventory, queue  # noqa: E402
 
 pytestmark = pytest.mark.bed
 CLUSTER_USER = "cluser"

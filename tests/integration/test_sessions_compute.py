@@ -18,9 +18,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sessions_common import (  # noqa: E402
     WS_USER,
     assert_no_secret_in_argv,
+    cluster_inventory,
     failure_text,
     http_get,
     listening,
+    queue,
     read_json,
     reservations,
     run_playbook,
@@ -30,19 +32,6 @@ from sessions_common import (  # noqa: E402
 
 pytestmark = pytest.mark.bed
 CLUSTER_USER = "cluser"
-
-
-def cluster_inventory(bed, scheduler: str, via: str = "direct") -> Path:
-    text = bed.inventory_path.read_text().replace(
-        "controller ansible_host=10.199.77.20 ansible_user=cluser",
-        f"controller ansible_host=10.199.77.20 ansible_user=cluser isession_scheduler={scheduler} "
-        f"isession_workspace_address=10.199.77.10 isession_workspace_user=wsuser isession_tunnel_via={via}")
-    assert "isession_workspace_address" in text, "bed inventory changed shape"
-    return bed.write_user_file(WS_USER, bed.user_tmpdir(WS_USER) / "inventory.ini", text, mode=0o644)
-
-
-def queue(bed, name: str) -> str:
-    return bed.slurm(["squeue", "-h", "-n", name, "-o", "%i %T %R"]).stdout.strip()
 
 
 @pytest.fixture

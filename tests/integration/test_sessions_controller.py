@@ -13,6 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from sessions_common import (  # noqa: E402
     WS_USER,
     assert_no_secret_in_argv,
+    cluster_inventory,
     failure_text,
     http_get,
     listening,
@@ -24,16 +25,6 @@ from sessions_common import (  # noqa: E402
 )
 
 pytestmark = pytest.mark.bed
-
-
-def cluster_inventory(bed, user: str = WS_USER) -> Path:
-    """The bed inventory plus the per-resource host vars the session role reads."""
-    text = bed.inventory_path.read_text().replace(
-        "controller ansible_host=10.199.77.20 ansible_user=cluser",
-        "controller ansible_host=10.199.77.20 ansible_user=cluser isession_scheduler=slurm "
-        "isession_workspace_address=10.199.77.10 isession_workspace_user=wsuser isession_tunnel_via=direct")
-    assert "isession_workspace_address" in text, "bed inventory changed shape"
-    return bed.write_user_file(user, bed.user_tmpdir(user) / "inventory.ini", text, mode=0o644)
 
 
 @pytest.fixture

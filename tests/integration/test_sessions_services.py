@@ -22,7 +22,7 @@ from sessions_common import (  # noqa: E402
     session_processes,
     wait_until,
 )
-from test_sessions_compute import cluster_inventory  # noqa: E402
+from sessions_common import cluster_inventory  # noqa: E402
 
 pytestmark = pytest.mark.bed
 APPS = {"jupyterlab": "/opt/hpc-interactive/apps/jupyterlab/bin/jupyter-lab",

@@ -33,6 +33,7 @@ from cli_support import Cli  # noqa: E402
 from ansible_collections.hpc.interactive.plugins.module_utils import _service_file, _state  # noqa: E402
 from sessions_common import (  # noqa: E402
     WS_USER,
+    cluster_inventory,
     failure_text,
     http_get,
     read_json,
@@ -52,15 +53,6 @@ NODE = "compute1"  # the node-loss test pins its session here (debug partition: 
 
 
 # ---------------------------------------------------------------------------- helpers
-def cluster_inventory(bed) -> Path:
-    """The bed inventory with the controller described as a Slurm resource (jobs reach the workspace directly)."""
-    text = bed.inventory_path.read_text()
-    line = f"controller ansible_host={bed.ip('controller')} ansible_user={CLUSTER_USER}"
-    assert line in text, f"bed inventory changed shape: {text}"
-    text = text.replace(line, f"{line} isession_scheduler=slurm isession_workspace_address={bed.ip('workspace')} "
-                              f"isession_workspace_user={WS_USER} isession_tunnel_via=direct")
-    return bed.write_user_file(WS_USER, bed.user_tmpdir(WS_USER) / "inventory.ini", text, mode=0o644)
-
 
 def new_id(kind: str) -> str:
     return f"wte2e-{kind}-{time.strftime('%H%M%S')}-{secrets.token_hex(2)}"
