@@ -170,11 +170,33 @@ def ensure_watcher(root: Path, inventory: Optional[Path]) -> None:
                    env={**os.environ, "ISESSION_ROOT": str(root)})
 
 
+def request_fast_cancel(root: Path, session_id: str) -> bool:
+    """Set the cancel tombstone now and wake the user's watcher, which cancels the job over the connection it holds.
+
+    The tombstone is the cancel playbook's first step (``session_state`` op cancel, the same ``_state`` call), done
+    here ~1 s earlier than ansible-playbook could; the playbook then does and confirms every step as always. True
+    when a running watcher was woken. Any trouble here only means the playbook does all the work.
+    """
+    from . import mu  # noqa: PLC0415
+    from .watcher import running_pid  # noqa: PLC0415
+
+    try:
+        mu.load("_state").run_op("cancel", str(root), session_id, {})
+        pid = running_pid(root)
+        if pid and pid > 0:
+            os.kill(pid, signal.SIGUSR1)
+            return True
+    except (OSError, ValueError):
+        pass
+    return False
+
+
 def run_cancel(root: Path, session_id: str, inventory: Optional[Path], emit: Callable[[str], None]) -> int:
     from .play import run_playbook, stop_runs_in_progress  # noqa: PLC0415
 
     col = find_collection()
     session_dir = root / session_id
+    request_fast_cancel(root, session_id)
     stopped = stop_runs_in_progress(session_dir)
     if stopped:
         emit(f"  stopped the start in progress (pids {', '.join(map(str, stopped))})")
@@ -375,8 +397,9 @@ def cmd_watch(args: argparse.Namespace) -> int:
         print(f"{time.strftime('%Y-%m-%dT%H:%M:%S')} {msg}", flush=True)
 
     watch = w.Watcher(root, inventory, log=log, interval=args.interval, idle_exit=args.idle_exit)
-    signal.signal(signal.SIGTERM, lambda *_: watch.stop.set())
-    signal.signal(signal.SIGINT, lambda *_: watch.stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: watch.shutdown())
+    signal.signal(signal.SIGINT, lambda *_: watch.shutdown())
+    signal.signal(signal.SIGUSR1, lambda *_: watch.nudge())  # `isession cancel` asks for a tick now
     if args.once:
         watch.tick()
         watch.close()

@@ -12,7 +12,11 @@ secret is involved, the argv is constant.
 
 Requests: ``{"op": "query", "scheduler": S, "job_ids": [...], "timeout": T, "state_dir": D?}`` ->
 ``{"jobs": {id: JobInfo dict}, "reachable": bool, "error": str}``;
-``{"op": "tail", "dir": D, "lines": N}`` -> ``{"files": {name: text}}`` (log files only, never the secret).
+``{"op": "tail", "dir": D, "lines": N}`` -> ``{"files": {name: text}}`` (log files only, never the secret);
+``{"op": "cancel", "scheduler": S, "job_id": J, "state_dir": D?, "tunnel": {"state_dir": T, "name": N}?,
+"owner": O?}`` -> ``{"cancelled": bool, "tunnel_stopped": bool, "released": [ports], "error": str}``: what the cancel
+playbook's remote tasks do (``scheduler_submit`` absent, ``reverse_tunnel`` absent, ``free_port`` absent), through
+the same module_utils calls, for the watcher to honour a cancel request at once (watcher.py, "fast cancel").
 """
 from __future__ import annotations
 
@@ -28,7 +32,7 @@ from typing import Any, Dict, List, Mapping, Optional
 
 PKG = "ansible_collections.hpc.interactive.plugins.module_utils"
 SHIPPED = ("_cmd", "_schedulers/__init__", "_schedulers/_base", "_schedulers/_hostlist", "_schedulers/local",
-           "_schedulers/pbs", "_schedulers/sge", "_schedulers/slurm", "_schedulers/_runtime")
+           "_schedulers/pbs", "_schedulers/sge", "_schedulers/slurm", "_schedulers/_runtime", "_ports", "_tunnel")
 
 # Runs on the controller: an in-memory importer for the shipped sources, then SERVER.
 BOOT = r"""
@@ -56,6 +60,31 @@ from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._runtime import make_runner
 runner = make_runner(shutil.which)
 LOGS = (".log", ".out", ".err", ".error")
+def expand(d):
+    return os.path.expanduser(d) if d else None
+def cancel(req):
+    # the cancel playbook's remote steps, in its order: the job (or the detached agent), the tunnel, the ports
+    b = get_backend(req["scheduler"], state_dir=expand(req.get("state_dir")))
+    job = str(req["job_id"])
+    ans = {"cancelled": False, "tunnel_stopped": False, "released": [], "error": ""}
+    info = b.query(runner, job_ids=[job], timeout=float(req.get("timeout", 5))).jobs.get(job)
+    if info is not None and info.alive:
+        if req["scheduler"] == "local":
+            ans["cancelled"] = bool(b.cancel(job_id=job))
+        else:
+            out = b.cancel(runner, job, timeout=float(req.get("timeout", 5)))
+            ans["cancelled"] = out.ok
+            if not out.ok:
+                ans["error"] = "cancel of job %s failed: %s" % (job, (out.stderr or out.stdout).strip())
+    tunnel = req.get("tunnel")
+    if tunnel:
+        from ansible_collections.hpc.interactive.plugins.module_utils import _tunnel
+        ans["tunnel_stopped"] = _tunnel.stop_tunnel(expand(tunnel["state_dir"]), tunnel["name"])
+    if req.get("owner"):
+        from ansible_collections.hpc.interactive.plugins.module_utils import _ports
+        rdir = _ports.ReservationDir()
+        ans["released"] = rdir.release(req["owner"]) if rdir.exists() else []
+    return ans
 def tail(d, lines):
     d = os.path.expanduser(d)
     out = {}
@@ -72,6 +101,8 @@ for line in sys.stdin.buffer:
         req = json.loads(line)
         if req.get("op") == "tail":
             ans = tail(req["dir"], int(req.get("lines", 200)))
+        elif req.get("op") == "cancel":
+            ans = cancel(req)
         else:
             sd = req.get("state_dir")
             b = get_backend(req["scheduler"], state_dir=os.path.expanduser(sd) if sd else None)

@@ -5,6 +5,13 @@ it groups live sessions by resource, asks each resource ONCE per tick for all of
 ``remote.py`` for why over one persistent ssh session), writes service.json (``_service_file``)
 and state.json (``_state``), and when a session ends tears down what is left on the workspace
 (the tunnel's listening end, the port reservations).
+
+Fast cancel: a live session whose record carries the cancel tombstone is cancelled by the watcher at once, over the
+connection it already holds (the job or detached agent, the controller-side tunnel and node ports: the cancel
+playbook's remote steps, through the same module_utils calls), and polled every ``CANCEL_INTERVAL`` s until the
+scheduler confirms the end. ``isession cancel`` sets the tombstone and wakes the watcher (SIGUSR1) before it runs
+the cancel playbook, which then confirms every step; so the resources go while ansible-playbook is still starting
+(docs/design/sessions.md, "Fast cancel").
 """
 from __future__ import annotations
 
@@ -25,6 +32,8 @@ from .remote import RemoteError, RemoteServer, inventory_conn
 
 CONFIRM_ABSENT = 3
 QUERY_TIMEOUT = 5.0
+CANCEL_INTERVAL = 0.1  # poll period while a cancel is under way ...
+CANCEL_FAST_FOR = 30.0  # ... for at most this long after the watcher sent it
 PIDFILE = ".watcher.pid"
 WATCHFILE = "watch.json"  # written by the start play (roles/session/tasks/watcher.yml)
 LOGFILE = ".watcher.log"
@@ -227,6 +236,9 @@ class Watcher:
         self.busy: Dict[Tuple[str, str], Future] = {}
         self.pool = ThreadPoolExecutor(max_workers=8, thread_name_prefix="isession-watch")
         self.stop = threading.Event()
+        self.wake = threading.Event()  # set by nudge(): tick now (a cancel was requested)
+        self.cancel_sent: Dict[str, float] = {}  # session -> when the watcher sent its cancel
+        self.cancelling = False  # a live session carries the tombstone: poll fast
         self._lock = threading.Lock()
         self.st = mu.load("_state")
         self.sf = mu.load("_service_file")
@@ -295,15 +307,60 @@ class Watcher:
                                                         timeout=self.query_timeout)
             return {"jobs": {k: v.as_dict() for k, v in res.jobs.items()}, "reachable": res.reachable,
                     "error": res.error}
-        server = self.servers.get(resource)
-        if server is None:
-            conn = inventory_conn(inventory, resource)
-            mu_dir = Path(mu.load("_cmd").__file__).parent
-            server = self.servers[resource] = RemoteServer(conn, mu_dir)
         req = {"op": "query", "scheduler": scheduler, "job_ids": job_ids, "timeout": self.query_timeout}
-        return server.ask(req, self.query_timeout + 3)
+        return self.server_for(resource, inventory).ask(req, self.query_timeout + 3)
+
+    def server_for(self, resource: str, inventory: Optional[Path]) -> RemoteServer:
+        """The one persistent server of ``resource`` (made on first use)."""
+        with self._lock:
+            server = self.servers.get(resource)
+            if server is None:
+                conn = inventory_conn(inventory, resource)
+                mu_dir = Path(mu.load("_cmd").__file__).parent
+                server = self.servers[resource] = RemoteServer(conn, mu_dir)
+            return server
+
+    def cancel_request(self, key: Tuple[str, str], sid: str, rec: Mapping[str, Any]) -> Dict[str, Any]:
+        """What the watcher asks the resource to do for a session with the tombstone (``remote.py``, op cancel)."""
+        req: Dict[str, Any] = {"op": "cancel", "scheduler": key[1], "job_id": str(rec["job_id"]),
+                               "timeout": self.query_timeout}
+        if key[0] and rec.get("target") == "controller":
+            req["owner"] = sid  # the node port free_port reserved on the controller
+            if rec.get("remote_dir"):
+                req["tunnel"] = {"state_dir": f"{rec['remote_dir']}/tunnel", "name": f"isession-{sid}"}
+        return req
+
+    def send_cancel(self, key: Tuple[str, str], sid: str, rec: Mapping[str, Any]) -> None:
+        """Cancel one session's job now (once); the cancel playbook confirms it whatever happens here."""
+        with self._lock:
+            if sid in self.cancel_sent:
+                return
+            self.cancel_sent[sid] = time.monotonic()
+        req = self.cancel_request(key, sid, rec)
+        started = time.monotonic()
+        try:
+            if not key[0]:  # the workspace: a detached local agent, signalled from here (no-op once it ended)
+                answer = {"cancelled": bool(mu.load("_schedulers").get_backend("local").cancel(job_id=req["job_id"]))}
+            else:
+                answer = self.server_for(key[0], self.inventory_for(sid)).ask(req, self.query_timeout + 3)
+        except (RemoteError, LookupError, OSError, ValueError) as exc:
+            answer = {"error": str(exc)}
+        took = time.monotonic() - started
+        if answer.get("error"):
+            self.log(f"{sid}: cancel request not carried out ({answer['error']}); the cancel playbook does it "
+                     f"({took:.2f}s)")
+        else:
+            done = [what for what, flag in (("job " + req["job_id"], answer.get("cancelled")),
+                                            ("tunnel", answer.get("tunnel_stopped")),
+                                            (f"node ports {answer.get('released')}", answer.get("released")))
+                    if flag]
+            self.log(f"{sid}: cancel requested: stopped {', '.join(done) or 'nothing (already ended)'} "
+                     f"({took:.2f}s)")
 
     def poll_group(self, key: Tuple[str, str], sessions: Dict[str, Dict[str, Any]]) -> None:
+        for sid, rec in sessions.items():
+            if rec.get("cancel_requested") and sid not in self.cancel_sent:
+                self.send_cancel(key, sid, rec)
         ids = sorted({str(r["job_id"]) for r in sessions.values()})
         started = time.monotonic()
         try:
@@ -355,6 +412,7 @@ class Watcher:
         self.log(f"{sid}: {current or '-'} -> {d.status}" + (f" ({d.message})" if d.message else ""))
         if d.terminal:
             self.absent.pop(sid, None)
+            self.cancel_sent.pop(sid, None)
             teardown_workspace(rec, sid, self.log, self.reservation_dir)
 
     def tick(self) -> int:
@@ -363,6 +421,9 @@ class Watcher:
         groups: Dict[Tuple[str, str], Dict[str, Dict[str, Any]]] = {}
         for sid, rec in live.items():
             groups.setdefault(group_key(rec), {})[sid] = rec
+        now = time.monotonic()  # poll fast for a while after a cancel was sent, not forever if it never ends
+        self.cancelling = any(rec.get("cancel_requested") and now - self.cancel_sent.get(sid, now) < CANCEL_FAST_FOR
+                              for sid, rec in live.items())
         for key, sessions in groups.items():
             fut = self.busy.get(key)
             if fut is not None and not fut.done():
@@ -385,8 +446,18 @@ class Watcher:
             elif self.idle_exit and started - idle_since > self.idle_exit:
                 self.log(f"no live session for {self.idle_exit:.0f} s: exiting")
                 break
-            self.stop.wait(max(0.0, self.interval - (time.monotonic() - started)))
+            interval = min(self.interval, CANCEL_INTERVAL) if self.cancelling else self.interval
+            self.wake.wait(max(0.0, interval - (time.monotonic() - started)))
+            self.wake.clear()
         self.close()
+
+    def nudge(self) -> None:
+        """Tick now instead of at the end of the interval (``isession cancel`` sends SIGUSR1)."""
+        self.wake.set()
+
+    def shutdown(self) -> None:
+        self.stop.set()
+        self.wake.set()
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)

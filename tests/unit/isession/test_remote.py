@@ -16,6 +16,9 @@ import pytest
 
 from isession.remote import RemoteError, RemoteServer, control_dir, payload, ssh_argv
 
+from ansible_collections.hpc.interactive.plugins.module_utils import _ports
+from ansible_collections.hpc.interactive.plugins.module_utils._schedulers.local import Local, group_members
+
 REPO = Path(__file__).resolve().parents[3]
 MU = REPO / "plugins" / "module_utils"
 SQUEUE_JSON = REPO / "tests" / "unit" / "fixtures" / "schedulers" / "slurm" / "squeue_22.05_mixed.json"
@@ -138,12 +141,81 @@ def test_tail_shows_logs_and_never_the_secret(tmp_path):
     assert files == {"job.out": "line2\nline3", "server.log": "started"}
 
 
-def test_payload_ships_only_the_scheduler_code():
+def test_payload_ships_the_scheduler_tunnel_and_port_code_only():
     head, body = payload(MU).split(b"\n", 1)
     assert int(head) == len(body)
     names = {n.rsplit(".", 1)[-1] for n in json.loads(body)}
-    assert {"slurm", "pbs", "sge", "local", "_cmd", "_base"} <= names
-    assert not names & {"_service_file", "_state", "_ports", "_tunnel"}
+    assert {"slurm", "pbs", "sge", "local", "_cmd", "_base", "_ports", "_tunnel"} <= names
+    assert not names & {"_service_file", "_state", "_directives"}
+
+
+def local_job(state_dir: Path, workdir: Path, name: str) -> str:
+    """A real detached local job (the controller target's agent) that ignores nothing and sleeps."""
+    script_path = workdir / "agent.sh"
+    script_path.write_text("#!/bin/sh\nsleep 300 &\nwait\n")
+    script_path.chmod(0o700)
+    return Local(state_dir=str(state_dir)).submit(str(script_path), name, "root")
+
+
+def group_alive(pgid: str) -> bool:
+    """Whether a process of the group still runs (zombies not counted: this test process may be their parent)."""
+    return bool(group_members(int(pgid)))
+
+
+def test_cancel_stops_a_local_job_and_releases_the_owners_ports(tmp_path):
+    state_dir = tmp_path / "jobs"
+    job = local_job(state_dir, tmp_path, "isession-unit-cancel")
+    owner = f"unit-cancel-{os.getpid()}"
+    rdir = _ports.ReservationDir()
+    rdir.ensure()
+    ports, _ = rdir.reserve(owner, 1, _ports.build_candidates())
+    srv = server(tmp_path)
+    try:
+        assert group_alive(job)
+        req = {"op": "cancel", "scheduler": "local", "job_id": job, "state_dir": str(state_dir), "owner": owner,
+               "tunnel": {"state_dir": str(tmp_path / "tunnel"), "name": "isession-unit"}}
+        ans = srv.ask(req, 30)
+        assert ans == {"cancelled": True, "tunnel_stopped": False, "released": ports, "error": ""}
+        assert not group_alive(job)
+        assert rdir.release(owner) == []  # nothing of the owner is left
+        # twice: nothing to do, no error
+        assert srv.ask(req, 30) == {"cancelled": False, "tunnel_stopped": False, "released": [], "error": ""}
+    finally:
+        srv.close()
+        rdir.release(owner)
+        if group_alive(job):
+            os.killpg(int(job), 9)
+
+
+def test_cancel_runs_scancel_for_a_listed_job_only(tmp_path, fake_bin):
+    calls = tmp_path / "calls"
+    script(fake_bin / "squeue", f'cat "{SQUEUE_JSON}"\n')
+    script(fake_bin / "scancel", f'echo "$@" >> "{calls}"\n')
+    alive = "1"  # RUNNING in the recorded answer (2, 3 PENDING; 4 FAILED, 5 COMPLETED)
+    srv = server(tmp_path)
+    try:
+        ans = srv.ask({"op": "cancel", "scheduler": "slurm", "job_id": alive}, 10)
+        assert ans["cancelled"] is True and ans["error"] == ""
+        assert calls.read_text().split() == [alive]
+        ans = srv.ask({"op": "cancel", "scheduler": "slurm", "job_id": "999999"}, 10)  # not listed: not cancelled
+        assert ans["cancelled"] is False
+        assert calls.read_text().split() == [alive]
+    finally:
+        srv.close()
+
+
+def test_cancel_refused_by_the_scheduler_says_so(tmp_path, fake_bin):
+    script(fake_bin / "squeue", f'cat "{SQUEUE_JSON}"\n')
+    script(fake_bin / "scancel", 'echo "scancel: error: Kill job error on job id 1: Access/permission denied" >&2\n'
+                                 'exit 1\n')
+    alive = "1"  # RUNNING in the recorded answer (2, 3 PENDING; 4 FAILED, 5 COMPLETED)
+    srv = server(tmp_path)
+    try:
+        ans = srv.ask({"op": "cancel", "scheduler": "slurm", "job_id": alive}, 10)
+    finally:
+        srv.close()
+    assert ans["cancelled"] is False
+    assert "Access/permission denied" in ans["error"] and alive in ans["error"]
 
 
 def test_ssh_argv_reuses_a_master_connection(tmp_path):

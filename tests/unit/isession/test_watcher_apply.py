@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -132,6 +133,127 @@ def test_cancel_that_already_ended_the_session_wins(tmp_path):
     watch.apply("a", stale, {"state": "cancelled", "raw_state": "CANCELLED", "found": True}, True)
     assert service(root, "a")["JOB_STATUS"] == "Cancelled"
     watch.close()
+
+
+class FakeServer:
+    """Stands for a resource's RemoteServer: records each request, answers from a function."""
+
+    def __init__(self, answer) -> None:
+        self.requests: list = []
+        self.answer = answer
+
+    def ask(self, request, timeout):
+        self.requests.append(dict(request))
+        return self.answer(request)
+
+
+class FastCancel(Scripted):
+    def __init__(self, root: Path, answers: list, server: FakeServer, **kw) -> None:
+        super().__init__(root, answers, **kw)
+        self.server = server
+        self.lines: list = []
+        self.log = self.lines.append
+
+    def server_for(self, resource, inventory):
+        assert resource == "controller"
+        return self.server
+
+
+JOB_RUNNING = {"state": "running", "raw_state": "RUNNING", "found": True}
+RUNNING = {"jobs": {"42": JOB_RUNNING, "43": JOB_RUNNING}, "reachable": True, "error": ""}
+CANCELLED = {"jobs": {"42": {"state": "cancelled", "raw_state": "CANCELLED", "found": True}, "43": JOB_RUNNING},
+             "reachable": True, "error": ""}
+
+
+def test_a_tombstone_makes_the_watcher_cancel_the_job_once_then_record_cancelled(tmp_path):
+    root = tmp_path / "s"
+    make_session(root, "a", ports={"workspace": 21999})
+    make_session(root, "b", job_id="43")  # another live session of the resource: left alone
+    _state.run_op("cancel", str(root), "a", {})
+    srv = FakeServer(lambda req: {"cancelled": True, "tunnel_stopped": False, "released": [], "error": ""})
+    watch = FastCancel(root, [RUNNING, RUNNING, CANCELLED], srv)
+    run_ticks(watch, 1)
+    assert watch.cancelling
+    assert srv.requests == [{"op": "cancel", "scheduler": "slurm", "job_id": "42", "timeout": w.QUERY_TIMEOUT}]
+    assert service(root, "a")["JOB_STATUS"] == "Running"  # scancel sent, the end not seen yet
+    run_ticks(watch, 2)
+    assert len(srv.requests) == 1  # once, not at every tick
+    assert service(root, "a")["JOB_STATUS"] == "Cancelled"
+    assert _state.read_record(str(root / "a" / "state.json"))["step"] == "cancelled"
+    assert service(root, "b")["JOB_STATUS"] == "Running"
+    assert any("a: cancel requested: stopped job 42" in line for line in watch.lines), watch.lines
+    watch.close()
+
+
+def test_controller_cancel_request_names_the_tunnel_and_the_node_ports(tmp_path):
+    root = tmp_path / "s"
+    make_session(root, "c", target="controller", scheduler="local", job_id="4242", remote_dir="/home/u/.isession/c")
+    _state.run_op("cancel", str(root), "c", {})
+    srv = FakeServer(lambda req: {"cancelled": True, "tunnel_stopped": True, "released": [30001], "error": ""})
+    done = {"jobs": {"4242": {"state": "cancelled", "raw_state": "CANCELLED", "found": True}}, "reachable": True,
+            "error": ""}
+    watch = FastCancel(root, [done], srv)
+    run_ticks(watch, 1)
+    assert srv.requests == [{"op": "cancel", "scheduler": "local", "job_id": "4242", "timeout": w.QUERY_TIMEOUT,
+                             "owner": "c", "tunnel": {"state_dir": "/home/u/.isession/c/tunnel",
+                                                      "name": "isession-c"}}]
+    assert service(root, "c")["JOB_STATUS"] == "Cancelled"
+    assert any("stopped job 4242, tunnel, node ports [30001]" in line for line in watch.lines), watch.lines
+    watch.close()
+
+
+def test_a_cancel_the_resource_could_not_carry_out_changes_nothing(tmp_path):
+    root = tmp_path / "s"
+    make_session(root, "a")
+    _state.run_op("cancel", str(root), "a", {})
+
+    def refuse(req):
+        raise w.RemoteError("connection to controller closed")
+
+    watch = FastCancel(root, [RUNNING, RUNNING], FakeServer(refuse))
+    run_ticks(watch, 2)
+    assert service(root, "a")["JOB_STATUS"] == "Running"  # the cancel playbook does it and records it
+    assert any("cancel request not carried out (connection to controller closed)" in line for line in watch.lines)
+    watch.close()
+
+
+def test_fast_polling_stops_when_a_sent_cancel_never_ends(tmp_path):
+    root = tmp_path / "s"
+    make_session(root, "a")
+    _state.run_op("cancel", str(root), "a", {})
+    srv = FakeServer(lambda req: {"cancelled": True, "tunnel_stopped": False, "released": [], "error": ""})
+    watch = FastCancel(root, [RUNNING, RUNNING], srv)
+    run_ticks(watch, 1)
+    assert watch.cancelling
+    watch.cancel_sent["a"] -= w.CANCEL_FAST_FOR + 1  # the job still runs long after the cancel was sent
+    run_ticks(watch, 1)
+    assert not watch.cancelling and len(srv.requests) == 1
+    watch.close()
+
+
+def test_nudge_wakes_the_loop_at_once(tmp_path):
+    root = tmp_path / "s"
+    make_session(root, "a")
+    watch = Scripted(root, [RUNNING] * 50, interval=30.0)
+    thread = threading.Thread(target=watch.run)
+    thread.start()
+    try:
+        assert wait_for(lambda: len(watch.calls) == 1, 5)
+        watch.nudge()
+        assert wait_for(lambda: len(watch.calls) == 2, 5), "a nudge did not bring the next tick forward"
+    finally:
+        watch.shutdown()
+        thread.join(timeout=10)
+    assert not thread.is_alive(), "shutdown did not end a watcher waiting out a 30 s interval"
+
+
+def wait_for(cond, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if cond():
+            return True
+        time.sleep(0.02)
+    return cond()
 
 
 def test_teardown_stops_the_workspace_listener_and_releases_ports(tmp_path):
