@@ -391,6 +391,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
                 return 0
             time.sleep(0.05)
         return 0
+    # SIGUSR1 (a cancel's nudge) must never kill a watcher whose pid is already visible but not yet set up
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     w.write_pid(fd)
 
     def log(msg: str) -> None:

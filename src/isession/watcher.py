@@ -440,6 +440,7 @@ class Watcher:
     def run(self) -> None:
         idle_since = time.monotonic()
         while not self.stop.is_set():
+            self.wake.clear()  # before the tick: a nudge arriving during it makes the next one come at once
             started = time.monotonic()
             if self.tick():
                 idle_since = started
@@ -448,7 +449,6 @@ class Watcher:
                 break
             interval = min(self.interval, CANCEL_INTERVAL) if self.cancelling else self.interval
             self.wake.wait(max(0.0, interval - (time.monotonic() - started)))
-            self.wake.clear()
         self.close()
 
     def nudge(self) -> None:
