@@ -54,6 +54,10 @@ class Cli:
     def state(self, sid: str) -> dict:
         return json.loads((self.root / sid / "state.json").read_text())
 
+    def watcher_log(self) -> str:
+        path = self.root / ".watcher.log"
+        return path.read_text() if path.exists() else "(no watcher log)"
+
     def stop_watcher(self) -> None:
         pidfile = self.root / ".watcher.pid"
         if pidfile.exists():

@@ -39,11 +39,6 @@ FAST_CANCEL = ("import sys; from pathlib import Path; from isession.cli import r
                "sys.exit(0 if request_fast_cancel(Path(sys.argv[1]), sys.argv[2]) else 3)")
 
 
-def watcher_log(cli: Cli) -> str:
-    path = cli.root / ".watcher.log"
-    return path.read_text() if path.exists() else "(no watcher log)"
-
-
 def node_of(state: dict) -> Optional[str]:
     """The host whose port ``ports.node`` is (None on the workspace target: the server's port is PORT itself)."""
     if state["target"] == "controller":
@@ -78,9 +73,9 @@ def test_the_watcher_alone_undoes_the_session_a_cancel_asks_it_to(bed, target):
                      user=WS_USER, env=cli.env, check=False)
         assert cp.returncode == 0, f"no running watcher was woken\n{cp.stdout}\n{cp.stderr}"
         assert wait_until(lambda: cli.service(sid)["JOB_STATUS"] == "Cancelled", 20), \
-            f"{cli.service(sid)}\n{watcher_log(cli)}"
+            f"{cli.service(sid)}\n{cli.watcher_log()}"
         assert cli.state(sid)["step"] == "cancelled" and cli.state(sid)["cancel_requested"] is True
-        assert f"{sid}: cancel requested: stopped job {job}" in watcher_log(cli), watcher_log(cli)
+        assert f"{sid}: cancel requested: stopped job {job}" in cli.watcher_log(), cli.watcher_log()
 
         if target == "compute":
             assert wait_until(lambda: not queue(bed, f"isession-{sid}"), 30), queue(bed, f"isession-{sid}")

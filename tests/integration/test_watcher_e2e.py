@@ -163,11 +163,6 @@ def cleanup(bed, cli: Optional[Cli], sids: List[str], jobs: List[str]) -> None:
             wait_until(lambda: not Path(f"/proc/{pid}").exists(), 10)
 
 
-def watcher_log(cli: Cli) -> str:
-    path = cli.root / ".watcher.log"
-    return path.read_text() if path.exists() else "(no watcher log)"
-
-
 def start_by_playbook(bed, extra_vars: dict, inventory: Path, env: Dict[str, str]):
     """``ansible-playbook hpc.interactive.start_nginx`` as wsuser on the workspace (run_playbook, plus ``env``)."""
     text = "---\n- name: Start nginx\n  ansible.builtin.import_playbook: hpc.interactive.start_nginx\n"
@@ -192,7 +187,7 @@ def test_walltime_ends_completed_with_the_reason(bed, cli):
         assert watch.poll()["JOB_STATUS"] == "Running" and listening(bed, watch.port)
         # Slurm checks time limits every 30 s: the job ends 60-90 s after it started
         svc, _lag = assert_ended_in_budget(bed, watch, state["job_id"], "TIMEOUT")
-        assert svc["JOB_STATUS"] == "Completed", (svc, watcher_log(cli))
+        assert svc["JOB_STATUS"] == "Completed", (svc, cli.watcher_log())
         assert svc["ERROR_MESSAGE"].startswith("walltime 00:01:00 reached"), svc
         assert state["job_id"] in svc["ERROR_MESSAGE"] and "TIMEOUT" in svc["ERROR_MESSAGE"]
         after = cli.state(sid)
@@ -218,7 +213,7 @@ def test_hand_scancel_is_failed_in_words(bed, cli):
         assert watch.poll()["JOB_STATUS"] == "Running"
         bed.run("controller", ["scancel", job], user=CLUSTER_USER, check=True)
         svc, _lag = assert_ended_in_budget(bed, watch, job, "CANCELLED")
-        assert svc["JOB_STATUS"] == "Failed", (svc, watcher_log(cli))
+        assert svc["JOB_STATUS"] == "Failed", (svc, cli.watcher_log())
         assert f"the job was cancelled outside isession (job {job}: CANCELLED" in svc["ERROR_MESSAGE"], svc
         assert cli.state(sid)["step"] == "failed"
         assert wait_until(lambda: reservations(sid) == [], 5), reservations(sid)
@@ -252,7 +247,7 @@ def test_node_down_is_failed_node_fail_and_never_requeued(bed, cli):
         downed = True
         bed.node_down(NODE, reason="isession watcher e2e node loss")
         svc, _lag = assert_ended_in_budget(bed, watch, job, "NODE_FAIL")
-        assert svc["JOB_STATUS"] == "Failed", (svc, watcher_log(cli))
+        assert svc["JOB_STATUS"] == "Failed", (svc, cli.watcher_log())
         assert svc["ERROR_MESSAGE"].startswith(f"node failure on {NODE} (job {job}: NODE_FAIL"), svc
         assert cli.state(sid)["step"] == "failed"
         # not requeued: the job stays ended, and nothing of the session survives on the node
@@ -309,7 +304,7 @@ def test_controller_sshd_stopped_10s_changes_nothing(bed, cli):
         assert http_get(bed, "workspace", url, f"Authorization: Bearer {secret}", tmp)[0] == 200
         watch = Watch(bed, cli.root / sid, port)
         assert wait_until(lambda: watcher_pid(cli.root) is not None, 10)
-        log_before = len(watcher_log(cli))
+        log_before = len(cli.watcher_log())
 
         pid = _sshd_pid(bed)
         assert pid, "the controller's sshd is not running"
@@ -333,14 +328,14 @@ def test_controller_sshd_stopped_10s_changes_nothing(bed, cli):
         stopped = False
         assert wait_until(lambda: bed._listening("controller", 22), 10)
 
-        during = watcher_log(cli)[log_before:]
+        during = cli.watcher_log()[log_before:]
         assert "undetermined" in during, f"the watcher never noticed the outage:\n{during}"
         assert sid not in during, f"the watcher touched {sid} during the outage:\n{during}"
         # back to normal: the watcher reconnects (the log shows no new 'undetermined' after a few polls)
         time.sleep(3)
-        settled = len(watcher_log(cli))
+        settled = len(cli.watcher_log())
         time.sleep(3)
-        assert "undetermined" not in watcher_log(cli)[settled:], watcher_log(cli)[settled:]
+        assert "undetermined" not in cli.watcher_log()[settled:], cli.watcher_log()[settled:]
         assert [s for _t, s in watch.statuses] == ["Running"], watch.statuses
         assert queue(bed, job) == "RUNNING"
         assert http_get(bed, "workspace", url, f"Authorization: Bearer {secret}", tmp)[0] == 200
