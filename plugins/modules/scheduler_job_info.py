@@ -27,6 +27,20 @@ options:
   job_name: {description: Report the jobs with this name instead of O(job_ids)., type: str}
   user: {description: Owner of the jobs for O(job_name) (default the connecting user)., type: str}
   timeout: {description: Seconds before the scheduler counts as not answering., type: int, default: 10}
+  scheduler_path:
+    description:
+      - Directories searched first for the scheduler's commands and put first on their C(PATH), for a scheduler
+        whose commands are not on the non-login C(PATH) of an SSH connection (a site's C(/opt/sge/bin/lx-amd64)).
+      - Absolute paths, without C(:).
+    type: list
+    elements: str
+    default: []
+  scheduler_env:
+    description:
+      - Environment variables for the scheduler's commands, for example C(SGE_ROOT) and C(SGE_CELL) for Grid
+        Engine. Not for secrets. C(PATH) (use O(scheduler_path)) and the locale variables cannot be set.
+    type: dict
+    default: {}
 author: [hpc.interactive developers (@hpc-interactive)]
 """
 
@@ -61,7 +75,7 @@ from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.hpc.interactive.plugins.module_utils import _directives as D
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import SCHEDULERS, get_backend
-from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._runtime import make_runner
+from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._runtime import make_runner, scheduler_setup
 
 
 class SchedulerJobInfo:
@@ -69,7 +83,11 @@ class SchedulerJobInfo:
         self.module = module
         self.p = module.params
         self.backend = get_backend(self.p["scheduler"])
-        self.runner = make_runner(lambda name: module.get_bin_path(name) if not name.startswith("/") else name)
+        try:
+            path, env = scheduler_setup(self.p["scheduler_path"], self.p["scheduler_env"])
+        except ValueError as exc:
+            module.fail_json(msg=str(exc))
+        self.runner = make_runner(module.get_bin_path, path, env)
 
     def run(self):
         p = self.p
@@ -100,6 +118,8 @@ def main():
             job_name=dict(type="str"),
             user=dict(type="str"),
             timeout=dict(type="int", default=10),
+            scheduler_path=dict(type="list", elements="str", default=[]),
+            scheduler_env=dict(type="dict", default={}),
         ),
         mutually_exclusive=[("job_ids", "job_name")],
         required_one_of=[("job_ids", "job_name")],

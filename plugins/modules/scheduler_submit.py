@@ -137,6 +137,20 @@ options:
     description: "Seconds before a submit or cancel command counts as timed out."
     type: int
     default: 30
+  scheduler_path:
+    description:
+      - Directories searched first for the scheduler's commands and put first on their C(PATH), for a scheduler
+        whose commands are not on the non-login C(PATH) of an SSH connection (a site's C(/opt/sge/bin/lx-amd64)).
+      - Absolute paths, without C(:).
+    type: list
+    elements: str
+    default: []
+  scheduler_env:
+    description:
+      - Environment variables for the scheduler's commands, for example C(SGE_ROOT) and C(SGE_CELL) for Grid
+        Engine. Not for secrets. C(PATH) (use O(scheduler_path)) and the locale variables cannot be set.
+    type: dict
+    default: {}
   query_timeout:
     description: "Seconds before a query counts as timed out."
     type: int
@@ -197,6 +211,7 @@ from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._base 
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._runtime import (
     make_runner,
     read_text,
+    scheduler_setup,
     wait_for_state,
     write_atomic,
 )
@@ -219,6 +234,7 @@ ARGUMENT_SPEC = dict(
     pbs_flavor=dict(type="str", default="torque", choices=["torque", "pro"]),
     wait_for=dict(type="str", choices=["queued", "running"]), wait_timeout=dict(type="int", default=60),
     submit_timeout=dict(type="int", default=30), query_timeout=dict(type="int", default=10),
+    scheduler_path=dict(type="list", elements="str", default=[]), scheduler_env=dict(type="dict", default={}),
 )
 
 
@@ -240,7 +256,11 @@ class SchedulerSubmit:
         self.p = module.params
         self.user = pwd.getpwuid(os.getuid()).pw_name
         self.backend = get_backend(self.p["scheduler"], pbs_flavor=self.p["pbs_flavor"])
-        self.runner = make_runner(lambda name: module.get_bin_path(name) if not name.startswith("/") else name)
+        try:
+            path, env = scheduler_setup(self.p["scheduler_path"], self.p["scheduler_env"])
+        except ValueError as exc:
+            module.fail_json(msg=str(exc))
+        self.runner = make_runner(module.get_bin_path, path, env)
         self.local = self.p["scheduler"] == "local"
         self.script_path = ""  # set once the rendered script is written, reported with any later failure
 

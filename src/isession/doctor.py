@@ -99,8 +99,11 @@ def check_resource(inventory: Path, resource: str) -> List[Check]:
         return [("FAIL", resource, str(exc))]
     scheduler = conn.get("scheduler") or "slurm"
     wanted = ["python3", *SCHEDULER_COMMANDS.get(scheduler, ())]
-    script = 'for c in "$@"; do command -v "$c" >/dev/null 2>&1 && echo "ok $c" || echo "missing $c"; done'
-    argv = ssh_argv(conn, control_dir(), ["sh", "-c", script, "sh", *wanted])
+    # the scheduler's own bin dirs first, as the modules search them (isession_scheduler_path)
+    script = ('[ -n "$1" ] && PATH="$1:$PATH"; shift; '
+              'for c in "$@"; do command -v "$c" >/dev/null 2>&1 && echo "ok $c" || echo "missing $c"; done')
+    path = ":".join(conn.get("scheduler_path") or [])
+    argv = ssh_argv(conn, control_dir(), ["sh", "-c", script, "sh", path, *wanted])
     try:
         cp = subprocess.run(argv, capture_output=True, text=True, timeout=20, check=False,
                             env={**os.environ, "LC_ALL": "C"})

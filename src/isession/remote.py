@@ -10,13 +10,15 @@ in-memory importer and then answers one JSON line per JSON request line. A poll 
 ``squeue --json`` on the controller plus a round trip. No file is written on the controller, no
 secret is involved, the argv is constant.
 
-Requests: ``{"op": "query", "scheduler": S, "job_ids": [...], "timeout": T, "state_dir": D?}`` ->
+Requests (``path``/``env``: the resource's ``isession_scheduler_path``/``isession_scheduler_env``, optional):
+``{"op": "query", "scheduler": S, "job_ids": [...], "timeout": T, "state_dir": D?, "path": P?, "env": E?}`` ->
 ``{"jobs": {id: JobInfo dict}, "reachable": bool, "error": str}``;
 ``{"op": "tail", "dir": D, "lines": N}`` -> ``{"files": {name: text}}`` (log files only, never the secret);
 ``{"op": "cancel", "scheduler": S, "job_id": J, "state_dir": D?, "tunnel": {"state_dir": T, "name": N}?,
-"owner": O?}`` -> ``{"cancelled": bool, "tunnel_stopped": bool, "released": [ports], "error": str}``: what the cancel
-playbook's remote tasks do (``scheduler_submit`` absent, ``reverse_tunnel`` absent, ``free_port`` absent), through
-the same module_utils calls, for the watcher to honour a cancel request at once (watcher.py, "fast cancel").
+"owner": O?, "path": P?, "env": E?}`` -> ``{"cancelled": bool, "tunnel_stopped": bool, "released": [ports],
+"error": str}``: what the cancel playbook's remote tasks do (``scheduler_submit`` absent, ``reverse_tunnel``
+absent, ``free_port`` absent), through the same module_utils calls, for the watcher to honour a cancel request at
+once (watcher.py, "fast cancel").
 """
 from __future__ import annotations
 
@@ -58,13 +60,21 @@ SERVER = r"""
 import json, os, shutil, sys
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import get_backend
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._runtime import make_runner
-runner = make_runner(shutil.which)
+from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._runtime import scheduler_setup
+RUNNERS = {}
+def runner_for(req):
+    # the resource's scheduler_path/scheduler_env (inventory), checked like the modules check them
+    key = json.dumps([req.get("path") or [], req.get("env") or {}], sort_keys=True)
+    if key not in RUNNERS:
+        RUNNERS[key] = make_runner(shutil.which, *scheduler_setup(req.get("path"), req.get("env")))
+    return RUNNERS[key]
 LOGS = (".log", ".out", ".err", ".error")
 def expand(d):
     return os.path.expanduser(d) if d else None
 def cancel(req):
     # the cancel playbook's remote steps, in its order: the job (or the detached agent), the tunnel, the ports
     b = get_backend(req["scheduler"], state_dir=expand(req.get("state_dir")))
+    runner = runner_for(req)
     job = str(req["job_id"])
     ans = {"cancelled": False, "tunnel_stopped": False, "released": [], "error": ""}
     info = b.query(runner, job_ids=[job], timeout=float(req.get("timeout", 5))).jobs.get(job)
@@ -106,7 +116,7 @@ for line in sys.stdin.buffer:
         else:
             sd = req.get("state_dir")
             b = get_backend(req["scheduler"], state_dir=os.path.expanduser(sd) if sd else None)
-            r = b.query(runner, job_ids=[str(j) for j in req["job_ids"]], timeout=float(req.get("timeout", 5)))
+            r = b.query(runner_for(req), job_ids=[str(j) for j in req["job_ids"]], timeout=float(req.get("timeout", 5)))
             ans = {"jobs": {k: v.as_dict() for k, v in r.jobs.items()}, "reachable": r.reachable, "error": r.error}
     except Exception as exc:
         ans = {"error": "%s: %s" % (type(exc).__name__, exc), "reachable": False, "jobs": {}}
@@ -261,7 +271,12 @@ def inventory_conn(inventory: Optional[Path], resource: str) -> Dict[str, Any]:
             return None
         return str(value)
 
+    path, env = hv.get("isession_scheduler_path") or [], hv.get("isession_scheduler_env") or {}
+    if "{{" in json.dumps([path, env], default=str):
+        path, env = [], {}  # templated: only a play can tell; the watcher then finds the commands on PATH or not
     return {"host": plain("ansible_host") or resource, "user": plain("ansible_user"),
+            "scheduler_path": [str(d) for d in path] if isinstance(path, list) else [],
+            "scheduler_env": {str(k): str(v) for k, v in env.items()} if isinstance(env, dict) else {},
             "port": plain("ansible_port"), "key": plain("ansible_ssh_private_key_file"),
             "python": plain("ansible_python_interpreter") or "/usr/bin/python3",
             "scheduler": plain("isession_scheduler"), "remote_root": plain("isession_remote_root")}

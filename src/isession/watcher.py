@@ -169,6 +169,16 @@ def group_key(record: Mapping[str, Any]) -> Tuple[str, str]:
     return str(record["resource"]), str(record.get("scheduler") or "slurm")
 
 
+def scheduler_setup_of(conn: Mapping[str, Any]) -> Dict[str, Any]:
+    """The resource's scheduler_path/scheduler_env (inventory) as request fields; none when it has neither."""
+    out: Dict[str, Any] = {}
+    if conn.get("scheduler_path"):
+        out["path"] = list(conn["scheduler_path"])
+    if conn.get("scheduler_env"):
+        out["env"] = dict(conn["scheduler_env"])
+    return out
+
+
 # ---------------------------------------------------------------------------- workspace teardown
 def listeners(port: int, uid: int, proc: str = "/proc") -> List[int]:
     """Pids of ``uid`` holding a TCP socket LISTENing on ``port`` (found by socket inode, not by grep)."""
@@ -307,8 +317,10 @@ class Watcher:
                                                         timeout=self.query_timeout)
             return {"jobs": {k: v.as_dict() for k, v in res.jobs.items()}, "reachable": res.reachable,
                     "error": res.error}
-        req = {"op": "query", "scheduler": scheduler, "job_ids": job_ids, "timeout": self.query_timeout}
-        return self.server_for(resource, inventory).ask(req, self.query_timeout + 3)
+        server = self.server_for(resource, inventory)
+        req = {"op": "query", "scheduler": scheduler, "job_ids": job_ids, "timeout": self.query_timeout,
+               **scheduler_setup_of(server.conn)}
+        return server.ask(req, self.query_timeout + 3)
 
     def server_for(self, resource: str, inventory: Optional[Path]) -> RemoteServer:
         """The one persistent server of ``resource`` (made on first use)."""
@@ -342,7 +354,8 @@ class Watcher:
             if not key[0]:  # the workspace: a detached local agent, signalled from here (no-op once it ended)
                 answer = {"cancelled": bool(mu.load("_schedulers").get_backend("local").cancel(job_id=req["job_id"]))}
             else:
-                answer = self.server_for(key[0], self.inventory_for(sid)).ask(req, self.query_timeout + 3)
+                server = self.server_for(key[0], self.inventory_for(sid))
+                answer = server.ask(dict(req, **scheduler_setup_of(server.conn)), self.query_timeout + 3)
         except (RemoteError, LookupError, OSError, ValueError) as exc:
             answer = {"error": str(exc)}
         took = time.monotonic() - started

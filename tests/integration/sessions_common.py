@@ -29,14 +29,16 @@ INSTALL_PLAY = """- name: Install {service}
 """
 
 
-def cluster_inventory(bed, scheduler: str = "slurm", via: str = "direct", user: str = WS_USER) -> Path:
+def cluster_inventory(bed, scheduler: str = "slurm", via: str = "direct", user: str = WS_USER,
+                      extra: str = "") -> Path:
     """The bed inventory with the controller described as a resource (``scheduler``; jobs reach the workspace
-    ``via`` direct or the controller), written for ``user``."""
+    ``via`` direct or the controller), written for ``user``; ``extra``: more host vars (INI, no spaces in values)."""
     text = bed.inventory_path.read_text()
     line = f"controller ansible_host={bed.ip('controller')} ansible_user=cluser"
     assert line in text, f"bed inventory changed shape: {text}"
     text = text.replace(line, f"{line} isession_scheduler={scheduler} isession_workspace_address={bed.ip('workspace')} "
-                              f"isession_workspace_user={WS_USER} isession_tunnel_via={via}")
+                              f"isession_workspace_user={WS_USER} isession_tunnel_via={via}"
+                              + (f" {extra}" if extra else ""))
     return bed.write_user_file(user, bed.user_tmpdir(user) / "inventory.ini", text, mode=0o644)
 
 

@@ -4,8 +4,9 @@
 from __future__ import annotations
 
 import os
+import re
 import time
-from typing import Callable, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ansible_collections.hpc.interactive.plugins.module_utils._cmd import CommandResult, Runner, run
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._base import (
@@ -16,13 +17,67 @@ from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._base 
 )
 
 
-def make_runner(resolve: Callable[[str], Optional[str]]) -> Runner:
-    """A runner that resolves ``argv[0]`` with ``resolve`` (e.g. ``module.get_bin_path``)."""
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# PATH comes from scheduler_path (prepended, never replaced); the locale stays C so the output parses
+RESERVED_ENV = ("PATH", "LC_ALL", "LANG", "LANGUAGE")
+
+
+def scheduler_setup(path: Optional[Sequence[Any]] = None,
+                    env: Optional[Mapping[str, Any]] = None) -> Tuple[List[str], Dict[str, str]]:
+    """Check ``scheduler_path`` and ``scheduler_env`` -> (directories, environment); ValueError names the field.
+
+    For a scheduler whose commands are not on the non-login ``PATH`` an SSH connection gets (a site's
+    ``/opt/sge/bin/lx-amd64``) or that needs its own variables (Grid Engine's ``SGE_ROOT``/``SGE_CELL``).
+    """
+    dirs = []  # type: List[str]
+    for entry in path or []:
+        text = str(entry)
+        if not text.startswith("/") or ":" in text or "\0" in text or "\n" in text:
+            raise ValueError("scheduler_path: %r must be an absolute directory without ':' or newline" % (entry,))
+        dirs.append(os.path.normpath(text))
+    if env is not None and not isinstance(env, Mapping):
+        raise ValueError("scheduler_env: must be a mapping of variable names to values, got %r" % (env,))
+    out = {}  # type: Dict[str, str]
+    for key, value in (env or {}).items():
+        if not isinstance(key, str) or not ENV_NAME.match(key):
+            raise ValueError("scheduler_env: %r is not an environment variable name" % (key,))
+        if key in RESERVED_ENV or key.startswith("LC_"):
+            raise ValueError("scheduler_env: %s cannot be set here (PATH: use scheduler_path; the locale stays C)"
+                             % key)
+        if value is None or isinstance(value, (dict, list, tuple, bool)):
+            raise ValueError("scheduler_env: %s must be a string or number, got %r" % (key, value))
+        text = str(value)
+        if "\0" in text or "\n" in text:
+            raise ValueError("scheduler_env: %s must be one line" % key)
+        out[key] = text
+    return dirs, out
+
+
+def find_in(dirs: Sequence[str], name: str) -> Optional[str]:
+    """The first executable ``name`` in ``dirs`` (None when none has it)."""
+    for directory in dirs:
+        candidate = os.path.join(directory, name)
+        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
+def make_runner(resolve: Callable[[str], Optional[str]], path: Sequence[str] = (),
+                env: Optional[Mapping[str, str]] = None) -> Runner:
+    """A runner that resolves ``argv[0]`` in ``path`` first, then with ``resolve`` (e.g. ``module.get_bin_path``).
+
+    ``path`` is also put first on the commands' ``PATH`` (a scheduler command may run its siblings) and ``env`` is
+    added to their environment (both checked by :func:`scheduler_setup`).
+    """
+    extra = dict(env or {})
+    if path:
+        extra["PATH"] = os.pathsep.join(list(path) + [os.environ.get("PATH") or os.defpath])
 
     def _run(argv: Sequence[str], timeout: Optional[float] = None) -> CommandResult:
         args = list(argv)
-        args[0] = resolve(args[0]) or args[0]
-        return run(args, timeout=timeout)
+        if not args[0].startswith("/"):
+            args[0] = find_in(path, args[0]) or resolve(args[0]) or args[0]
+        return run(args, timeout=timeout, env=extra or None)
 
     return _run
 

@@ -65,14 +65,21 @@ class Sge(Backend):
     prefix = "#$"
 
     def render_header(self, opts: JobOptions) -> List[str]:
-        if opts.nodes or opts.ntasks or opts.cpus_per_task or opts.gpus or opts.qos or opts.constraint:
-            raise ValueError("nodes, ntasks, cpus_per_task, gpus, qos and constraint depend on the site's parallel "
-                             "environments and complexes in Grid Engine; use directives (e.g. '-pe smp 4')")
+        # one slot on one host is what a plain job gets; more needs the site's parallel environment
+        more = [name for name, value in (("nodes", opts.nodes), ("ntasks", opts.ntasks),
+                                         ("cpus_per_task", opts.cpus_per_task)) if (value or 1) > 1]
+        more += [name for name, value in (("gpus", opts.gpus), ("qos", opts.qos), ("constraint", opts.constraint))
+                 if value]
+        if more:
+            raise ValueError("%s: depend on the site's parallel environments and complexes in Grid Engine; use "
+                             "directives instead (e.g. '-pe smp 4', '-l gpu=1')" % ", ".join(more))
         out = ["-S /bin/bash"]
         for flag, value in (("-N", opts.job_name), ("-wd", opts.workdir), ("-o", opts.output), ("-e", opts.error),
                             ("-q", opts.queue), ("-P", opts.account), ("-ar", opts.reservation)):
             if value is not None:
                 out.append("%s %s" % (flag, value))
+        if opts.output is not None and opts.error is None:
+            out.append("-j y")  # stderr into the output file, as Slurm does without --error
         if opts.walltime_seconds:
             out.append("-l h_rt=%s" % format_hms(opts.walltime_seconds))
         if opts.memory_mb:

@@ -241,3 +241,20 @@ def test_control_dir_is_private_and_short(tmp_path):
     assert len(f"{d}/cm-{'0' * 40}.{'x' * 16}") < 104 or len(str(tmp_path)) > 40
     d.chmod(0o755)
     assert control_dir(str(tmp_path)) is None
+
+
+def test_scheduler_path_and_env_of_the_resource_are_used(tmp_path):
+    """A scheduler off the non-login PATH: the request's path is searched first and its env reaches the command."""
+    site = tmp_path / "site" / "bin"
+    site.mkdir(parents=True)
+    script(site / "squeue", f'[ "$SITE_CLUSTER" = lab ] || exit 7\ncat "{SQUEUE_JSON}"\n')
+    srv = server(tmp_path)
+    try:
+        req = {"op": "query", "scheduler": "slurm", "job_ids": ["1"], "path": [str(site)],
+               "env": {"SITE_CLUSTER": "lab"}}
+        ans = srv.ask(req, 10)
+        assert ans["reachable"] is True and ans["jobs"]["1"]["state"] == "running", ans
+        bad = srv.ask(dict(req, env={"PATH": "/x"}), 10)  # checked like the modules check it
+        assert bad["reachable"] is False and "scheduler_env: PATH cannot be set here" in bad["error"], bad
+    finally:
+        srv.close()

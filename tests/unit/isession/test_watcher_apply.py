@@ -138,9 +138,10 @@ def test_cancel_that_already_ended_the_session_wins(tmp_path):
 class FakeServer:
     """Stands for a resource's RemoteServer: records each request, answers from a function."""
 
-    def __init__(self, answer) -> None:
+    def __init__(self, answer, conn=None) -> None:
         self.requests: list = []
         self.answer = answer
+        self.conn = dict(conn or {"host": "controller"})
 
     def ask(self, request, timeout):
         self.requests.append(dict(request))
@@ -199,6 +200,25 @@ def test_controller_cancel_request_names_the_tunnel_and_the_node_ports(tmp_path)
                                                       "name": "isession-c"}}]
     assert service(root, "c")["JOB_STATUS"] == "Cancelled"
     assert any("stopped job 4242, tunnel, node ports [30001]" in line for line in watch.lines), watch.lines
+    watch.close()
+
+
+def test_requests_carry_the_resources_scheduler_path_and_env(tmp_path):
+    root = tmp_path / "s"
+    make_session(root, "a", scheduler="sge")
+    _state.run_op("cancel", str(root), "a", {})
+    conn = {"host": "controller", "scheduler_path": ["/opt/sge/bin/lx-amd64"],
+            "scheduler_env": {"SGE_ROOT": "/opt/sge", "SGE_CELL": "default"}}
+    srv = FakeServer(lambda req: {"cancelled": True, "released": [], "error": ""} if req["op"] == "cancel" else
+                     {"jobs": {"42": {"state": "cancelled", "found": True}}, "reachable": True, "error": ""}, conn)
+    watch = FastCancel(root, [], srv)
+    watch.query = w.Watcher.query.__get__(watch)  # the real query, through the fake server
+    run_ticks(watch, 1)
+    assert [r["op"] for r in srv.requests] == ["cancel", "query"]
+    for req in srv.requests:
+        assert req["scheduler"] == "sge" and req["path"] == ["/opt/sge/bin/lx-amd64"], req
+        assert req["env"] == {"SGE_ROOT": "/opt/sge", "SGE_CELL": "default"}, req
+    assert service(root, "a")["JOB_STATUS"] == "Cancelled"
     watch.close()
 
 

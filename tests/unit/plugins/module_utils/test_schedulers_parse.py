@@ -10,6 +10,7 @@ import yaml
 from ansible_collections.hpc.interactive.plugins.module_utils._cmd import CommandResult
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import get_backend
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import pbs, sge, slurm
+from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._base import JobOptions
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._hostlist import exec_hosts, expand
 
 HERE = Path(__file__).parent
@@ -110,3 +111,21 @@ def test_slurm_json_errors_mean_unreachable():
     res = slurm.Slurm().query(runner, job_ids=["1", "2"])
     assert res.reachable is False and set(res.jobs) == {"1", "2"}
     assert {j.state for j in res.jobs.values()} == {"undetermined"} and "slurm_load_jobs" in res.error
+
+
+def test_sge_header_for_a_one_slot_session():
+    header = sge.Sge().render_header(JobOptions(job_name="isession-a", workdir="/home/u/s", output="/home/u/s/job.out",
+                                                queue="all.q", walltime_seconds=3600, nodes=1, cpus_per_task=1))
+    assert header == ["-S /bin/bash", "-N isession-a", "-wd /home/u/s", "-o /home/u/s/job.out", "-q all.q", "-j y",
+                      "-l h_rt=01:00:00"]
+    assert "-j y" not in sge.Sge().render_header(JobOptions(output="/o", error="/e"))
+
+
+@pytest.mark.parametrize("opts, named", [
+    ({"nodes": 2}, "nodes"), ({"cpus_per_task": 4}, "cpus_per_task"), ({"ntasks": 2}, "ntasks"),
+    ({"gpus": 1}, "gpus"), ({"qos": "high", "constraint": "avx"}, "qos, constraint"),
+])
+def test_sge_refuses_what_needs_a_parallel_environment_naming_it(opts, named):
+    with pytest.raises(ValueError) as exc:
+        sge.Sge().render_header(JobOptions(**opts))
+    assert str(exc.value).startswith(named + ": depend on") and "-pe smp 4" in str(exc.value)

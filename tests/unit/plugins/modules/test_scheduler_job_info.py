@@ -80,3 +80,30 @@ def test_argument_spec(harness):
     res = harness.run_module("scheduler_job_info", {"scheduler": "slurm", "job_ids": ["1"], "job_name": "x"})
     assert res.get("failed") and "mutually exclusive" in res["msg"]
     assert harness.calls() == []
+
+
+def test_scheduler_path_and_env_reach_a_scheduler_off_the_path(harness, tmp_path):
+    """Grid Engine under its own bin dir with SGE_ROOT: found there first (not the qstat on PATH), with the cell."""
+    site = tmp_path / "sge" / "bin"
+    site.mkdir(parents=True)
+    qstat = site / "qstat"
+    xml = FIXTURES / "sge" / "qstat_xml.xml"
+    qstat.write_text('#!/bin/sh\n[ "$SGE_ROOT" = /opt/sge ] && [ "$SGE_CELL" = lab ] || { echo "no cell" >&2; exit 1; }'
+                     f'\ncat "{xml}"\n')
+    qstat.chmod(0o755)
+    res = harness.run_module("scheduler_job_info", {"scheduler": "sge", "job_ids": ["3535"],
+                                                    "scheduler_path": [str(site)],
+                                                    "scheduler_env": {"SGE_ROOT": "/opt/sge", "SGE_CELL": "lab"}})
+    assert not res.get("failed") and res["reachable"] is True, res
+    assert res["jobs"]["3535"]["found"] is True, res["jobs"]
+    assert harness.calls() == []  # the fake qstat on PATH was never run
+
+
+@pytest.mark.parametrize("args, words", [
+    ({"scheduler_path": ["opt/sge/bin"]}, "scheduler_path: 'opt/sge/bin' must be an absolute directory"),
+    ({"scheduler_env": {"PATH": "/opt/sge/bin"}}, "scheduler_env: PATH cannot be set here"),
+])
+def test_bad_scheduler_path_or_env_fails_naming_the_field_and_runs_nothing(harness, args, words):
+    res = harness.run_module("scheduler_job_info", dict({"scheduler": "sge", "job_ids": ["1"]}, **args))
+    assert res.get("failed") and words in res["msg"], res
+    assert harness.calls() == []
