@@ -439,8 +439,8 @@ COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    if argv is None:  # as a command: `isession list | head` ends quietly, like other Unix tools
-        signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # SIGPIPE stays ignored (Python's default): with its default action, a write to a connection's ssh that has just
+    # died (the watcher sending its payload to an unreachable controller) would kill the process instead of raising
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "collection":
@@ -450,6 +450,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         return EXIT_USAGE
     try:
         return COMMANDS[args.command](args)
+    except BrokenPipeError:
+        # `isession list | head`: the reader left; end quietly like other Unix tools (128 + SIGPIPE)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 141
     except UsageError as exc:
         _err(str(exc))
         return EXIT_USAGE

@@ -273,6 +273,20 @@ def _sshd_pid(bed) -> Optional[int]:
     return pid if Path(f"/proc/{pid}").exists() else None
 
 
+def _sshd_sessions(user: str) -> List[int]:
+    """sshd processes serving ``user``'s connections (``sshd: USER@notty``, ``sshd: USER [priv]``) on any bed host."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if cmd.startswith((f"sshd: {user}@", f"sshd: {user} [")):
+                out.append(int(entry))
+    return out
+
+
 def _isession_masters(uid: int) -> List[int]:
     """wsuser's ssh ControlMaster processes of the isession watcher (``ssh: /tmp/isession-cm-UID/cm-... [mux]``)."""
     out = []
@@ -306,12 +320,19 @@ def test_controller_sshd_stopped_10s_changes_nothing(bed, cli):
         assert wait_until(lambda: watcher_pid(cli.root) is not None, 10)
         log_before = len(cli.watcher_log())
 
+        # the watcher's connection must be up before the outage (it is made at its first poll, which may come just
+        # as the start returns; one still being made when sshd stops would ride out the outage unnoticed)
+        assert wait_until(lambda: _isession_masters(uid) and _sshd_sessions(CLUSTER_USER), 15), "no watcher connection"
+        time.sleep(0.5)
         pid = _sshd_pid(bed)
         assert pid, "the controller's sshd is not running"
         stopped = True
         os.kill(pid, signal.SIGTERM)  # the listener: no new connection to the controller
-        for master in _isession_masters(uid):  # and the watcher's established connection goes too
+        masters = _isession_masters(uid)
+        for master in masters:  # and the watcher's established connection goes too
             os.kill(master, signal.SIGTERM)
+        for session in _sshd_sessions(CLUSTER_USER):  # also one made without a master (a stopped sshd keeps those)
+            os.kill(session, signal.SIGTERM)
         outage_start = time.monotonic()
         assert wait_until(lambda: not bed._listening("controller", 22), 5), "sshd still listening"
         refused = bed.run("workspace", ["ssh", "-o", "BatchMode=yes", "-o", "ConnectTimeout=3", "-o",
@@ -329,7 +350,11 @@ def test_controller_sshd_stopped_10s_changes_nothing(bed, cli):
         assert wait_until(lambda: bed._listening("controller", 22), 10)
 
         during = cli.watcher_log()[log_before:]
-        assert "undetermined" in during, f"the watcher never noticed the outage:\n{during}"
+        wpid = watcher_pid(cli.root)
+        tree = bed.run("workspace", ["ps", "-o", "pid,lstart,args", "--ppid", str(wpid), "-p", str(wpid)],
+                       check=False).stdout if wpid else ""
+        assert "undetermined" in during, (f"the watcher never noticed the outage (masters killed: {masters}, "
+                                          f"watcher:\n{tree}):\n{cli.watcher_log()[-3000:]}")
         assert sid not in during, f"the watcher touched {sid} during the outage:\n{during}"
         # back to normal: the watcher reconnects (the log shows no new 'undetermined' after a few polls)
         time.sleep(3)
