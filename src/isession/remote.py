@@ -60,13 +60,21 @@ SERVER = r"""
 import json, os, shutil, sys
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import get_backend
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._runtime import make_runner
-from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._runtime import scheduler_setup
+try:
+    from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._runtime import scheduler_setup
+except ImportError:  # a collection older than scheduler_path/scheduler_env
+    scheduler_setup = None
 RUNNERS = {}
 def runner_for(req):
     # the resource's scheduler_path/scheduler_env (inventory), checked like the modules check them
     key = json.dumps([req.get("path") or [], req.get("env") or {}], sort_keys=True)
     if key not in RUNNERS:
-        RUNNERS[key] = make_runner(shutil.which, *scheduler_setup(req.get("path"), req.get("env")))
+        if scheduler_setup is None:
+            if req.get("path") or req.get("env"):
+                raise ValueError("this collection is too old for isession_scheduler_path/_env; update it")
+            RUNNERS[key] = make_runner(shutil.which)
+        else:
+            RUNNERS[key] = make_runner(shutil.which, *scheduler_setup(req.get("path"), req.get("env")))
     return RUNNERS[key]
 LOGS = (".log", ".out", ".err", ".error")
 def expand(d):

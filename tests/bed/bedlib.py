@@ -10,6 +10,8 @@ Layout (``HPCBED_ROOT``, default ``/var/tmp/hpcbed``; removed by ``down``)::
     uts/<host>          UTS namespace files (nsfs bind mounts) -> ``hostname`` says <host>
     hosts/<host>/       sshd config, host key, pid and log of that host
     slurm/              slurmctld state, slurmd spool dirs (%n), pids, logs, jobcomp.txt
+    sge/                SGE_ROOT of the Son of Grid Engine cluster (cell ``default``: common/, spool/),
+                        bin|utilbin|lib/lx-amd64 -> the unpacked binaries, hpcbed/ (qconf input), tmp/ (jobs)
     collections/        the installed copy of the collection (``install_collection``)
     callback_plugins/   the ``bed_json`` stdout callback used by ``playbook_json``
     tmp/                per-user scratch dirs made by ``user_tmpdir``
@@ -17,7 +19,17 @@ Layout (``HPCBED_ROOT``, default ``/var/tmp/hpcbed``; removed by ``down``)::
 Outside the root: network namespaces ``hpcbed-<host>`` and ``hpcbed-net`` (the bridge), a marked
 block in /etc/hosts, /etc/slurm/slurm.conf (a pre-existing one is kept as
 ``slurm.conf.hpcbed-backup`` and restored by ``down``), one munged on the default socket, and the
-users wsuser, cluser, cluser2 (kept by ``down``: their homes hold their keys).
+users wsuser, cluser, cluser2 (kept by ``down``: their homes hold their keys) and the system user
+sgeadmin. ``install`` also fills /opt/hpc-interactive/sge (the unpacked gridengine .debs) and
+/opt/hpc-interactive/sge-debs (the .debs); both stay.
+
+Son of Grid Engine 8.1.9 runs beside Slurm: sge_qmaster on the controller, sge_execd on compute1 and
+compute2 (queue ``all.q``). Its binaries come from Debian's gridengine .debs, unpacked by ``install``
+into ``/opt/hpc-interactive/sge`` and never installed with dpkg: gridengine-client conflicts with
+slurm-wlm-torque (both ship /usr/bin/qsub), which the bed needs. sge_qmaster and the spool tools
+dlopen() a hard-coded /usr/lib/gridengine/libspoolc.so, so they run in a private mount namespace
+with a read-only overlay that adds the unpacked /usr/lib/gridengine (nothing outside sees it). SGE is
+not on any system PATH: use ``Bed.sge`` or source ``$SGE_ROOT/default/common/settings.sh``.
 """
 from __future__ import annotations
 
@@ -27,6 +39,7 @@ import json
 import os
 import pwd
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -54,7 +67,10 @@ PACKAGES = (
     "openssh-server", "openssh-client", "slurmctld", "slurmd", "slurm-client", "munge", "slurm-wlm-torque",
     "iproute2", "procps", "psmisc", "python3-venv", "python3-yaml", "curl", "util-linux", "nginx-light",
     "environment-modules",  # a real `module` command for the session_modules tests
+    # runtime libraries of the unpacked gridengine binaries (see SGE_PREFIX; install() checks them with ldd)
+    "libjemalloc2", "libhwloc15", "libmunge2", "libtirpc3", "libdb5.3", "libssl3",
 )
+# never among them: gridengine-client/-master/-exec (they conflict with slurm-wlm-torque; see SGE_PREFIX)
 VENV = Path(os.environ.get("HPCBED_VENV", "/opt/hpc-interactive/venv"))
 REPO = Path(__file__).resolve().parents[2]
 SLURM_CONF = Path("/etc/slurm/slurm.conf")
@@ -69,6 +85,24 @@ BOOT_TIMEOUT = 60.0
 BASE_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"
 STALE_DOWN_SECONDS = 300.0  # `up` resumes nodes downed longer ago (a test in progress may have downed a newer one)
 _USABLE_NODE_STATES = ("idle", "mixed", "allocated", "completing")
+
+# Son of Grid Engine: Debian's .debs unpacked (dpkg-deb -x) into SGE_PREFIX, cached in SGE_DEB_CACHE
+SGE_PREFIX = Path(os.environ.get("HPCBED_SGE_PREFIX", "/opt/hpc-interactive/sge"))
+SGE_DEB_CACHE = SGE_PREFIX.with_name(SGE_PREFIX.name + "-debs")
+SGE_DEBS = ("gridengine-common", "gridengine-client", "gridengine-exec", "gridengine-master")
+SGE_STAMP = ".hpcbed-sge.json"  # in SGE_PREFIX: {package: version} of what is unpacked there
+SGE_CELL = "default"
+SGE_ARCH = "lx-amd64"
+SGE_ADMIN = "sgeadmin"  # the admin user gridengine-common's postinst would create (same name)
+SGE_QMASTER_HOST = "controller"
+SGE_EXEC_HOSTS = COMPUTE_HOSTS
+SGE_SUBMIT_HOSTS = (SGE_QMASTER_HOST, *SGE_EXEC_HOSTS)
+SGE_QUEUE = "all.q"
+SGE_SLOTS = 2
+SGE_GID_BASE = 20000  # each execd gets its own 100 job-tracking group ids (the hosts share one /proc)
+SGE_PROGRAMS = ("sge_qmaster", "sge_execd", "sge_shepherd", "qsub", "qstat", "qdel", "qacct", "qconf",
+                "spoolinit", "spooldefaults.bin")
+SGE_BAD_QUEUE_STATES = "uaEdo"  # unknown, alarm, Error, disabled, orphaned
 
 PathLike = Union[str, Path]
 
@@ -115,25 +149,45 @@ def _log(msg: str) -> None:
     print(f"bed: {msg}", file=sys.stderr, flush=True)
 
 
-def _sh(argv: Sequence[str], check: bool = True, timeout: float = 60, input_text: Optional[str] = None,
-        env: Optional[Mapping[str, str]] = None) -> subprocess.CompletedProcess:
+def _sh(argv: Sequence[str], check: bool = True, timeout: float = 60, input_text: Optional[str] = None,  # noqa: PLR0917
+        env: Optional[Mapping[str, str]] = None, cwd: Optional[PathLike] = None) -> subprocess.CompletedProcess:
     """Run a root-namespace command (argv list) and capture its text output."""
     full_env = dict(os.environ if env is None else env)
     full_env["LC_ALL"] = "C.UTF-8"
     cp = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, input=input_text,
-                        env=full_env, check=False)
+                        env=full_env, check=False, cwd=str(cwd) if cwd else None)
     if check and cp.returncode != 0:
         raise CommandFailed(cp.returncode, list(argv), cp.stdout, cp.stderr)
     return cp
 
 
-def _pid_alive(pid: int) -> bool:
+def _proc_stat(path: str) -> List[str]:
+    """Fields of a /proc stat file after the command name (state first); [] when it is gone."""
     try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as fh:
-            state = fh.read().rsplit(")", 1)[1].split()[0]
+        with open(path, encoding="ascii", errors="replace") as fh:
+            return fh.read().rsplit(")", 1)[1].split()
     except (OSError, IndexError):
+        return []
+
+
+def _pid_alive(pid: int) -> bool:
+    """True while any thread of ``pid`` runs: a zombie leader whose threads still exit counts as alive."""
+    fields = _proc_stat(f"/proc/{pid}/stat")
+    if not fields:
         return False
-    return state not in ("Z", "X")
+    if fields[0] not in ("Z", "X"):
+        return True
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return False
+    return any((_proc_stat(f"/proc/{pid}/task/{t}/stat") or ["X"])[0] not in ("Z", "X") for t in tids)
+
+
+def _proc_start(pid: int) -> Optional[str]:
+    """Start time of ``pid`` (clock ticks since boot): tells a process from a later one with the same pid."""
+    fields = _proc_stat(f"/proc/{pid}/stat")
+    return fields[19] if len(fields) > 19 else None
 
 
 def _read_pid(path: Path) -> Optional[int]:
@@ -154,6 +208,18 @@ def _ns_inode(path: PathLike) -> Optional[int]:
         return os.stat(path).st_ino
     except OSError:
         return None
+
+
+def _proc_ns_inodes(pid: int, kind: str) -> set:
+    """Inodes of ``pid``'s ``kind`` (net, uts) namespace; a zombie leader's come from its live threads."""
+    ino = _ns_inode(f"/proc/{pid}/ns/{kind}")
+    if ino is not None:
+        return {ino}
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return set()
+    return {i for i in (_ns_inode(f"/proc/{pid}/task/{t}/ns/{kind}") for t in tids) if i is not None}
 
 
 class Bed:
@@ -210,6 +276,56 @@ class Bed:
     @property
     def slurm_dir(self) -> Path:
         return self.root / "slurm"
+
+    @property
+    def sge_root(self) -> Path:
+        """SGE_ROOT of the bed's Son of Grid Engine cluster (cell ``default``)."""
+        return self.root / "sge"
+
+    @property
+    def sge_cell(self) -> str:
+        return SGE_CELL
+
+    @property
+    def sge_bin(self) -> Path:
+        """The SGE client and daemon bin dir ($SGE_ROOT/bin/lx-amd64, a link to the unpacked binaries)."""
+        return self.sge_root / "bin" / SGE_ARCH
+
+    @property
+    def sge_common(self) -> Path:
+        return self.sge_root / SGE_CELL / "common"
+
+    @property
+    def sge_qmaster_spool(self) -> Path:
+        return self.sge_root / SGE_CELL / "spool" / "qmaster"
+
+    @property
+    def sge_execd_spool(self) -> Path:
+        """execd_spool_dir; each execd spools to <this>/<host>."""
+        return self.sge_root / SGE_CELL / "spool" / "execd"
+
+    @property
+    def sge_conf_dir(self) -> Path:
+        """The files ``up`` feeds to spooldefaults and qconf."""
+        return self.sge_root / "hpcbed"
+
+    @property
+    def sge_tmpdir(self) -> Path:
+        """The queue's tmpdir (execd makes <job>.<task>.<queue>/ in it for each job)."""
+        return self.sge_root / "tmp"
+
+    @staticmethod
+    def sge_binaries() -> Path:
+        """Where the unpacked gridengine binaries are (binary_path; $SGE_ROOT/bin/lx-amd64 points here)."""
+        return SGE_PREFIX / "usr" / "lib" / "gridengine"
+
+    @staticmethod
+    def sge_share() -> Path:
+        return SGE_PREFIX / "usr" / "share" / "gridengine"
+
+    def sge_env(self) -> Dict[str, str]:
+        """SGE_ROOT, SGE_CELL and SGE_ARCH: what every SGE client and daemon needs (PATH not included)."""
+        return {"SGE_ROOT": str(self.sge_root), "SGE_CELL": SGE_CELL, "SGE_ARCH": SGE_ARCH}
 
     @property
     def lock_path(self) -> Path:
@@ -479,6 +595,39 @@ class Bed:
         self._wait(lambda: self.node_state(name).lower() in _USABLE_NODE_STATES, timeout,
                    f"node {name} usable after resume")
 
+    # ------------------------------------------------------------------ SGE helpers
+    def sge(self, argv: Sequence[str], user: Optional[str] = None, check: bool = True,  # noqa: PLR0917
+            timeout: float = 30, cwd: Optional[PathLike] = None, host: str = SGE_QMASTER_HOST
+            ) -> subprocess.CompletedProcess:
+        """Run an SGE client command (qsub, qstat, qdel, qacct, qconf...) on the controller (as root by default).
+
+        SGE_ROOT, SGE_CELL and SGE_ARCH are set and the SGE bin dir comes first on PATH, so ``qsub`` is
+        SGE's and not Slurm's torque wrapper /usr/bin/qsub. ``host`` picks another submit host.
+        """
+        env = {**self.sge_env(), "LC_ALL": "C", "PATH": f"{self.sge_bin}:{self.user_env(user)['PATH']}"}
+        return self.run(host, list(argv), user=user, env=env, check=check, timeout=timeout, cwd=cwd)
+
+    def sge_queue_instances(self, timeout: float = 15) -> Dict[str, Tuple[str, str]]:
+        """``{host: (load_avg, states)}`` of the all.q instances from ``qstat -f`` (load ``-NA-`` = no report yet)."""
+        cp = self.sge(["qstat", "-f", "-q", SGE_QUEUE], check=False, timeout=timeout)
+        out = {}
+        for line in cp.stdout.splitlines():
+            cols = line.split()
+            if cols and cols[0].startswith(f"{SGE_QUEUE}@") and len(cols) >= 5:
+                out[cols[0].split("@", 1)[1]] = (cols[3], cols[5] if len(cols) > 5 else "")
+        return out
+
+    def _sge_daemon_pids(self) -> Dict[str, int]:
+        """``{host: pid}`` of the SGE daemons whose pid files name a live sge_* process (not checked: its netns)."""
+        files = {SGE_QMASTER_HOST: self.sge_qmaster_spool / "qmaster.pid"}
+        files.update({h: self.sge_execd_spool / h / "execd.pid" for h in SGE_EXEC_HOSTS})
+        out = {}
+        for host, path in files.items():
+            pid = _read_pid(path)
+            if pid and _pid_alive(pid) and _comm(pid).startswith("sge_"):
+                out[host] = pid
+        return out
+
     # ------------------------------------------------------------------ lifecycle
     @contextlib.contextmanager
     def locked(self):
@@ -491,24 +640,96 @@ class Bed:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
     def missing_packages(self) -> List[str]:
-        missing = []
-        for pkg in PACKAGES:
-            cp = _sh(["dpkg-query", "-W", "-f=${Status}", pkg], check=False)
-            if "install ok installed" not in cp.stdout:
-                missing.append(pkg)
-        return missing
+        cp = _sh(["dpkg-query", "-W", "-f=${Package}\t${Status}\n", *PACKAGES], check=False)
+        installed = set()
+        for line in cp.stdout.splitlines():
+            name, _, status = line.partition("\t")
+            if status.endswith("install ok installed"):
+                installed.add(name.split(":")[0])
+        return [pkg for pkg in PACKAGES if pkg not in installed]
 
     def install(self) -> List[str]:
-        """Install what the bed needs (apt-get update only when something is missing); fix venv perms."""
+        """Install what the bed needs (apt-get update only when something is missing), unpack SGE; fix venv perms.
+
+        Returns what was installed: apt packages, and ``gridengine-*=VERSION`` when the SGE .debs were
+        (re)unpacked into SGE_PREFIX.
+        """
         _require_root()
         missing = self.missing_packages()
         if missing:
             _log(f"installing {' '.join(missing)}")
-            env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-            _sh(["apt-get", "update"], timeout=600, env=env)
-            _sh(["apt-get", "install", "-y", "--no-install-recommends", *missing], timeout=1200, env=env)
+            _apt(["update"], timeout=600)
+            _apt_install(missing)
+        unpacked = self.install_sge()
         self._ensure_venv()
-        return missing
+        return missing + unpacked
+
+    def sge_installed(self) -> Dict[str, str]:
+        """``{package: version}`` of the gridengine .debs unpacked in SGE_PREFIX ({} when incomplete)."""
+        try:
+            stamp = json.loads((SGE_PREFIX / SGE_STAMP).read_text())
+        except (OSError, ValueError):
+            return {}
+        if set(stamp) != set(SGE_DEBS) or not all(os.access(self.sge_binaries() / p, os.X_OK) for p in SGE_PROGRAMS):
+            return {}
+        return stamp
+
+    def install_sge(self) -> List[str]:
+        """Make the gridengine binaries available without installing the packages.
+
+        gridengine-client conflicts with slurm-wlm-torque (apt would remove the torque wrappers the bed
+        needs), so the four .debs are fetched with ``apt-get download`` into SGE_DEB_CACHE and unpacked
+        with ``dpkg-deb -x`` into SGE_PREFIX; dpkg never hears of them. Idempotent: nothing happens when
+        SGE_PREFIX already holds the candidate versions (or holds a complete tree and apt knows no
+        candidate). Returns ``package=version`` for each .deb unpacked.
+        """
+        _require_root()
+        have = self.sge_installed()
+        want = _apt_candidates(SGE_DEBS)
+        if not all(want.values()) and not have:
+            _apt(["update"], timeout=600)
+            want = _apt_candidates(SGE_DEBS)
+        if have and (have == want or not all(want.values())):
+            self._check_sge_libraries()
+            return []
+        if not all(want.values()):
+            raise BedError(f"apt knows no candidate for {[p for p, v in want.items() if not v]}")
+        SGE_DEB_CACHE.mkdir(parents=True, exist_ok=True)
+        SGE_DEB_CACHE.chmod(0o755)
+        debs = []
+        for pkg, version in want.items():
+            deb = _cached_deb(pkg, version)
+            if deb is None:
+                _log(f"downloading {pkg}={version} into {SGE_DEB_CACHE}")
+                _apt(["download", f"{pkg}={version}"], timeout=600, cwd=SGE_DEB_CACHE)
+                deb = _cached_deb(pkg, version)
+                if deb is None:
+                    raise BedError(f"apt-get download {pkg}={version} left no such .deb in {SGE_DEB_CACHE}")
+            debs.append(deb)
+        new = SGE_PREFIX.with_name(f".{SGE_PREFIX.name}.new-{os.getpid()}")
+        old = SGE_PREFIX.with_name(f".{SGE_PREFIX.name}.old-{os.getpid()}")
+        shutil.rmtree(new, ignore_errors=True)
+        for deb in debs:
+            _sh(["dpkg-deb", "-x", str(deb), str(new)], timeout=300)
+        (new / SGE_STAMP).write_text(json.dumps(want, indent=2, sort_keys=True) + "\n")
+        new.chmod(0o755)
+        if SGE_PREFIX.exists():
+            os.rename(SGE_PREFIX, old)
+        os.rename(new, SGE_PREFIX)
+        shutil.rmtree(old, ignore_errors=True)
+        self._check_sge_libraries()
+        _log(f"unpacked {' '.join(p.name for p in debs)} into {SGE_PREFIX}")
+        return [f"{p}={v}" for p, v in want.items()]
+
+    def _check_sge_libraries(self) -> None:
+        missing = set()
+        for prog in SGE_PROGRAMS:
+            cp = _sh(["ldd", str(self.sge_binaries() / prog)], check=False)
+            missing.update(line.split()[0] for line in cp.stdout.splitlines()
+                           if "not found" in line and "libspool" not in line)  # libspool*: dlopen()ed, see up
+        if missing:
+            raise BedError(f"the gridengine binaries miss shared libraries {sorted(missing)}: add their packages "
+                           "to PACKAGES in tests/bed/bedlib.py")
 
     def _ensure_venv(self) -> None:
         if not (self.venv / "bin" / "python").exists():
@@ -539,7 +760,7 @@ class Bed:
         _require_root()
         t0 = time.monotonic()
         with self.locked():
-            if self.missing_packages() or not (self.venv / "bin" / "python").exists():
+            if self.missing_packages() or not (self.venv / "bin" / "python").exists() or not self.sge_installed():
                 self.install()
             health = self.health(logins=True) if self.root.joinpath("bed.json").exists() else None
             if health is not None and not health.ok:  # a busy machine can fail one probe: look twice
@@ -590,6 +811,7 @@ class Bed:
         self._make_network()
         self._make_uts()
         self._write_etc_hosts()
+        self._start_sge_qmaster()  # it boots (~0.5 s) while sshd and Slurm start
         self._ssh_setup()
         for host in HOSTS:
             self._start_sshd(host)
@@ -598,6 +820,7 @@ class Bed:
         self._start_slurmctld(deadline)
         for node in COMPUTE_HOSTS:
             self._start_slurmd(node)
+        self._start_sge_execds(deadline)
         self._write_inventory()
         self._install_callback()
         self._wait_healthy(deadline)
@@ -611,6 +834,11 @@ class Bed:
             (self.slurm_dir / "spool" / node).mkdir(exist_ok=True)
 
     def _ensure_users(self) -> None:
+        try:
+            pwd.getpwnam(SGE_ADMIN)
+        except KeyError:  # what gridengine-common's postinst would make (a system user, no login)
+            _sh(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+                 "--shell", "/usr/sbin/nologin", SGE_ADMIN])
         for user in USERS:
             try:
                 pwd.getpwnam(user)
@@ -685,15 +913,40 @@ class Bed:
             self.write_user_file(user, ssh_dir / "authorized_keys", "\n".join(authorized[user]) + "\n", 0o600)
             self.write_user_file(user, ssh_dir / "known_hosts", "\n".join(known) + "\n", 0o644)
 
-    def _daemon(self, host: str, argv: Sequence[str], log_name: str) -> None:
+    def _daemon(self, host: str, argv: Sequence[str], log_name: str, env: Optional[Mapping[str, str]] = None) -> None:
         """Start a daemonizing command inside ``host``'s namespaces and wait for its parent to exit."""
-        log = self.root / "log" / f"{log_name}.out"
-        with open(log, "ab") as out:
-            cp = subprocess.run(self.wrap(host, argv), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
-                                env={"PATH": BASE_PATH, "LC_ALL": "C", "HOME": "/root"}, cwd="/",
-                                start_new_session=True, timeout=30, check=False)
-        if cp.returncode != 0:
-            raise BedError(f"{argv[0]} on {host} exited {cp.returncode}: {log.read_text()[-2000:]}")
+        self._daemons([(host, argv, log_name)], env=env)
+
+    def _daemons(self, specs: Sequence[Tuple[str, Sequence[str], str]], env: Optional[Mapping[str, str]] = None,
+                 timeout: float = 30, meanwhile=None) -> None:
+        """Start daemonizing commands ``(host, argv, log_name)`` side by side; wait for every parent to exit.
+
+        ``meanwhile`` (a callable) runs after they were started and before the wait.
+        """
+        full_env = {"PATH": BASE_PATH, "LC_ALL": "C", "HOME": "/root", **(env or {})}
+        started = []
+        for host, argv, log_name in specs:
+            log = self.root / "log" / f"{log_name}.out"
+            with open(log, "ab") as out:
+                proc = subprocess.Popen(self.wrap(host, argv), stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                                        env=full_env, cwd="/", start_new_session=True)
+            started.append((host, argv, log, proc))
+        if meanwhile is not None:
+            meanwhile()
+        end = time.monotonic() + timeout
+        errors = []
+        for host, argv, log, proc in started:
+            try:
+                rc = proc.wait(timeout=max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                rc = proc.wait()
+                errors.append(f"{argv[0]} on {host} did not return in {timeout:.0f} s")
+                continue
+            if rc != 0:
+                errors.append(f"{argv[0]} on {host} exited {rc}: {log.read_text()[-2000:]}")
+        if errors:
+            raise BedError("; ".join(errors))
 
     def _start_sshd(self, host: str) -> None:
         d = self.host_dir(host)
@@ -724,6 +977,141 @@ class Bed:
     def _start_slurmd(self, node: str) -> None:
         self._daemon(node, ["/usr/sbin/slurmd"], f"slurmd-{node}")
 
+    # ------------------------------------------------------------------ SGE boot
+    def _start_sge_qmaster(self) -> None:
+        """Son of Grid Engine, part 1: the cell and the qmaster spool (offline), then sge_qmaster on the controller."""
+        if not self.sge_installed():
+            raise BedError(f"no gridengine binaries in {SGE_PREFIX}: run tests/bed/bed install")
+        self._sge_make_cell()
+        self._daemon(SGE_QMASTER_HOST, self._sge_overlay([str(self.sge_bin / "sge_qmaster")]), "sge_qmaster",
+                     env=self.sge_env())
+
+    def _start_sge_execds(self, deadline: float) -> None:
+        """Part 2: wait for the qmaster, configure it with qconf, start sge_execd on the compute hosts.
+
+        ``_wait_healthy`` then waits until their queue instances report load.
+        """
+        self._wait(lambda: self.sge(["qconf", "-sh"], check=False, timeout=10).returncode == 0,
+                   max(1.0, deadline - time.monotonic()), "sge_qmaster answering qconf -sh")
+        # each sge_execd parent waits ~1 s for its daemon: start them side by side, and configure meanwhile
+        # (their hosts were spooled offline by _sge_make_cell)
+        self._daemons([(node, [str(self.sge_bin / "sge_execd")], f"sge_execd-{node}") for node in SGE_EXEC_HOSTS],
+                      env=self.sge_env(), meanwhile=self._sge_configure)
+
+    @staticmethod
+    def _sge_overlay(argv: Sequence[str]) -> List[str]:
+        """argv that runs ``argv`` where /usr/lib/gridengine exists.
+
+        sge_qmaster, spoolinit and spooldefaults dlopen() "/usr/lib/gridengine/libspoolc.so" (a path built
+        into Debian's binaries; an absolute spooling_lib becomes /usr/lib/gridengine//...). They run in a
+        private mount namespace with a read-only overlay of the unpacked usr/lib over /usr/lib, which no
+        process outside that namespace sees; it goes away with the last process in it.
+        """
+        script = 'mount -t overlay hpcbed-sge-usrlib -o "lowerdir=$1:/usr/lib" /usr/lib && shift && exec "$@"'
+        return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh",
+                str(SGE_PREFIX / "usr" / "lib"), *argv]
+
+    def _sge_make_cell(self) -> None:
+        """SGE_ROOT layout, bootstrap (classic spooling), settings.sh, and the qmaster's initial spool."""
+        root, common, conf = self.sge_root, self.sge_common, self.sge_conf_dir
+
+        def put(path: Path, text: str) -> None:  # every user's clients read bootstrap, act_qmaster, settings.*
+            path.write_text(text)
+            path.chmod(0o644)
+
+        for d in (root, root / SGE_CELL, common, root / SGE_CELL / "spool", self.sge_qmaster_spool,
+                  self.sge_execd_spool, conf, conf / "adminhosts", conf / "submithosts", conf / "exechosts",
+                  conf / "lconf", self.sge_tmpdir,
+                  root / "bin", root / "utilbin", root / "lib"):
+            d.mkdir(parents=True, exist_ok=True)
+            d.chmod(0o755)
+        for sub in ("bin", "utilbin", "lib"):  # where SGE looks for its tools ($SGE_ROOT/utilbin/<arch>/...)
+            (root / sub / SGE_ARCH).symlink_to(self.sge_binaries())
+        (root / "util").symlink_to(self.sge_share() / "util")
+        put(common / "bootstrap", f"""# Version: 8.1.9 (hpcbed)
+admin_user              {SGE_ADMIN}
+default_domain          none
+ignore_fqdn             true
+spooling_method         classic
+spooling_lib            libspoolc
+spooling_params         {common};{self.sge_qmaster_spool}
+binary_path             {self.sge_binaries()}
+qmaster_spool_dir       {self.sge_qmaster_spool}
+security_mode           none
+job_spooling            true
+listener_threads        2
+worker_threads          2
+scheduler_threads       1
+""")
+        put(common / "act_qmaster", SGE_QMASTER_HOST + "\n")
+        env = self.sge_env()
+        put(common / "settings.sh", f"{MARKER}\n" + "".join(f"{k}={v}; export {k}\n" for k, v in env.items())
+            + f"PATH={self.sge_bin}:$PATH; export PATH\n")
+        put(common / "settings.csh", f"{MARKER}\n" + "".join(f"setenv {k} {v}\n" for k, v in env.items())
+            + f"setenv PATH {self.sge_bin}:$PATH\n")
+        # the global configuration: Debian's default with the bed's spool dir, quick load reports and
+        # accounting records written at once (qacct sees a job as soon as it ended)
+        glob = (self.sge_share() / "default-configuration").read_text()
+        glob = _set_conf_fields(glob, {
+            "execd_spool_dir": str(self.sge_execd_spool), "load_report_time": "00:00:05", "mailer": "/bin/true",
+            "reporting_params": "accounting=true reporting=false flush_time=00:00:01 joblog=false "
+                                "sharelog=00:00:00 accounting_flush_time=00:00:00"})
+        put(conf / "global", glob)
+        # hosts, offline too, so an execd can start as soon as the qmaster answers: admin hosts (an exec
+        # host must be one before its execd registers), submit hosts, exec hosts, and each exec host's
+        # local configuration with its own job-tracking gid_range (the hosts share one /proc)
+        for host in SGE_SUBMIT_HOSTS:
+            put(conf / "adminhosts" / host, f"hostname {host}\n")
+            put(conf / "submithosts" / host, f"hostname {host}\n")
+        for i, node in enumerate(SGE_EXEC_HOSTS):
+            put(conf / "exechosts" / node, f"hostname {node}\n" + "".join(
+                f"{k} NONE\n" for k in ("load_scaling", "complex_values", "user_lists", "xuser_lists", "projects",
+                                         "xprojects", "usage_scaling", "report_variables")))
+            lo = SGE_GID_BASE + 100 * i
+            put(conf / "lconf" / node, f"mailer /bin/true\nxterm /usr/bin/xterm\ngid_range {lo}-{lo + 99}\n")
+        admin = pwd.getpwnam(SGE_ADMIN)
+        for top in (root / SGE_CELL, conf):
+            for dirpath, _dirs, files in os.walk(top):
+                os.chown(dirpath, admin.pw_uid, admin.pw_gid)
+                for name in files:
+                    os.chown(os.path.join(dirpath, name), admin.pw_uid, admin.pw_gid)
+        resources = self.sge_share() / "util" / "resources"
+        steps = [["spoolinit", "classic", "libspoolc", f"{common};{self.sge_qmaster_spool}", "init"],
+                 ["spooldefaults", "configuration", str(conf / "global")],
+                 ["spooldefaults", "complexes", str(resources / "centry")],
+                 ["spooldefaults", "usersets", str(resources / "usersets")],
+                 ["spooldefaults", "managers", "root", SGE_ADMIN],
+                 ["spooldefaults", "adminhosts", str(conf / "adminhosts")],
+                 ["spooldefaults", "submithosts", str(conf / "submithosts")],
+                 ["spooldefaults", "exechosts", str(conf / "exechosts")],
+                 *(["spooldefaults", "local_conf", str(conf / "lconf" / n), n] for n in SGE_EXEC_HOSTS)]
+        # one overlay namespace and one setpriv for all steps (sh -e stops at the first failing one)
+        script = "set -e\numask 022\n" + "".join(
+            f"echo '>>' {shlex.quote(step[0])} {shlex.quote(step[1])}; "
+            f"{shlex.join([str(self.sge_bin / step[0]), *step[1:]])}\n" for step in steps)
+        cp = _sh(self._sge_overlay(["setpriv", f"--reuid={admin.pw_uid}", f"--regid={admin.pw_gid}", "--init-groups",
+                                    "--", "sh", "-c", script]),
+                 env={"PATH": BASE_PATH, "HOME": "/", **env}, check=False, timeout=120)
+        if cp.returncode != 0:
+            raise BedError(f"making the SGE spool failed ({cp.returncode}): {cp.stdout[-1500:]}{cp.stderr[-1500:]}")
+
+    def _sge_configure(self) -> None:
+        """qconf as root on the controller (a manager, on an admin host): fast scheduler, @allhosts, all.q."""
+        conf = self.sge_conf_dir
+
+        def write(name: str, text: str) -> str:
+            path = conf / name
+            path.write_text(text)
+            path.chmod(0o644)
+            return str(path)
+
+        # scheduler: a run every second and right after each submit and job end (the default, 15 s, is slow)
+        sconf = _set_conf_fields(self.sge(["qconf", "-ssconf"]).stdout, {
+            "schedule_interval": "0:0:1", "flush_submit_sec": "1", "flush_finish_sec": "1"})
+        self.sge(["qconf", "-Msconf", write("sconf", sconf)])
+        self.sge(["qconf", "-Ahgrp", write("allhosts", f"group_name @allhosts\nhostlist {' '.join(SGE_EXEC_HOSTS)}\n")])
+        self.sge(["qconf", "-Aq", write(SGE_QUEUE, _sge_queue_conf(self.sge_tmpdir))])
+
     def _write_inventory(self) -> None:
         self.inventory_path.write_text(self.inventory_text())
         self.inventory_path.chmod(0o644)
@@ -737,17 +1125,22 @@ class Bed:
         return "\n".join(lines)
 
     def _wait_healthy(self, deadline: float) -> None:
-        last = None
+        # everything but SGE first, and the logins, while the execds start (each sleeps 2 s after it
+        # registered, before its first load report); then SGE
+        self._wait_health(deadline, sge=False)
+        logins = self.health(logins=True, sge=False)
+        if not logins.ok:
+            raise BedError("bed daemons up but logins fail:\n" + logins.report())
+        self._wait_health(deadline, sge=True)
+
+    def _wait_health(self, deadline: float, sge: bool) -> None:
         while True:
-            last = self.health(logins=False)
+            last = self.health(logins=False, sge=sge)
             if last.ok:
-                break
+                return
             if time.monotonic() > deadline:
                 raise BedError("bed not healthy in time:\n" + last.report())
             time.sleep(0.2)
-        logins = self.health(logins=True)
-        if not logins.ok:
-            raise BedError("bed daemons up but logins fail:\n" + logins.report())
 
     @staticmethod
     def _wait(pred, timeout: float, what: str) -> None:
@@ -761,8 +1154,8 @@ class Bed:
             time.sleep(0.1)
 
     # ------------------------------------------------------------------ health
-    def health(self, logins: bool = True) -> Health:
-        """Check every part; ``logins`` adds real ssh logins between the bed's users."""
+    def health(self, logins: bool = True, sge: bool = True) -> Health:
+        """Check every part; ``logins`` adds real ssh logins between the bed's users; ``sge=False`` skips SGE."""
         h = Health()
         h.add("bed", "root", self.root.exists(), str(self.root))
         h.add("bed", "munge", _munge_ok(), "munge -n | unmunge")
@@ -796,6 +1189,8 @@ class Bed:
                 responding = state != "?" and not state.endswith("*") and "unknown" not in state \
                     and "not_responding" not in state
                 h.add(node, "slurmd", bool(pid and _pid_alive(pid) and responding), f"pid {pid}, node {state}")
+        if sge and h.part_ok(SGE_QMASTER_HOST, ignore=("slurmctld",)):
+            self._sge_health(h)
         if logins and h.ok:
             checks = [("workspace", WS_USER, c, h_) for h_ in ("controller", *COMPUTE_HOSTS) for c in CLUSTER_USERS[:1]]
             checks.append(("compute1", CLUSTER_USERS[0], WS_USER, "workspace"))
@@ -813,6 +1208,31 @@ class Bed:
                 h.add(dest, "login", out.strip() == dest,
                       f"{user}@{src} -> {dest_user}@{dest}: {(out.strip() or err.strip())[:200]}")
         return h
+
+    def _sge_health(self, h: Health) -> None:
+        """sge_qmaster alive in the controller's netns and answering; each execd alive in its host's netns
+        with its all.q instance reporting load and in no u/a/E/d/o state. (Liveness matters: qmaster
+        keeps a dead execd's queue looking fine until max_unheard, 5 min.)"""
+        pids = self._sge_daemon_pids()
+
+        def in_netns(host: str) -> bool:
+            pid = pids.get(host)
+            return bool(pid) and _proc_ns_inodes(pid, "net") == {_ns_inode(self.netns_path(host))}
+
+        admin_hosts: List[str] = []
+        if in_netns(SGE_QMASTER_HOST):
+            cp = self.sge(["qconf", "-sh"], check=False, timeout=10)
+            admin_hosts = cp.stdout.split() if cp.returncode == 0 else []
+        qmaster_ok = SGE_QMASTER_HOST in admin_hosts
+        h.add(SGE_QMASTER_HOST, "sge_qmaster", qmaster_ok,
+              f"pid {pids.get(SGE_QMASTER_HOST)}, qconf -sh: {' '.join(admin_hosts) or 'no answer'}")
+        instances = self.sge_queue_instances() if qmaster_ok else {}
+        for node in SGE_EXEC_HOSTS:
+            if not h.part_ok(node, ignore=("slurmd",)):
+                continue
+            load, states = instances.get(node, ("?", ""))
+            ok = in_netns(node) and load not in ("?", "-NA-") and not set(states) & set(SGE_BAD_QUEUE_STATES)
+            h.add(node, "sge_execd", ok, f"pid {pids.get(node)}, {SGE_QUEUE}@{node} load={load} states={states or '-'}")
 
     def _listening(self, host: str, port: int) -> bool:
         cp = _sh(["nsenter", f"--net={self.netns_path(host)}", "ss", "-Hltn", f"sport = :{port}"], check=False)
@@ -841,24 +1261,47 @@ class Bed:
             pid = int(entry)
             try:
                 if pid == munged or os.stat(f"/proc/{pid}").st_uid in uids \
-                        or _ns_inode(f"/proc/{pid}/ns/net") in net_inodes \
-                        or _ns_inode(f"/proc/{pid}/ns/uts") in uts_inodes:
+                        or _proc_ns_inodes(pid, "net") & net_inodes \
+                        or _proc_ns_inodes(pid, "uts") & uts_inodes:
                     pids.append(pid)
             except OSError:
                 continue
         return pids
 
     def _kill_all(self) -> List[int]:
+        """SIGTERM every bed process, SIGKILL after 2 s; wait until each has really exited.
+
+        A process that is exiting loses /proc/PID/ns/* before it is gone (and a multi-threaded one, like
+        sge_qmaster, can be a zombie leader while its threads still run), so every pid seen once is
+        remembered (with its start time, against pid reuse) until it is gone or a zombie with no live thread.
+        """
+        seen: Dict[int, Optional[str]] = {}
+        net_inodes = {i for i in (_ns_inode(p) for p in NETNS_DIR.glob(f"{PREFIX}-*")) if i}
+        for pid in self._sge_daemon_pids().values():  # the spool is removed anyway: no clean shutdown (~7 s)
+            if _proc_ns_inodes(pid, "net") & net_inodes:
+                seen[pid] = _proc_start(pid)
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGKILL)
+
+        def alive() -> List[int]:
+            for pid in self.bed_pids():
+                if pid not in seen:
+                    seen[pid] = _proc_start(pid)
+            for pid, start in list(seen.items()):
+                if not _pid_alive(pid) or _proc_start(pid) != start:
+                    del seen[pid]
+            return sorted(seen)
+
         for sig, rounds in ((signal.SIGTERM, 20), (signal.SIGKILL, 30)):
             for _ in range(rounds):
-                pids = [p for p in self.bed_pids() if _pid_alive(p)]
+                pids = alive()
                 if not pids:
                     return []
                 for pid in pids:
                     with contextlib.suppress(ProcessLookupError, PermissionError):
                         os.kill(pid, sig)
                 time.sleep(0.1)
-        return [p for p in self.bed_pids() if _pid_alive(p)]
+        return alive()
 
     def _anything_left(self) -> bool:
         return bool(self.leftovers())
@@ -950,6 +1393,44 @@ def _munge_ok() -> bool:
         return False
 
 
+def _apt(args: Sequence[str], timeout: float = 600, cwd: Optional[PathLike] = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    return _sh(["apt-get", *args], timeout=timeout, env=env, cwd=cwd)
+
+
+def _apt_install(packages: Sequence[str]) -> None:
+    """apt-get install ``packages``, refused when apt would remove anything (e.g. slurm-wlm-torque)."""
+    args = ["install", "-y", "--no-install-recommends", *packages]
+    plan = _apt(["-s", *args], timeout=300).stdout
+    removals = [line.split()[1] for line in plan.splitlines() if line.startswith("Remv ")]
+    if removals:
+        raise BedError(f"apt-get install {' '.join(packages)} would remove {' '.join(removals)}: refused")
+    _apt(args, timeout=1200)
+
+
+def _apt_candidates(packages: Sequence[str]) -> Dict[str, str]:
+    """``{package: candidate version}`` from the local apt lists ('' when apt knows none)."""
+    out = dict.fromkeys(packages, "")
+    cp = _sh(["apt-cache", "policy", *packages], check=False)
+    pkg = None
+    for line in cp.stdout.splitlines():
+        if line and not line[0].isspace() and line.endswith(":"):
+            pkg = line[:-1]
+        elif pkg in out and line.strip().startswith("Candidate:"):
+            version = line.split(":", 1)[1].strip()
+            out[pkg] = "" if version == "(none)" else version
+    return out
+
+
+def _cached_deb(package: str, version: str) -> Optional[Path]:
+    for deb in sorted(SGE_DEB_CACHE.glob(f"{package}_*.deb")):
+        cp = _sh(["dpkg-deb", "-f", str(deb), "Package", "Version"], check=False)
+        fields = dict(line.split(": ", 1) for line in cp.stdout.splitlines() if ": " in line)
+        if fields.get("Package") == package and fields.get("Version") == version:
+            return deb
+    return None
+
+
 def _ancestors(pid: int) -> List[int]:
     out = []
     while pid > 1:
@@ -1028,6 +1509,34 @@ ClientAliveCountMax 4
 AcceptEnv LANG LC_*
 Subsystem sftp /usr/lib/openssh/sftp-server
 """
+
+
+def _set_conf_fields(text: str, fields: Mapping[str, str]) -> str:
+    """Set ``name value`` lines of an SGE configuration text (each name must be there)."""
+    for name, value in fields.items():
+        text, n = re.subn(rf"(?m)^{re.escape(name)}[ \t]+.*$", f"{name:<32} {value}", text)
+        if n != 1:
+            raise BedError(f"SGE configuration has {n} lines for {name!r}")
+    return text
+
+
+def _sge_queue_conf(tmpdir: Path) -> str:
+    """all.q on @allhosts: no load thresholds (a busy 2-core machine would put it in alarm state and
+    jobs would wait), ``#!`` honoured (unix_behavior), job tmp dirs under the bed root."""
+    fields = {
+        "qname": SGE_QUEUE, "hostlist": "@allhosts", "seq_no": "0", "load_thresholds": "NONE",
+        "suspend_thresholds": "NONE", "nsuspend": "1", "suspend_interval": "00:05:00", "priority": "0",
+        "min_cpu_interval": "00:05:00", "processors": "UNDEFINED", "qtype": "BATCH INTERACTIVE",
+        "ckpt_list": "NONE", "pe_list": "NONE", "rerun": "FALSE", "slots": str(SGE_SLOTS), "tmpdir": str(tmpdir),
+        "shell": "/bin/bash", "prolog": "NONE", "epilog": "NONE", "shell_start_mode": "unix_behavior",
+        "starter_method": "NONE", "suspend_method": "NONE", "resume_method": "NONE", "terminate_method": "NONE",
+        "notify": "00:00:60", "owner_list": "NONE", "user_lists": "NONE", "xuser_lists": "NONE",
+        "subordinate_list": "NONE", "complex_values": "NONE", "projects": "NONE", "xprojects": "NONE",
+        "calendar": "NONE", "initial_state": "default",
+    }
+    for limit in ("rt", "cpu", "fsize", "data", "stack", "core", "rss", "vmem"):
+        fields[f"s_{limit}"] = fields[f"h_{limit}"] = "INFINITY"
+    return "".join(f"{k:<21} {v}\n" for k, v in fields.items())
 
 
 def _slurm_conf(sd: Path) -> str:

@@ -1,4 +1,4 @@
-"""The test bed itself: hosts, users, keys, Slurm, PBS wrappers and Ansible, as the API promises."""
+"""The test bed itself: hosts, users, keys, Slurm, PBS wrappers, SGE and Ansible, as the API promises."""
 from __future__ import annotations
 
 import os
@@ -8,6 +8,7 @@ import stat
 import subprocess
 import time
 import uuid
+import xml.etree.ElementTree as ET  # noqa: S405 - output of the bed's own qstat
 from pathlib import Path
 
 import pytest
@@ -31,6 +32,29 @@ def _job_field(bed: Bed, job_id: str, field: str) -> str:
     out = bed.run("controller", ["scontrol", "show", "job", "-o", job_id], user="cluser", env={"LC_ALL": "C"}).stdout
     m = re.search(rf"\b{field}=(\S*)", out)
     return m.group(1) if m else ""
+
+
+def _sge_jobs(bed: Bed, user: str = "cluser") -> dict:
+    """``{job id: (state, queue_name)}`` of ``user``'s running and pending jobs, from ``qstat -xml``."""
+    root = ET.fromstring(bed.sge(["qstat", "-xml"], user=user).stdout)  # noqa: S314
+    return {j.findtext("JB_job_number"): (j.findtext("state"), j.findtext("queue_name") or "")
+            for j in root.iter("job_list")}
+
+
+def _qacct(bed: Bed, job: str, user: str) -> dict:
+    """``qacct -j JOB`` as ``user`` as a dict (empty while the job has no accounting record)."""
+    cp = bed.sge(["qacct", "-j", job], user=user, check=False)
+    if cp.returncode != 0:
+        return {}
+    pairs = (line.split(None, 1) + [""] for line in cp.stdout.splitlines() if line.strip() and line[0] != "=")
+    return {p[0]: p[1].strip() for p in pairs}
+
+
+def _start_time(pid: str) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
 
 
 def _sbatch(bed: Bed, workdir: Path, *args: str) -> str:
@@ -181,6 +205,74 @@ def test_pbs_qsub_qstat_qdel(bed: Bed) -> None:
     _wait(lambda: _job_field(bed, job, "JobState") in ("CANCELLED", ""))
 
 
+@pytest.mark.parametrize("node", COMPUTE_HOSTS)
+def test_sge_job_runs_in_exec_host_and_qdel_ends_it(bed: Bed, node: str) -> None:
+    work = bed.user_tmpdir("cluser")
+    script = bed.write_user_file("cluser", work / "sgejob.sh",
+                                 '#!/bin/bash\necho "$JOB_ID $(hostname) $$" > "ran.$JOB_ID"\nsleep 300\n', 0o700)
+    name = f"bedsge-{uuid.uuid4().hex[:8]}"
+    cp = bed.sge(["qsub", "-terse", "-cwd", "-N", name, "-q", f"all.q@{node}", str(script)], user="cluser", cwd=work)
+    job = cp.stdout.strip()
+    assert job.isdigit(), cp.stdout + cp.stderr
+    try:
+        assert _wait(lambda: _sge_jobs(bed).get(job, ("", ""))[0] == "r")
+        assert _sge_jobs(bed)[job] == ("r", f"all.q@{node}")
+        ran = work / f"ran.{job}"
+        job_id, host, pid = _wait(lambda: ran.exists() and ran.read_text().split())
+        assert (job_id, host) == (job, node)
+        # the job shell runs in the exec host's network namespace, not only under its name
+        assert os.stat(f"/proc/{pid}/ns/net").st_ino == os.stat(bed.netns_path(node)).st_ino
+        started = _start_time(pid)
+        denied = bed.sge(["qdel", job], user="cluser2", check=False)
+        assert denied.returncode != 0 and "privileges" in denied.stdout + denied.stderr
+        assert _sge_jobs(bed)[job][0] == "r"
+        qdel = bed.sge(["qdel", job], user="cluser")
+        assert f"registered the job {job} for deletion" in qdel.stdout
+        _wait(lambda: job not in _sge_jobs(bed))
+        _wait(lambda: _start_time(pid) != started, timeout=15)  # the job shell is gone
+        acct = _wait(lambda: _qacct(bed, job, "cluser"))
+        assert (acct["jobnumber"], acct["jobname"], acct["owner"], acct["hostname"]) == (job, name, "cluser", node)
+        assert acct["failed"] != "0"  # killed by qdel, not finished
+    finally:
+        bed.sge(["qdel", job], user="cluser", check=False)
+
+
+def test_sge_cluser2_job_runs_to_the_end_and_is_accounted(bed: Bed) -> None:
+    work = bed.user_tmpdir("cluser2")
+    name = f"bedsge-{uuid.uuid4().hex[:8]}"
+    cp = bed.sge(["qsub", "-sync", "y", "-cwd", "-N", name, "-j", "y", "-o", "out.$JOB_ID", "-b", "y",
+                  "/bin/sh", "-c", "hostname; id -un"], user="cluser2", cwd=work, timeout=120)
+    m = re.search(r"^Job (\d+) exited with exit code 0\.$", cp.stdout, re.M)
+    assert cp.returncode == 0 and m, cp.stdout + cp.stderr
+    job = m.group(1)
+    host, user = (work / f"out.{job}").read_text().split()
+    assert host in COMPUTE_HOSTS and user == "cluser2"
+    acct = _wait(lambda: _qacct(bed, job, "cluser2"))
+    assert (acct["owner"], acct["hostname"], acct["failed"], acct["exit_status"]) == ("cluser2", host, "0", "0")
+    assert job not in _sge_jobs(bed, "cluser2")
+
+
+def test_pbs_qsub_stays_slurms_torque_wrapper_and_sge_is_off_path(bed: Bed) -> None:
+    owner = subprocess.run(["dpkg-query", "-S", "/usr/bin/qsub"], capture_output=True, text=True, check=True).stdout
+    assert owner.strip() == "slurm-wlm-torque: /usr/bin/qsub"
+    for pkg in ("gridengine-client", "gridengine-master", "gridengine-exec"):
+        status = subprocess.run(["dpkg-query", "-W", "-f=${Status}", pkg], capture_output=True, text=True).stdout
+        assert "install ok installed" not in status, pkg
+    assert "Slurm" in Path("/usr/bin/qsub").read_text()
+    login = bed.run("controller", ["bash", "-lc", "command -v qsub qstat qdel; echo ${SGE_ROOT:-none}"],
+                    user="cluser", check=True)
+    assert login.stdout.split() == ["/usr/bin/qsub", "/usr/bin/qstat", "/usr/bin/qdel", "none"]
+    if Path("/etc/environment").exists():
+        assert "sge" not in Path("/etc/environment").read_text().lower()
+    # SGE's own commands: through Bed.sge, or after sourcing the cell's settings.sh
+    assert bed.sge(["bash", "-c", "command -v qsub"], user="cluser").stdout.strip() == str(bed.sge_bin / "qsub")
+    assert os.path.realpath(bed.sge_bin / "qsub").startswith("/opt/hpc-interactive/sge/")
+    settings = bed.sge_root / bed.sge_cell / "common" / "settings.sh"
+    cp = bed.run("controller", ["bash", "-c", f". {settings} && command -v qsub && echo $SGE_ROOT $SGE_CELL && "
+                                "qstat -u cluser >/dev/null && echo qstat-ok"], user="cluser", check=True)
+    assert cp.stdout.split() == [str(bed.sge_bin / "qsub"), str(bed.sge_root), "default", "qstat-ok"]
+
+
 def test_node_down_and_resume(bed: Bed) -> None:
     bed.node_down("compute1", "bed test")
     try:
@@ -230,14 +322,18 @@ def test_ansible_module_helper_and_installed_collection(bed: Bed) -> None:
 
 
 def test_status_and_idempotent_up(bed: Bed) -> None:
-    pids = [(bed.host_dir(h) / "sshd.pid").read_text() for h in HOSTS]
+    pid_files = [bed.host_dir(h) / "sshd.pid" for h in HOSTS] + [bed.sge_root / "default/spool/qmaster/qmaster.pid"]
+    pid_files += [bed.sge_root / f"default/spool/execd/{n}/execd.pid" for n in COMPUTE_HOSTS]
+    pids = [p.read_text() for p in pid_files]
     t0 = time.monotonic()
     bed.up()
     assert time.monotonic() - t0 < 10
-    assert [(bed.host_dir(h) / "sshd.pid").read_text() for h in HOSTS] == pids
+    assert [p.read_text() for p in pid_files] == pids
     cp = subprocess.run([str(BED_SCRIPT), "status"], capture_output=True, text=True, timeout=60)
     assert cp.returncode == 0, cp.stdout + cp.stderr
     assert "healthy" in cp.stdout and "boot_seconds=" in cp.stdout
+    assert "sge_qmaster=ok" in cp.stdout
+    assert all(f"sge_execd=ok (pid {int(pids[-2 + i])}, all.q@{n} " in cp.stdout for i, n in enumerate(COMPUTE_HOSTS))
     assert 0 < bed.boot_seconds() <= 60
     inv = subprocess.run([str(BED_SCRIPT), "inventory"], capture_output=True, text=True, check=True).stdout
     assert "controller ansible_host=10.199.77.20 ansible_user=cluser" in inv
