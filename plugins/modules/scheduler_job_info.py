@@ -16,7 +16,7 @@ description:
   - A scheduler that does not answer (timeout, connection error) makes every asked job C(undetermined) with
     RV(reachable=false); the module does not fail. A job the scheduler answered about but does not know is
     C(undetermined) with C(found=false) (absent). Only repeated confirmed absence should end a session.
-extends_documentation_fragment: [ansible.builtin.action_common_attributes]
+extends_documentation_fragment: [ansible.builtin.action_common_attributes, hpc.interactive.scheduler_env]
 attributes:
   check_mode: {support: full, details: read-only}
   diff_mode: {support: none}
@@ -27,20 +27,6 @@ options:
   job_name: {description: Report the jobs with this name instead of O(job_ids)., type: str}
   user: {description: Owner of the jobs for O(job_name) (default the connecting user)., type: str}
   timeout: {description: Seconds before the scheduler counts as not answering., type: int, default: 10}
-  scheduler_path:
-    description:
-      - Directories searched first for the scheduler's commands and put first on their C(PATH), for a scheduler
-        whose commands are not on the non-login C(PATH) of an SSH connection (a site's C(/opt/sge/bin/lx-amd64)).
-      - Absolute paths, without C(:).
-    type: list
-    elements: str
-    default: []
-  scheduler_env:
-    description:
-      - Environment variables for the scheduler's commands, for example C(SGE_ROOT) and C(SGE_CELL) for Grid
-        Engine. Not for secrets. C(PATH) (use O(scheduler_path)) and the locale variables cannot be set.
-    type: dict
-    default: {}
 author: [hpc.interactive developers (@hpc-interactive)]
 """
 

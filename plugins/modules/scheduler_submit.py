@@ -19,7 +19,7 @@ description:
   - The rendered script is stored by the scheduler; it must never hold secrets. Environment variables whose names look
     like secrets (TOKEN, PASSWORD, SECRET, API_KEY, ...) are refused; put secrets in 0600 files the job reads.
   - O(scheduler=local) runs the script detached (new session) on the target host; the job id is its process group id.
-extends_documentation_fragment: [ansible.builtin.action_common_attributes]
+extends_documentation_fragment: [ansible.builtin.action_common_attributes, hpc.interactive.scheduler_env]
 attributes:
   check_mode: {support: full, details: "Renders and validates; submits, writes and cancels nothing."}
   diff_mode: {support: full, details: "The script file before and after."}
@@ -137,20 +137,6 @@ options:
     description: "Seconds before a submit or cancel command counts as timed out."
     type: int
     default: 30
-  scheduler_path:
-    description:
-      - Directories searched first for the scheduler's commands and put first on their C(PATH), for a scheduler
-        whose commands are not on the non-login C(PATH) of an SSH connection (a site's C(/opt/sge/bin/lx-amd64)).
-      - Absolute paths, without C(:).
-    type: list
-    elements: str
-    default: []
-  scheduler_env:
-    description:
-      - Environment variables for the scheduler's commands, for example C(SGE_ROOT) and C(SGE_CELL) for Grid
-        Engine. Not for secrets. C(PATH) (use O(scheduler_path)) and the locale variables cannot be set.
-    type: dict
-    default: {}
   query_timeout:
     description: "Seconds before a query counts as timed out."
     type: int

@@ -69,6 +69,12 @@ def new_id(kind: str) -> str:
     return f"sge-{kind}-{time.strftime('%H%M%S')}-{secrets.token_hex(2)}"
 
 
+def start_nginx(cli: Cli, sid: str) -> None:
+    cp = cli.run("start", "nginx", "--id", sid, "--target", "compute", "--resource", "controller",
+                 "-e", "session_start_timeout=90", "-e", "session_queue_timeout=90", timeout=300)
+    assert cp.returncode == 0, f"isession start -> rc {cp.returncode}\n{cp.stdout}\n{cp.stderr}"
+
+
 def cleanup(bed, cli: Cli, sid: str) -> None:
     if (cli.root / sid / "state.json").exists():
         cli.run("cancel", sid, timeout=120)
@@ -81,9 +87,7 @@ def test_nginx_on_sge_start_serve_cancel(bed):
     cli = Cli(bed, inventory=sge_inventory(bed))
     sid = new_id("nginx")
     try:
-        cp = cli.run("start", "nginx", "--id", sid, "--target", "compute", "--resource", "controller",
-                     "-e", "session_start_timeout=90", "-e", "session_queue_timeout=90", timeout=300)
-        assert cp.returncode == 0, f"isession start -> rc {cp.returncode}\n{cp.stdout}\n{cp.stderr}"
+        start_nginx(cli, sid)
         sdir = cli.root / sid
         svc, state = cli.service(sid), cli.state(sid)
         assert svc["JOB_STATUS"] == "Running" and svc["ERROR_MESSAGE"] == "", svc
@@ -94,7 +98,8 @@ def test_nginx_on_sge_start_serve_cancel(bed):
         node, node_port = agent["host"], agent["node_port"]
         listed = jobs_named(bed, f"isession-{sid}")
         assert list(listed) == [job], listed
-        assert listed[job]["state"] in ("r", "t") and listed[job]["queue"] == f"all.q@{node}", listed  # t: SGE still transferring
+        # SGE placed it on the agent's node; "t" while SGE still reports the transfer of a job that already runs
+        assert listed[job]["state"] in ("r", "t") and listed[job]["queue"] == f"all.q@{node}", listed
         secret = (sdir / "secret").read_text().strip()
         assert secret not in (rdir / "agent.sh").read_text()
         assert_no_secret_in_argv(secret)
@@ -127,9 +132,7 @@ def test_hand_qdel_is_failed_in_words(bed):
     cli = Cli(bed, inventory=sge_inventory(bed))
     sid = new_id("qdel")
     try:
-        cp = cli.run("start", "nginx", "--id", sid, "--target", "compute", "--resource", "controller",
-                     "-e", "session_start_timeout=90", "-e", "session_queue_timeout=90", timeout=300)
-        assert cp.returncode == 0, f"isession start -> rc {cp.returncode}\n{cp.stdout}\n{cp.stderr}"
+        start_nginx(cli, sid)
         job, port = str(cli.state(sid)["job_id"]), int(cli.service(sid)["PORT"])
         bed.sge(["qdel", job], user=CLUSTER_USER, check=True)
         assert wait_until(lambda: cli.service(sid)["JOB_STATUS"] in ("Failed", "Completed", "Cancelled"), 60), \
