@@ -368,6 +368,13 @@ class SchedulerSubmit:
         self.fail(why, rc=res.rc, stdout=res.stdout, stderr=res.stderr, timed_out=res.timed_out)
         return ""
 
+    def ended_meanwhile(self, job_id: str) -> bool:
+        """After a refused cancel: the job ended or is ending anyway (another cancel got there first, e.g. the user's
+        watcher, or it finished by itself); torque's qdel refuses a job Slurm still shows as COMPLETING."""
+        res = self.backend.query(self.runner, job_ids=[job_id], timeout=self.p["query_timeout"])
+        info = res.jobs.get(job_id)
+        return res.reachable and (info is None or self.backend.ending(info))
+
     def absent(self):
         p = self.p
         if p["job_id"] and not D.JOB_ID.match(p["job_id"]):
@@ -395,7 +402,7 @@ class SchedulerSubmit:
                     self.backend.cancel(job_id=job_id)
                     continue
                 out = self.runner(self.backend.cancel_argv(job_id), p["submit_timeout"])
-                if not out.ok:
+                if not out.ok and not self.ended_meanwhile(job_id):
                     self.fail("cancel of job %s failed" % job_id, rc=out.rc, stdout=out.stdout, stderr=out.stderr)
         self.module.exit_json(changed=True, job_id=",".join(sorted(jobs)), state="cancelled", nodes=[],
                               cancelled=sorted(jobs))

@@ -93,7 +93,10 @@ def cancel(req):
             out = b.cancel(runner, job, timeout=float(req.get("timeout", 5)))
             ans["cancelled"] = out.ok
             if not out.ok:
-                ans["error"] = "cancel of job %s failed: %s" % (job, (out.stderr or out.stdout).strip())
+                again = b.query(runner, job_ids=[job], timeout=float(req.get("timeout", 5)))
+                info = again.jobs.get(job)
+                if not (again.reachable and (info is None or b.ending(info))):  # not ended by another cancel
+                    ans["error"] = "cancel of job %s failed: %s" % (job, (out.stderr or out.stdout).strip())
     tunnel = req.get("tunnel")
     if tunnel:
         from ansible_collections.hpc.interactive.plugins.module_utils import _tunnel

@@ -150,6 +150,10 @@ class Backend:
     def parse_submit(self, stdout: str) -> str:
         raise NotImplementedError
 
+    def ending(self, info: JobInfo) -> bool:
+        """The job is gone or on its way out (a cancel command refused now need not be repeated)."""
+        return not info.alive
+
     def cancel_argv(self, job_id: str) -> List[str]:
         raise NotImplementedError
 

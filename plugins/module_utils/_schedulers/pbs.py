@@ -202,6 +202,9 @@ class Pbs(Backend):
                 return short_id(line.strip())
         raise ValueError("no job id in qsub output: %r" % (stdout,))
 
+    def ending(self, info: JobInfo) -> bool:
+        return not info.alive or info.raw_state.strip().upper() == "E"  # exiting
+
     def cancel_argv(self, job_id: str) -> List[str]:
         return ["qdel", str(job_id)]
 

@@ -119,6 +119,9 @@ class Sge(Backend):
                 return match.group(1)
         raise ValueError("no job id in qsub output: %r" % (stdout,))
 
+    def ending(self, info: JobInfo) -> bool:
+        return not info.alive or "d" in info.raw_state  # deletion registered ("dr", "dt")
+
     def cancel_argv(self, job_id: str) -> List[str]:
         return ["qdel", str(job_id)]
 

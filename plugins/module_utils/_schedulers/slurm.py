@@ -154,6 +154,9 @@ class Slurm(Backend):
                 return match.group(1)
         raise ValueError("no job id in sbatch output: %r" % (stdout,))
 
+    def ending(self, info: JobInfo) -> bool:
+        return not info.alive or "COMPLETING" in info.raw_state.upper()
+
     def cancel_argv(self, job_id: str) -> List[str]:
         return ["scancel", str(job_id)]
 

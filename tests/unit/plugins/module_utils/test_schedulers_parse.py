@@ -10,7 +10,7 @@ import yaml
 from ansible_collections.hpc.interactive.plugins.module_utils._cmd import CommandResult
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import get_backend
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import pbs, sge, slurm
-from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._base import JobOptions
+from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._base import JobInfo, JobOptions
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._hostlist import exec_hosts, expand
 
 HERE = Path(__file__).parent
@@ -129,3 +129,14 @@ def test_sge_refuses_what_needs_a_parallel_environment_naming_it(opts, named):
     with pytest.raises(ValueError) as exc:
         sge.Sge().render_header(JobOptions(**opts))
     assert str(exc.value).startswith(named + ": depend on") and "-pe smp 4" in str(exc.value)
+
+
+@pytest.mark.parametrize("backend, raw, state, ending", [
+    (slurm.Slurm(), "COMPLETING", "running", True), (slurm.Slurm(), "RUNNING", "running", False),
+    (slurm.Slurm(), "CANCELLED", "cancelled", True), (pbs.Pbs(), "E", "running", True),
+    (pbs.Pbs(), "R", "running", False), (pbs.Pbs(), "Q", "queued", False), (sge.Sge(), "dr", "running", True),
+    (sge.Sge(), "r", "running", False), (sge.Sge(), "qw", "queued", False),
+])
+def test_ending_tells_a_job_on_its_way_out(backend, raw, state, ending):
+    """A refused cancel of such a job needs no retry (another cancel got there first)."""
+    assert backend.ending(JobInfo(job_id="1", state=state, raw_state=raw)) is ending
