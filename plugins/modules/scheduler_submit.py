@@ -368,13 +368,6 @@ class SchedulerSubmit:
         self.fail(why, rc=res.rc, stdout=res.stdout, stderr=res.stderr, timed_out=res.timed_out)
         return ""
 
-    def ended_meanwhile(self, job_id: str) -> bool:
-        """After a refused cancel: the job ended or is ending anyway (another cancel got there first, e.g. the user's
-        watcher, or it finished by itself); torque's qdel refuses a job Slurm still shows as COMPLETING."""
-        res = self.backend.query(self.runner, job_ids=[job_id], timeout=self.p["query_timeout"])
-        info = res.jobs.get(job_id)
-        return res.reachable and (info is None or self.backend.ending(info))
-
     def absent(self):
         p = self.p
         if p["job_id"] and not D.JOB_ID.match(p["job_id"]):
@@ -401,8 +394,8 @@ class SchedulerSubmit:
                 if self.local:
                     self.backend.cancel(job_id=job_id)
                     continue
-                out = self.runner(self.backend.cancel_argv(job_id), p["submit_timeout"])
-                if not out.ok and not self.ended_meanwhile(job_id):
+                out, failed = self.backend.cancel_checked(self.runner, job_id, p["submit_timeout"], p["query_timeout"])
+                if failed:
                     self.fail("cancel of job %s failed" % job_id, rc=out.rc, stdout=out.stdout, stderr=out.stderr)
         self.module.exit_json(changed=True, job_id=",".join(sorted(jobs)), state="cancelled", nodes=[],
                               cancelled=sorted(jobs))

@@ -83,20 +83,17 @@ def cancel(req):
     # the cancel playbook's remote steps, in its order: the job (or the detached agent), the tunnel, the ports
     b = get_backend(req["scheduler"], state_dir=expand(req.get("state_dir")))
     runner = runner_for(req)
-    job = str(req["job_id"])
+    job, timeout = str(req["job_id"]), float(req.get("timeout", 5))
     ans = {"cancelled": False, "tunnel_stopped": False, "released": [], "error": ""}
-    info = b.query(runner, job_ids=[job], timeout=float(req.get("timeout", 5))).jobs.get(job)
+    info = b.query(runner, job_ids=[job], timeout=timeout).jobs.get(job)
     if info is not None and info.alive:
         if req["scheduler"] == "local":
             ans["cancelled"] = bool(b.cancel(job_id=job))
         else:
-            out = b.cancel(runner, job, timeout=float(req.get("timeout", 5)))
+            out, failed = b.cancel_checked(runner, job, timeout, timeout)
             ans["cancelled"] = out.ok
-            if not out.ok:
-                again = b.query(runner, job_ids=[job], timeout=float(req.get("timeout", 5)))
-                info = again.jobs.get(job)
-                if not (again.reachable and (info is None or b.ending(info))):  # not ended by another cancel
-                    ans["error"] = "cancel of job %s failed: %s" % (job, (out.stderr or out.stdout).strip())
+            if failed:
+                ans["error"] = "cancel of job %s failed: %s" % (job, (out.stderr or out.stdout).strip())
     tunnel = req.get("tunnel")
     if tunnel:
         from ansible_collections.hpc.interactive.plugins.module_utils import _tunnel
@@ -125,8 +122,7 @@ for line in sys.stdin.buffer:
         elif req.get("op") == "cancel":
             ans = cancel(req)
         else:
-            sd = req.get("state_dir")
-            b = get_backend(req["scheduler"], state_dir=os.path.expanduser(sd) if sd else None)
+            b = get_backend(req["scheduler"], state_dir=expand(req.get("state_dir")))
             r = b.query(runner_for(req), job_ids=[str(j) for j in req["job_ids"]], timeout=float(req.get("timeout", 5)))
             ans = {"jobs": {k: v.as_dict() for k, v in r.jobs.items()}, "reachable": r.reachable, "error": r.error}
     except Exception as exc:

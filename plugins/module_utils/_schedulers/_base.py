@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 from ansible_collections.hpc.interactive.plugins.module_utils._cmd import CommandResult, Runner
 
@@ -177,3 +177,18 @@ class Backend:
 
     def cancel(self, runner: Runner, job_id: str, timeout: float = 30.0) -> CommandResult:
         return runner(self.cancel_argv(job_id), timeout)
+
+    def cancel_checked(self, runner: Runner, job_id: str, timeout: float = 30.0,
+                       query_timeout: float = DEFAULT_QUERY_TIMEOUT) -> Tuple[CommandResult, bool]:
+        """Cancel ``job_id`` -> (the cancel command's result, whether the cancel failed).
+
+        A refused cancel of a job that ended or is ending anyway (another cancel got there first, e.g. the user's
+        watcher, or it finished by itself; torque's qdel refuses a job Slurm still shows as COMPLETING) is no
+        failure: the job is queried again and only one the scheduler still shows alive makes it fail.
+        """
+        out = self.cancel(runner, job_id, timeout)
+        if out.ok:
+            return out, False
+        res = self.query(runner, job_ids=[job_id], timeout=query_timeout)
+        info = res.jobs.get(job_id)
+        return out, not (res.reachable and (info is None or self.ending(info)))
