@@ -1,12 +1,33 @@
 """``isession describe SERVICE``: the inputs a start takes, from the roles' ``meta/argument_specs.yml``."""
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 import yaml
 
 SHARED_ROLE, SHARED_ENTRY = "session", "start"
+
+# Ansible's documentation markup (https://docs.ansible.com "Linking and other format macros"): the
+# argument specs use it because ansible-doc renders it; a terminal gets plain text. Two-argument
+# macros keep their text and the target in brackets; E() and P() keep their argument.
+_MARKUP_2 = re.compile(r"\b[L]\(([^()]*),\s*([^()]*)\)")
+_MARKUP_1 = re.compile(r"\b([ICBMUVOREP])\(((?:[^()]|\([^()]*\))*)\)")
+_HRULE = re.compile(r"\bHORIZONTALLINE\b")
+_QUOTED = {"C": "`{}`", "V": "`{}`", "O": "`{}`", "RV": "`{}`", "E": "`{}`", "I": "{}", "B": "{}", "M": "{}",
+           "U": "{}", "P": "{}", "R": "{}"}
+
+
+def plain(text: str) -> str:
+    """Ansible doc markup -> plain text: ``C(x)``/``V(x)``/``O(x)`` -> `x`, ``I(x)``/``B(x)`` -> x, ...
+
+    ``O(name=value)`` keeps both parts; ``V("")`` becomes `""`; ``L(text, url)`` becomes ``text <url>``.
+    """
+    text = _MARKUP_2.sub(lambda m: f"{m.group(1).strip()} <{m.group(2).strip()}>", text)
+    text = re.sub(r"\bRV\(((?:[^()]|\([^()]*\))*)\)", lambda m: f"`{m.group(1)}`", text)
+    text = _MARKUP_1.sub(lambda m: _QUOTED[m.group(1)].format(m.group(2)), text)
+    return _HRULE.sub("", text)
 
 
 def services(col_path: Path) -> List[str]:
@@ -31,7 +52,7 @@ def options(spec: Optional[Dict[str, Any]]) -> List[Dict[str, Any]]:
             desc = " ".join(str(d) for d in desc)
         rows.append({"name": name, "type": opt.get("type", "str"), "elements": opt.get("elements"),
                      "required": bool(opt.get("required", False)), "default": opt.get("default"),
-                     "choices": opt.get("choices"), "description": " ".join(str(desc).split())})
+                     "choices": opt.get("choices"), "description": plain(" ".join(str(desc).split()))})
     return rows
 
 
@@ -43,7 +64,7 @@ def describe(col_path: Path, service: str) -> Dict[str, Any]:
     svc = load_spec(col_path, service, "main")
     shared = load_spec(col_path, SHARED_ROLE, SHARED_ENTRY)
     return {"service": service,
-            "description": " ".join(str((svc or {}).get("short_description") or "").split()),
+            "description": plain(" ".join(str((svc or {}).get("short_description") or "").split())),
             "service_inputs": options(svc), "session_inputs": options(shared)}
 
 

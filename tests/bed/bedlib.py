@@ -348,14 +348,16 @@ class Bed:
         out.update(env or {})
         return out
 
-    def wrap(self, host: str, argv: Union[str, Sequence[str]], user: Optional[str] = None) -> List[str]:
+    def wrap(self, host: Optional[str], argv: Union[str, Sequence[str]], user: Optional[str] = None) -> List[str]:
         """argv that runs ``argv`` in ``host``'s net+uts namespaces as ``user`` (root when None).
 
-        A string is run with ``bash -c``.
+        ``host=None`` is the machine itself (the root namespaces), the only place that reaches the
+        package registries: installs run there, and the bed's hosts share its filesystem. A string is
+        run with ``bash -c``.
         """
         if isinstance(argv, str):
             argv = ["bash", "-c", argv]
-        ns = ["nsenter", f"--net={self.netns_path(host)}", f"--uts={self.uts_path(host)}", "--"]
+        ns = [] if host is None else ["nsenter", f"--net={self.netns_path(host)}", f"--uts={self.uts_path(host)}", "--"]
         if user and user != "root":
             pw = pwd.getpwnam(user)
             ns += ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}", "--init-groups", "--"]

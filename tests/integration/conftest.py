@@ -1,9 +1,13 @@
-"""Integration fixtures: the ``bed`` session fixture boots the test bed once per run.
+"""Integration fixtures: ``bed`` boots the test bed once per run; ``apps`` installs every service's software.
 
-Tests that take ``bed`` are marked ``bed`` automatically. Tests marked ``bed_last`` (and everything in
-``test_zz_*.py``) run after all others; the bed round-trip test there takes the bed down and up again.
-The bed is left up after the run (``tests/bed/bed down`` removes it); set ``HPCBED_DOWN_AFTER=1`` to
-take it down at the end of the session.
+Tests that take ``bed`` are marked ``bed`` automatically. A test that runs a service's software takes ``apps``:
+it installs every service once per run through the roles' own install entry points, as root on the machine
+itself (the only place that reaches the package registries; the bed's hosts share its filesystem), whatever
+order the test files run in. On a machine where everything is installed that is a quick no-op per service.
+
+Tests marked ``bed_last`` (and everything in ``test_zz_*.py``) run after all others; the bed round-trip test
+there takes the bed down and up again. The bed is left up after a run (``tests/bed/bed down`` removes it;
+``scripts/test-all`` does); set ``HPCBED_DOWN_AFTER=1`` to take it down at the end of the session.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ for _path in (BED_DIR, Path(__file__).resolve().parent):
         sys.path.insert(0, str(_path))
 
 from bedlib import Bed, BedError  # noqa: E402
+from sessions_common import APPS, install_service  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 
@@ -77,3 +82,16 @@ def bed() -> SessionBed:
     yield b
     if os.environ.get("HPCBED_DOWN_AFTER") == "1":
         b.down()
+
+
+@pytest.fixture(scope="session")
+def apps(bed: SessionBed) -> dict:
+    """``{service: command}`` of every service, installed (once per run) through its install entry point."""
+    for service in APPS:
+        res = install_service(bed, service)
+        if res.rc != 0:
+            pytest.fail(f"the install entry point of {service} failed (rc {res.rc}):\n{res.stdout[-4000:]}\n"
+                        f"{res.stderr[-2000:]}", pytrace=False)
+        if not os.access(APPS[service], os.X_OK):
+            pytest.fail(f"{service}'s install entry point ran but {APPS[service]} is not there", pytrace=False)
+    return dict(APPS)

@@ -29,6 +29,25 @@ INSTALL_PLAY = """- name: Install {service}
 """
 
 
+# Every service whose software the tests run, and the command its install entry point provides.
+APPS: Dict[str, str] = {
+    "nginx": "/usr/sbin/nginx",
+    "jupyterlab": "/opt/hpc-interactive/apps/jupyterlab/bin/jupyter-lab",
+    "notebook": "/opt/hpc-interactive/apps/notebook/bin/jupyter-notebook",
+    "code_server": "/opt/hpc-interactive/apps/code-server/bin/code-server",
+}
+
+
+def install_service(bed, service: str, check: bool = False, timeout: float = 1800):
+    """Run ``service``'s install entry point as root on the machine itself (``host=None``).
+
+    The bed's hosts have no route to any package registry but share this filesystem, so what is
+    installed here is installed on every bed host, as a site's shared /opt would be.
+    """
+    return bed.playbook_json(INSTALL_PLAY.format(service=service), host=None, user="root", check=check,
+                             timeout=timeout)
+
+
 def cluster_inventory(bed, scheduler: str = "slurm", via: str = "direct", user: str = WS_USER,
                       extra: str = "") -> Path:
     """The bed inventory with the controller described as a resource (``scheduler``; jobs reach the workspace

@@ -32,7 +32,6 @@ from sessions_common import (  # noqa: E402
 
 pytestmark = pytest.mark.bed
 
-CODE_SERVER = "/opt/hpc-interactive/apps/code-server/bin/code-server"
 SOCKET_PATH_MAX = 100  # the fragment moves the sockets to /tmp when <session dir>/code-server/app.sock is longer
 
 
@@ -84,9 +83,9 @@ def _socket_tmpdir(sdir: Path) -> Path:
 
 
 @pytest.fixture
-def installed():
-    if not os.access(CODE_SERVER, os.X_OK):
-        pytest.skip(f"code-server is not installed on the bed ({CODE_SERVER}); its install entry point does that")
+def installed(apps):
+    """code-server, installed through its role's install entry point (the session fixture ``apps``)."""
+    return apps["code_server"]
 
 
 def test_deep_session_root_socket_dir_removed_on_cancel(bed, installed):

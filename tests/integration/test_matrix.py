@@ -31,12 +31,10 @@ from sessions_common import (  # noqa: E402
     wait_until,
 )
 from sessions_common import cluster_inventory, queue  # noqa: E402
-from test_sessions_services import APPS as JUPYTER_APPS  # noqa: E402
 from test_sessions_services import PAGE_MARK as JUPYTER_PAGE_MARK  # noqa: E402
 
 pytestmark = pytest.mark.bed
 
-APPS = dict(JUPYTER_APPS, code_server="/opt/hpc-interactive/apps/code-server/bin/code-server")
 BED_HOSTS = ("workspace", "controller", "compute1", "compute2")
 # target label -> (session_target, scheduler in the inventory, how jobs reach the workspace)
 TARGETS = {
@@ -149,9 +147,7 @@ def server_location(state: dict) -> Tuple[str, int]:
 
 
 @pytest.mark.parametrize("service,target", CELLS, ids=[f"{s}-{t}" for s, t in CELLS])
-def test_cell_start_serve_cancel(bed, service, target):
-    if not os.access(APPS[service], os.X_OK):
-        pytest.skip(f"{service} is not installed on the bed ({APPS[service]}); its install entry point does that")
+def test_cell_start_serve_cancel(bed, apps, service, target):
     session_target, scheduler, via = TARGETS[target]
     inv = cluster_inventory(bed, scheduler, via) if scheduler else None
     root = bed.user_tmpdir(WS_USER) / "sessions"

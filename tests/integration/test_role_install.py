@@ -1,7 +1,8 @@
 """The service roles' ``install`` entry points on the bed: idempotent, world-usable, and molecule.
 
-Each install runs through real ansible-playbook (as root on the workspace: installing needs become, and the
-bed's hosts share one filesystem, so the software is then on every host). A second run reports
+Each install runs through real ansible-playbook as root on the machine itself (installing needs become and the
+package registries, which the bed's namespaces cannot reach; the bed's hosts share its filesystem, so the
+software is then on every host). A second run reports
 ``changed=0``, a check-mode run too, and the installed command runs as a cluster user on a compute host.
 The jupyterlab install also runs as a molecule scenario (default driver, testinfra verifier).
 The install playbook (``hpc.interactive.install``) leaves the host's port reservation directory root-owned,
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 
 import pytest
-from sessions_common import INSTALL_PLAY
+from sessions_common import install_service
 
 pytestmark = pytest.mark.bed
 
@@ -37,7 +38,7 @@ VERSION = {
 
 
 def _install(bed, service, check=False):
-    res = bed.playbook_json(INSTALL_PLAY.format(service=service), user="root", check=check, timeout=1800)
+    res = install_service(bed, service, check=check)
     assert res.rc == 0, f"install of {service} failed:\n{res.stdout[-4000:]}\n{res.stderr[-2000:]}"
     return res
 
@@ -103,7 +104,7 @@ def _ports_default_dir() -> Path:
 
 def _install_playbook(bed, **extra):
     extra_vars = {"install_service": "nginx", "ansible_python_interpreter": "/usr/bin/python3", **extra}
-    return bed.playbook_json(INSTALL_PLAYBOOK, user="root", extra_vars=extra_vars, timeout=900)
+    return bed.playbook_json(INSTALL_PLAYBOOK, host=None, user="root", extra_vars=extra_vars, timeout=900)
 
 
 def _owner_mode(path: Path):

@@ -29,7 +29,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli_support import Cli  # noqa: E402
-from test_matrix import APPS, BED_HOSTS, session_processes_by_host  # noqa: E402
+from test_matrix import BED_HOSTS, session_processes_by_host  # noqa: E402
 from sessions_common import WS_USER, listening, read_json, wait_until  # noqa: E402
 from test_sessions_compute import queue  # noqa: E402
 
@@ -167,10 +167,7 @@ def slurm_job_id(bed, sid: str) -> str:
     return line.split()[0]
 
 
-def test_no_secret_outside_0600_files_argv_or_environ(bed):
-    missing = [s for s, _, _ in SESSIONS if s in APPS and not os.access(APPS[s], os.X_OK)]
-    if missing:
-        pytest.skip(f"not installed on the bed: {missing}")
+def test_no_secret_outside_0600_files_argv_or_environ(bed, apps):
     since = time.time() - 1
     inv = audit_inventory(bed)
     cli = Cli(bed, inventory=inv)

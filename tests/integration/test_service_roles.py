@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 import pytest
-from sessions_common import INSTALL_PLAY
+from sessions_common import install_service
 
 pytestmark = pytest.mark.bed
 
@@ -58,7 +58,7 @@ def ensure_installed(bed, service: str) -> None:
     """Run the role's install entry point once per test run (idempotent; fast when already installed)."""
     if service in _installed:
         return
-    res = bed.playbook_json(INSTALL_PLAY.format(service=service), user="root", timeout=1800)
+    res = install_service(bed, service)
     assert res.rc == 0, f"install of {service} failed:\n{res.stdout[-4000:]}\n{res.stderr[-2000:]}"
     _installed[service] = True
 

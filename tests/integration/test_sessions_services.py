@@ -3,7 +3,6 @@ Running -> the app's page with the secret (header from the service's spec), 401/
 nothing left. Skipped when a service's software is not installed on the bed (its install entry point does that)."""
 from __future__ import annotations
 
-import os
 import sys
 import time
 from pathlib import Path
@@ -25,17 +24,14 @@ from sessions_common import (  # noqa: E402
 from sessions_common import cluster_inventory  # noqa: E402
 
 pytestmark = pytest.mark.bed
-APPS = {"jupyterlab": "/opt/hpc-interactive/apps/jupyterlab/bin/jupyter-lab",
-        "notebook": "/opt/hpc-interactive/apps/notebook/bin/jupyter-notebook"}
+JUPYTER = ("jupyterlab", "notebook")
 # what the app's own page says (read with the secret)
 PAGE_MARK = {"jupyterlab": "JupyterLab", "notebook": "Jupyter Notebook"}
 
 
 @pytest.mark.parametrize("target", ["workspace", "compute"])
-@pytest.mark.parametrize("service", sorted(APPS))
-def test_service_session_end_to_end(bed, service, target):
-    if not os.access(APPS[service], os.X_OK):
-        pytest.skip(f"{service} is not installed on the bed ({APPS[service]})")
+@pytest.mark.parametrize("service", JUPYTER)
+def test_service_session_end_to_end(bed, apps, service, target):
     root = bed.user_tmpdir(WS_USER) / "sessions"
     inv = cluster_inventory(bed, "slurm") if target == "compute" else None
     sid = f"{service}-{target}-{int(time.time())}"
