@@ -53,10 +53,12 @@ from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+
 from urllib.parse import unquote
 
+from ansible_collections.hpc.interactive.plugins.module_utils._vocabulary import JOB_STATUSES  # noqa: F401 - re-exported
+
 URLS = ("/me", "/sme")
-JOB_STATUSES = ("Submitting", "Queued", "Starting", "Running", "Cancelled", "Completed", "Failed")
 STANDARD_KEYS = ("URL", "PORT", "SLUG", "JOB_STATUS", "ERROR_MESSAGE")
 FIELD_OF_KEY = {"URL": "url", "PORT": "port", "SLUG": "slug", "JOB_STATUS": "job_status",
                 "ERROR_MESSAGE": "error_message"}

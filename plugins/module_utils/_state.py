@@ -36,18 +36,21 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers.local import stat_fields
 from ansible_collections.hpc.interactive.plugins.module_utils._service_file import locked, write_atomic
+from ansible_collections.hpc.interactive.plugins.module_utils._vocabulary import (  # noqa: F401 - re-exported
+    ID_RE,
+    ID_RULE,
+    LIVE_STEPS,
+    STEPS,
+    TERMINAL_STEPS,
+)
 
 SCHEMA = 1
-STEPS = ("created", "ports_reserved", "submitted", "queued", "starting", "running",
-         "cancelled", "completed", "failed")
-TERMINAL_STEPS = ("cancelled", "completed", "failed")
 TARGETS = ("workspace", "controller", "compute")
 SCHEDULERS = ("slurm", "pbs", "sge", "local")
 URLS = ("/me", "/sme")
 STATE_FILE = "state.json"
 SECRET_FILE = "secret"  # noqa: S105 - a file name, not a secret
 LOGS_DIR = "logs"
-ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}\Z")
 _KEY_RE = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}\Z")
 MAX_TEXT = 4096
@@ -81,8 +84,7 @@ def default_root(env: Optional[Mapping[str, str]] = None) -> str:
 
 def validate_id(value: Any) -> str:
     if not isinstance(value, str) or not ID_RE.match(value):
-        raise StateError("id must be 1-64 characters of [A-Za-z0-9._-] starting with a letter or digit, got %r"
-                         % (value,), "id")
+        raise StateError("id must be %s, got %r" % (ID_RULE, value), "id")
     return value
 
 

@@ -13,10 +13,10 @@ from typing import Any, Mapping, Optional
 
 import yaml
 
+from . import mu
+
 TARGETS = ("workspace", "controller", "compute")
-TERMINAL_STATUSES = ("Cancelled", "Completed", "Failed")
 SERVICE_RE = re.compile(r"[a-z][a-z0-9_]{0,62}\Z")
-SESSION_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
 VAR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 # Input names that look like secrets: secrets are made on the workspace by a module, never passed as inputs.
 SECRET_NAME_RE = re.compile(r"pass(word|wd)?|secret|token|api_?key|credential|private_?key", re.IGNORECASE)
@@ -24,12 +24,22 @@ SECRET_NAME_RE = re.compile(r"pass(word|wd)?|secret|token|api_?key|credential|pr
 RESERVED_INPUTS = ("session_id", "session_root")
 
 
+def __getattr__(name: str) -> Any:
+    """``TERMINAL_STATUSES`` and ``SESSION_ID_RE``: the collection's session vocabulary, read when first used
+    (``isession --version`` and ``--help`` work without a collection)."""
+    if name == "TERMINAL_STATUSES":
+        return mu.load("_vocabulary").TERMINAL_STATUSES
+    if name == "SESSION_ID_RE":
+        return mu.load("_vocabulary").ID_RE
+    raise AttributeError(name)
+
+
 class UsageError(ValueError):
     """A command line or input file the CLI refuses; the message names the culprit."""
 
 
 def session_root(env: Optional[Mapping[str, str]] = None) -> Path:
-    """``$ISESSION_ROOT``, else ``${XDG_STATE_HOME:-~/.local/state}/isession/sessions`` (architecture.md)."""
+    """``$ISESSION_ROOT``, else ``${XDG_STATE_HOME:-~/.local/state}/isession/sessions`` (docs/design/sessions.md)."""
     env = os.environ if env is None else env
     if env.get("ISESSION_ROOT"):
         return Path(env["ISESSION_ROOT"]).expanduser()
@@ -79,8 +89,8 @@ def check_service(name: str) -> str:
 
 
 def check_session_id(value: str) -> str:
-    if not SESSION_ID_RE.match(value or ""):
-        raise UsageError(f"ID: {value!r} is not a session id")
+    if not mu.load("_vocabulary").ID_RE.match(value or ""):
+        raise UsageError(f"--id: {value!r} is not a session id: it must be {mu.load('_vocabulary').ID_RULE}")
     return value
 
 

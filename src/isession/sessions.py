@@ -23,7 +23,7 @@ class Session:
 
     @property
     def status(self) -> str:
-        return str(self.service.get("JOB_STATUS") or _STEP_STATUS.get(self.record.get("step", ""), "Unknown"))
+        return str(self.service.get("JOB_STATUS") or _step_status().get(self.record.get("step", ""), "Unknown"))
 
     @property
     def message(self) -> str:
@@ -47,9 +47,8 @@ class Session:
 
 
 # What a record's step means when service.json is not written yet.
-_STEP_STATUS = {"created": "Submitting", "ports_reserved": "Submitting", "submitted": "Submitting",
-                "queued": "Queued", "starting": "Starting", "running": "Running", "cancelled": "Cancelled",
-                "completed": "Completed", "failed": "Failed"}
+def _step_status() -> Dict[str, str]:
+    return mu.load("_vocabulary").STATUS_OF_STEP
 
 
 def service_url(service: Dict[str, Any], host: str = "127.0.0.1") -> str:

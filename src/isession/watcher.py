@@ -1,6 +1,6 @@
 """The watcher: one per user, polls every resource once a second and applies the JOB_STATUS table.
 
-``decide`` is the pure heart (architecture.md, "JOB_STATUS table"); :class:`Watcher` does the I/O:
+``decide`` is the pure heart (docs/design/sessions.md, "JOB_STATUS"); :class:`Watcher` does the I/O:
 it groups live sessions by resource, asks each resource ONCE per tick for all of their jobs (see
 ``remote.py`` for why over one persistent ssh session), writes service.json (``_service_file``)
 and state.json (``_state``), and when a session ends tears down what is left on the workspace
@@ -37,11 +37,11 @@ CANCEL_FAST_FOR = 30.0  # ... for at most this long after the watcher sent it
 PIDFILE = ".watcher.pid"
 WATCHFILE = "watch.json"  # written by the start play (roles/session/tasks/watcher.yml)
 LOGFILE = ".watcher.log"
-LIVE_STEPS = ("submitted", "queued", "starting", "running")
-TERMINAL_STEPS = ("cancelled", "completed", "failed")
-# the step each JOB_STATUS corresponds to
-STEP_OF = {"Queued": "queued", "Starting": "starting", "Running": "running", "Cancelled": "cancelled",
-           "Completed": "completed", "Failed": "failed"}
+_WORDS = mu.load("_vocabulary")  # steps, statuses and the table between them
+LIVE_STEPS = _WORDS.LIVE_STEPS
+TERMINAL_STEPS = _WORDS.TERMINAL_STEPS
+TERMINAL_STATUSES = _WORDS.TERMINAL_STATUSES
+STEP_OF = _WORDS.STEP_OF_STATUS  # the step each JOB_STATUS is recorded as
 FAILED_WORDS = {
     "NODE_FAIL": "node failure", "OUT_OF_MEMORY": "out of memory", "BOOT_FAIL": "node boot failure",
     "PREEMPTED": "preempted by the scheduler", "DEADLINE": "deadline reached",
@@ -99,7 +99,7 @@ def decide(record: Mapping[str, Any], current: Optional[str], info: Optional[Map
     ``confirm`` times, ends a session; a scheduler that did not answer changes nothing.
     """
     job_id = str(record.get("job_id") or "")
-    if record.get("step") in TERMINAL_STEPS or current in ("Cancelled", "Completed", "Failed"):
+    if record.get("step") in TERMINAL_STEPS or current in TERMINAL_STATUSES:
         return Decision(absent=0, reason="already ended")
     if not reachable:
         return Decision(absent=absent, reason="scheduler did not answer: undetermined")

@@ -6,7 +6,7 @@ Private to the hpc.interactive collection. Standard library only. Backends are p
 argv lists and parse output. Commands run through an injected :data:`_cmd.Runner`, so unit tests
 replay recorded conversations.
 
-State vocabulary (architecture.md, JOB_STATUS table): ``queued running completed failed
+State vocabulary (docs/design/sessions.md, "JOB_STATUS"): ``queued running completed failed
 cancelled timeout undetermined``. ``found`` tells whether the scheduler (or its final-state
 source) answered for the job: ``state == 'undetermined'`` with ``found == False`` and
 ``reachable == True`` means *absent* (the scheduler answered and does not know the job); with
