@@ -39,7 +39,9 @@ options:
     choices: [create, update, cancel, read]
     default: update
   id:
-    description: The session id, 1-64 characters of C([A-Za-z0-9._-]) starting with a letter or digit.
+    description:
+      - The session id, 1-55 characters of C([A-Za-z0-9._-]) starting with a letter or digit (its job name
+        C(isession-<id>) then has at most 64).
     type: str
     required: true
   root:
