@@ -4,7 +4,8 @@ from __future__ import annotations
 
 DOCUMENTATION = r"""
 name: session_vocabulary
-author: hpc.interactive developers
+author:
+  - hpc.interactive developers (@hpc-interactive)
 version_added: 0.1.0
 short_description: The words of an hpc.interactive session (steps, JOB_STATUS values, the session id rule)
 description:

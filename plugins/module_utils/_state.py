@@ -39,7 +39,6 @@ from ansible_collections.hpc.interactive.plugins.module_utils._service_file impo
 from ansible_collections.hpc.interactive.plugins.module_utils._vocabulary import (  # noqa: F401 - re-exported
     ID_RE,
     ID_RULE,
-    LIVE_STEPS,
     STEPS,
     TERMINAL_STEPS,
 )
