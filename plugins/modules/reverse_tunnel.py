@@ -127,13 +127,13 @@ options:
     description:
       - Before a tunnel is started, wait up to this many seconds until a listening socket of the user running the
         module holds O(local_port) on O(local_host) (a loopback address), judged by the kernel's uid column of
-        C(/proc/net/tcp). Another user's listener there fails the task at once, and so does no listener in time:
+        C(/proc/net/tcp). Another user's listener there fails the task at once, and so does no listener in time -
         the tunnel would hand the destination's requests, with the session's secret, to whoever listens.
       - V(0) (the default) starts the tunnel without looking.
     type: float
     default: 0
   local_owner_pid:
-    description: With O(local_owner_timeout), stop waiting as soon as this process (the server, or its agent) is gone.
+    description: With O(local_owner_timeout), stop waiting as soon as this process (the server or its agent) is gone.
     type: int
   python:
     description: Interpreter that runs the supervisor (with C(-I), isolated); default the one running this module.
