@@ -138,6 +138,13 @@ side_command:
   returned: always
   type: dict
   sample: {rc: 0, stdout: "watcher started (pid 4242)", stderr: ""}
+port_owner:
+  description:
+    - Who listened on the port at the last check (O(host) loopback only) - C(state) V(own), V(foreign) (another
+      user's listener), V(none) or V(unknown), the listeners' C(uids), and a C(message) in words.
+  returned: when O(host) is a loopback address
+  type: dict
+  sample: {state: own, uids: [1001], message: ""}
 probe_url:
   description: The URL probed.
   returned: always
@@ -268,6 +275,9 @@ class SessionReady:
             ready, status, elapsed, why = wait_ready(fetch, timeout, interval=p["interval"], abort=self.abort_reason)
             result = {"changed": False, "ready": ready, "status": status, "elapsed": round(elapsed, 3),
                       "probe_url": url, "marked_running": False, "side_command": {}}
+            if self.owner is not None:
+                result["port_owner"] = {"state": self.owner.state, "uids": list(self.owner.uids),
+                                        "message": self.owner.message}
             # Running is recorded before the side command is collected: it never delays Running
             if ready and p["mark_running"] and not self.module.check_mode:
                 self.mark_running(result)
