@@ -1,42 +1,58 @@
 # Copyright (c) hpc.interactive contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Find free TCP ports and reserve them for a session, safely against concurrent callers.
+"""Find free TCP ports and reserve them for a session, safely against concurrent callers and other users.
 
 Private to the hpc.interactive collection: no compatibility promise outside it.
 Standard library only and self-contained: the ``free_port`` module imports it, and a batch job
-runs it as a plain script (``python3 _ports.py reserve --owner ID``) to pick its node port.
+runs it as a plain script (``python3 -I _ports.py reserve --owner ID``) to pick its node port.
 
 How a reservation works
 -----------------------
-* One host-local directory shared by all users (default ``/tmp/isession-ports``: local on
-  every node, cleared at boot). It is created mode 1777 (sticky) if missing. A directory that
-  is a symlink is refused; one not owned by the caller must be sticky. Network file systems
-  (NFS, Lustre, GPFS, ...) are refused: their exclusive create is not reliable and one
-  directory would be shared by several hosts whose ports are independent.
-* One file per port, ``port-<N>``. The record (JSON: port, owner, user, uid, host, boot_id,
-  pid, pid_start, created, expires) is written to a private temp file created with
-  ``O_CREAT|O_EXCL`` and published with ``link(2)``, which fails with ``EEXIST`` exactly like
-  ``O_EXCL`` but never shows a half-written record. Of any number of concurrent callers, of any
-  user, exactly one gets a port.
-* A port is free when no valid record holds it and binding it (``0.0.0.0``, ``127.0.0.1`` and
-  ``::`` when IPv6 exists, without ``SO_REUSEADDR``) succeeds: a listener or a socket in
-  TIME_WAIT makes it busy. Nothing greps ``netstat``.
-* A record is stale when its lease has expired, or - on the host that wrote it - the host has
-  rebooted since or the watched ``pid`` is gone (pid start time checked, so a reused pid does
-  not keep it alive). After the lease the running server's own listening socket protects the
-  port. Unreadable or unparsable files count as taken for a grace period.
-* Stale files are reclaimed under an ``flock`` on ``.lock`` in the directory (re-checked and
-  compared by inode before unlinking). In a sticky directory only the file's owner (or root)
-  can unlink it, so another user's stale file is skipped as taken; root reclaims all.
+* One host-local directory shared by all users (default ``/tmp/isession-ports``), owned by root
+  and sticky (mode 1777): the install entry points and a tmpfiles.d line make it on every host
+  that runs sessions. A directory owned by another user is refused (its owner could remove or
+  block every reservation), as is a missing one unless the caller is root (root creates it,
+  1777). A directory owned by the caller and writable by nobody else also works (one user's
+  private reservations). Network file systems are refused: their exclusive create is not
+  reliable and one directory would be shared by several hosts whose ports are independent.
+  The directory is opened once (``O_NOFOLLOW``), checked through that descriptor and used only
+  through it, so nothing can swap it between the check and the use.
+* A reservation is a claim file ``port-<N>`` (or ``port-<N>.<G>``, see below), mode 0600. Its
+  record (JSON: port, owner = session id, host, boot_id, watched pid and its start time,
+  created, expires) is for its owner only; the file's own metadata is what other users judge:
+  its uid, a link count of 1, and its mtime, which is set to the lease's end. The record is
+  written to a private temp file and published with ``link(2)``, which fails with ``EEXIST``
+  like ``O_EXCL`` but never shows a half-written record.
+* A claim is *valid* (holds its port) when, for the caller's own claims, the record says so
+  (lease running; on the host that wrote it, the host has not rebooted and the watched pid, with
+  its start time, still runs), and for another user's claim, when its metadata says so: a
+  regular file, one link, a lease end in the future and at most ``MAX_LEASE`` away, and its
+  owner holds no more than ``USER_CAP`` live claims in the directory. Anything else - junk, an
+  expired lease, a user over the cap - is ignored.
+* Another user's invalid file cannot be removed from a sticky directory (root's can), so a claim
+  may need another name: the claims of port N are ``port-N`` (generation 0), ``port-N.1``,
+  ``port-N.2``, ... A caller takes the lowest generation that does not exist, with the exclusive
+  create; contenders for one port meet on the same name, so exactly one of them gets it. After
+  creating its claim the caller looks at every claim of that port again and withdraws if any
+  other one is valid, so two callers never both win, whatever junk lies around.
+* A port is free when it has no valid claim and binding it (``0.0.0.0``, ``127.0.0.1`` and ``::``
+  when IPv6 exists, without ``SO_REUSEADDR``) succeeds: a listener or a socket in TIME_WAIT
+  makes it busy. Nothing greps ``netstat``. After the lease, the server's own listening socket
+  protects the port.
+* No lock: a caller removes only its own invalid claims (root: any invalid claim), by renaming
+  the file to a private name of the same port (``port-N.r<random>``) and unlinking it only if it
+  is still the file that was judged (same inode); a fresh claim renamed by mistake stays a claim
+  of its port under that name.
 * Records are per host: a shared directory (as in a test bed whose hosts share one /tmp) keeps
   each host's reservations apart for idempotence and release.
+
+Who listens on a reserved port is ``_listeners.py``'s question.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
 import errno
-import fcntl
 import json
 import os
 import pwd
@@ -47,15 +63,18 @@ import stat
 import sys
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
-DEFAULT_DIR = "/tmp/isession-ports"  # noqa: S108 - a shared, sticky, host-local directory on purpose
+DEFAULT_DIR = "/tmp/isession-ports"  # noqa: S108 - a shared, sticky, root-owned, host-local directory on purpose
 DEFAULT_RANGE = (10000, 32767)
 X11_RANGE = (6000, 6099)
 MIN_PORT, MAX_PORT = 1024, 65535
 DEFAULT_LEASE = 3600
 MAX_LEASE = 30 * 24 * 3600
+FUTURE_SLACK = 300  # seconds of clock difference tolerated beyond MAX_LEASE in another user's lease end
 MAX_COUNT = 64
+USER_CAP = 256  # live claims one user may hold in one directory; a user over it has none that count
+MAX_GENERATION = 999
 EPHEMERAL_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
 MOUNTINFO_FILE = "/proc/self/mountinfo"
@@ -64,11 +83,12 @@ NETWORK_FS = frozenset(
     "fuse.sshfs fuse.glusterfs fuse.ceph fuse.beegfs".split()
 )
 OWNER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
-FILE_RE = re.compile(r"port-([0-9]{1,5})\Z")
-LOCK_NAME = ".lock"
+CLAIM_RE = re.compile(r"port-([0-9]{1,5})(?:\.([1-9][0-9]{0,2}|r[0-9a-f]{16}))?\Z")
+TMP_RE = re.compile(r"\.tmp\.[0-9]+\.[0-9a-f]{16}\Z")
 UNPARSABLE_GRACE = 60.0
-LOCK_TIMEOUT = 10.0
+TMP_MAX_AGE = 60.0
 RECORD_MAX = 4096
+DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 RangeT = Tuple[int, int]
 
@@ -175,22 +195,21 @@ def check_request(owner: str, count: int, lease: int = DEFAULT_LEASE, pid: Optio
         raise PortError("pid", f"process {pid!r} is not running on this host")
 
 
-# ---------------------------------------------------------------- records and staleness
+# ---------------------------------------------------------------- records, claims and validity (pure)
 
 
 @dataclass
 class Reservation:
+    """The record inside a claim file: no more than its owner needs to judge and release it."""
+
     port: int
     owner: str
-    user: str
-    uid: int
     host: str
     boot_id: str
     created: float
     expires: float
     pid: Optional[int] = None
     pid_start: Optional[int] = None
-    creator_pid: Optional[int] = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True) + "\n"
@@ -202,13 +221,13 @@ class Reservation:
             res = cls(**data)
         except (ValueError, TypeError):
             return None
-        ints = (res.port, res.uid) + tuple(v for v in (res.pid, res.pid_start, res.creator_pid) if v is not None)
+        ints = (res.port,) + tuple(v for v in (res.pid, res.pid_start) if v is not None)
         nums = (res.created, res.expires)
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in ints):
             return None
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in nums):
             return None
-        if not all(isinstance(v, str) for v in (res.owner, res.user, res.host, res.boot_id)):
+        if not all(isinstance(v, str) for v in (res.owner, res.host, res.boot_id)):
             return None
         return res
 
@@ -221,6 +240,114 @@ class Me:
     user: str
     host: str
     boot_id: str
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim file as ``lstat`` shows it: what every user can judge it by."""
+
+    name: str
+    port: int
+    uid: int
+    regular: bool
+    nlink: int
+    mtime: float
+    ctime: float
+    ino: int
+    dev: int
+
+    @classmethod
+    def from_stat(cls, name: str, port: int, st: os.stat_result) -> Claim:
+        return cls(name=name, port=port, uid=st.st_uid, regular=stat.S_ISREG(st.st_mode), nlink=st.st_nlink,
+                   mtime=st.st_mtime, ctime=st.st_ctime, ino=st.st_ino, dev=st.st_dev)
+
+
+def claim_port(name: str) -> Optional[int]:
+    """The port a claim file name is for (``port-N``, ``port-N.G``, ``port-N.r<hex>``); None for other names."""
+    match = CLAIM_RE.match(name)
+    return int(match.group(1)) if match else None
+
+
+def claim_name(port: int, generation: int) -> str:
+    return f"port-{port}" if generation == 0 else f"port-{port}.{generation}"
+
+
+def live_by_metadata(claim: Claim, now: float) -> bool:
+    """Whether another user's claim file looks like a running lease: a regular file with one link whose mtime (the
+    lease's end) is in the future, and no further than the longest lease."""
+    return claim.regular and claim.nlink == 1 and now < claim.mtime <= now + MAX_LEASE + FUTURE_SLACK
+
+
+def over_cap(claims: Sequence[Claim], now: float, cap: int = USER_CAP) -> Set[int]:
+    """Uids holding more than ``cap`` live claims (distinct files): none of their claims count for others."""
+    seen: Dict[int, Set[Tuple[int, int]]] = {}
+    for claim in claims:
+        if live_by_metadata(claim, now):
+            seen.setdefault(claim.uid, set()).add((claim.dev, claim.ino))
+    return {uid for uid, files in seen.items() if len(files) > cap}
+
+
+def live_count(claims: Sequence[Claim], uid: int, now: float) -> int:
+    """How many live claims (distinct files) ``uid`` holds, as other users count them."""
+    return len({(c.dev, c.ino) for c in claims if c.uid == uid and live_by_metadata(c, now)})
+
+
+def foreign_claim_valid(claim: Claim, now: float, capped: Set[int]) -> bool:
+    """Whether another user's claim holds its port (judged by its metadata; its record is not readable)."""
+    return live_by_metadata(claim, now) and claim.uid not in capped
+
+
+def is_stale(res: Optional[Reservation], now: float, me: Me, age: float = 0.0,
+             alive: Optional[Callable[[int, Optional[int]], bool]] = None) -> bool:
+    """Whether one of the caller's own records no longer holds its port (``res`` None: unparsable, ``age`` old)."""
+    if res is None:
+        return age > UNPARSABLE_GRACE
+    if res.expires <= now:
+        return True
+    if res.host != me.host:
+        return False  # another host's pids and boots cannot be judged from here
+    if res.boot_id and me.boot_id and res.boot_id != me.boot_id:
+        return True
+    return res.pid is not None and not (alive or pid_alive)(res.pid, res.pid_start)
+
+
+def dir_problem(st: os.stat_result, uid: int) -> Optional[str]:
+    """Why a directory (its ``lstat``/``fstat``) cannot hold the reservations of user ``uid``; None when it can.
+
+    Root's directory must be sticky if others can write to it; a directory of the caller must be private; any
+    other owner could remove or block every reservation in it.
+    """
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symlink"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    shared = st.st_mode & 0o022
+    if st.st_uid == 0:
+        if shared and not st.st_mode & stat.S_ISVTX:
+            return "is writable by other users but not sticky"
+        return None
+    if st.st_uid == uid:
+        if shared:
+            return "is yours but writable by other users: a shared reservation directory must be owned by root"
+        return None
+    return f"is owned by {user_label(st.st_uid)}, not root: that user could remove or block every reservation in it"
+
+
+def user_label(uid: int) -> str:
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def admin_fix(path: str) -> str:
+    """What an administrator runs to make a reservation directory right (also said in the install entry point)."""
+    return (f"an administrator makes it on every host that runs sessions, as root: rm -rf {path} && "
+            f"install -d -o root -g root -m 1777 {path}, and keeps it across reboots with the tmpfiles.d line "
+            f"'d {path} 1777 root root -' (the install entry point of any hpc.interactive service role does both)")
+
+
+# ---------------------------------------------------------------- processes and binds
 
 
 def current_me() -> Me:
@@ -262,20 +389,6 @@ def pid_alive(pid: int, start: Optional[int] = None) -> bool:
     return now_start is None or now_start == start
 
 
-def is_stale(res: Optional[Reservation], now: float, me: Me, age: float = 0.0,
-             alive: Callable[[int, Optional[int]], bool] = pid_alive) -> bool:
-    """Whether a record no longer holds its port. ``res`` None = unparsable file of age ``age``."""
-    if res is None:
-        return age > UNPARSABLE_GRACE
-    if res.expires <= now:
-        return True
-    if res.host != me.host:
-        return False  # another host's pids and boots cannot be judged from here
-    if res.boot_id and me.boot_id and res.boot_id != me.boot_id:
-        return True
-    return res.pid is not None and not alive(res.pid, res.pid_start)
-
-
 def port_bindable(port: int) -> bool:
     """True if nothing holds ``port``: bind tests without SO_REUSEADDR (TIME_WAIT counts as busy)."""
     tries = [(socket.AF_INET, "0.0.0.0"), (socket.AF_INET, "127.0.0.1")]  # noqa: S104 - a bind test, closed at once
@@ -308,7 +421,7 @@ class ReservationDir:
     def __init__(self, path: str = DEFAULT_DIR, *, me: Optional[Me] = None, clock: Callable[[], float] = time.time,
                  alive: Callable[[int, Optional[int]], bool] = pid_alive,
                  bindable: Callable[[int], bool] = port_bindable, rng: Optional[random.Random] = None,
-                 mountinfo_file: str = MOUNTINFO_FILE) -> None:
+                 mountinfo_file: str = MOUNTINFO_FILE, cap: int = USER_CAP) -> None:
         if not path or not os.path.isabs(path):
             raise PortError("reservation_dir", f"must be an absolute path, got {path!r}")
         self.path = os.path.normpath(path)
@@ -316,40 +429,57 @@ class ReservationDir:
         self.clock, self.alive, self.bindable = clock, alive, bindable
         self.rng = rng or random.SystemRandom()
         self.mountinfo_file = mountinfo_file
+        self.cap = cap
 
-    # -- directory
+    # -- the directory, always used through one descriptor checked with fstat
     def exists(self) -> bool:
         return os.path.lexists(self.path)
 
-    def ensure(self) -> None:
-        """Create the directory (1777) if missing, then validate it."""
-        if not self.exists():
-            parent = os.path.dirname(self.path)
-            tmp = os.path.join(parent, f".{os.path.basename(self.path)}.{os.getpid()}.{os.urandom(8).hex()}")
-            try:
-                os.mkdir(tmp, 0o700)
-                os.chmod(tmp, 0o1777)  # noqa: S103 - shared by all users, sticky
-                os.rename(tmp, self.path)  # appears complete, with its final mode
-            except OSError as exc:
-                with contextlib.suppress(OSError):
-                    os.rmdir(tmp)
-                if not self.exists():
-                    raise PortError("reservation_dir", f"cannot create {self.path}: {exc.strerror}") from exc
-        self.validate()
+    def _refuse(self, why: str) -> PortError:
+        return PortError("reservation_dir", f"{self.path} {why}; refused: {admin_fix(self.path)}")
 
-    def validate(self) -> None:
+    def _create(self) -> None:
+        """Make the directory root:root 1777 in one step (root only; the umask must not take the sticky bit's peers)."""
+        if self.me.uid != 0 or os.geteuid() != 0:
+            raise PortError("reservation_dir", f"{self.path} does not exist: {admin_fix(self.path)}")
+        old = os.umask(0)
         try:
-            st = os.lstat(self.path)
+            os.mkdir(self.path, 0o1777)  # noqa: S103 - shared by all users, sticky, root's
+        except FileExistsError:
+            pass  # made meanwhile by another root caller; checked like any other below
         except OSError as exc:
+            raise PortError("reservation_dir", f"cannot create {self.path}: {exc.strerror}") from exc
+        finally:
+            os.umask(old)
+
+    def _open(self, create: bool = False) -> int:
+        """A descriptor on the checked directory; PortError when it is missing (and not made) or not trusted."""
+        try:
+            fd = os.open(self.path, DIR_FLAGS)
+        except FileNotFoundError:
+            if not create:
+                raise PortError("reservation_dir", f"{self.path} does not exist: {admin_fix(self.path)}") from None
+            self._create()
+            return self._open(create=False)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EMLINK, errno.ENOTDIR):
+                with contextlib.suppress(OSError):
+                    raise self._refuse(dir_problem(os.lstat(self.path), self.me.uid) or "is not a directory") from exc
+                raise self._refuse("is not a directory") from exc
             raise PortError("reservation_dir", f"{self.path}: {exc.strerror}") from exc
-        if stat.S_ISLNK(st.st_mode):
-            raise PortError("reservation_dir", f"{self.path} is a symlink; refused")
-        if not stat.S_ISDIR(st.st_mode):
-            raise PortError("reservation_dir", f"{self.path} is not a directory")
-        if st.st_uid != self.me.uid and not st.st_mode & stat.S_ISVTX:
-            raise PortError("reservation_dir", f"{self.path} is neither sticky (mode 1777) nor owned by you; refused")
-        if not os.access(self.path, os.W_OK | os.X_OK):
-            raise PortError("reservation_dir", f"{self.path} is not writable for uid {self.me.uid}")
+        try:
+            problem = dir_problem(os.fstat(fd), self.me.uid)
+            if problem:
+                raise self._refuse(problem)
+            if not os.access(self.path, os.W_OK | os.X_OK):
+                raise PortError("reservation_dir", f"{self.path} is not writable for uid {self.me.uid}")
+            self._check_fs()
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    def _check_fs(self) -> None:
         try:
             with open(self.mountinfo_file) as fh:
                 fstype = fs_type_of(os.path.realpath(self.path), fh.read())
@@ -359,204 +489,254 @@ class ReservationDir:
             raise PortError("reservation_dir", f"{self.path} is on a network file system ({fstype}); "
                                                "use a host-local one")
 
-    # -- files
-    def _file(self, port: int) -> str:
-        return os.path.join(self.path, f"port-{port}")
-
-    def read(self, port: int) -> Optional[Tuple[Optional[Reservation], os.stat_result]]:
-        """The record and stat of ``port``'s file; None if there is none. Unreadable -> (None, st)."""
+    @contextlib.contextmanager
+    def _dir(self, create: bool = False) -> Iterator[int]:
+        fd = self._open(create)
         try:
-            fd = os.open(self._file(port), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            return None
-        except OSError:
-            try:
-                return None, os.lstat(self._file(port))
-            except FileNotFoundError:
-                return None
-        try:
-            st = os.fstat(fd)
-            text = os.read(fd, RECORD_MAX).decode("utf-8", "replace") if stat.S_ISREG(st.st_mode) else ""
+            yield fd
         finally:
             os.close(fd)
-        res = Reservation.from_json(text)
-        if res is not None and (res.port != port or res.uid != st.st_uid):
-            res = None  # a record that lies about its port or its owner is junk
-        return res, st
 
-    def ports_on_disk(self) -> List[int]:
+    def ensure(self) -> None:
+        """Create the directory if missing (root only), then check it."""
+        with self._dir(create=True):
+            pass
+
+    def validate(self) -> None:
+        with self._dir():
+            pass
+
+    # -- claim files
+    @staticmethod
+    def _claims(fd: int, port: Optional[int] = None) -> List[Claim]:
+        """Every claim file (of ``port`` when given), as lstat shows it now."""
+        found = []
+        for name in os.listdir(fd):
+            num = claim_port(name)
+            if num is None or (port is not None and num != port):
+                continue
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            found.append(Claim.from_stat(name, num, st))
+        return found
+
+    def _claim(self, fd: int, name: str) -> Optional[Claim]:
         try:
-            names = os.listdir(self.path)
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
-            return []
-        return sorted(int(m.group(1)) for m in (FILE_RE.match(n) for n in names) if m)
+            return None
+        port = claim_port(name)
+        return None if port is None else Claim.from_stat(name, port, st)
+
+    @staticmethod
+    def _record(fd: int, claim: Claim) -> Optional[Reservation]:
+        """The record of one of the caller's own claims; None when it is unreadable, junk or lies about its port."""
+        try:
+            ffd = os.open(claim.name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=fd)
+        except OSError:
+            return None
+        try:
+            st = os.fstat(ffd)
+            if not stat.S_ISREG(st.st_mode) or (st.st_ino, st.st_dev) != (claim.ino, claim.dev):
+                return None
+            text = os.read(ffd, RECORD_MAX).decode("utf-8", "replace")
+        finally:
+            os.close(ffd)
+        res = Reservation.from_json(text)
+        return res if res is not None and res.port == claim.port else None
+
+    def _mine(self, claim: Claim) -> bool:
+        return claim.uid == self.me.uid
+
+    def _valid(self, fd: int, claim: Claim, now: float, capped: Set[int]) -> bool:
+        """Whether ``claim`` holds its port: the caller's own by its record, another user's by its metadata."""
+        if not self._mine(claim):
+            return foreign_claim_valid(claim, now, capped)
+        if not claim.regular:
+            return False
+        res = self._record(fd, claim)
+        return not is_stale(res, now, self.me, age=now - claim.ctime, alive=self.alive)
+
+    def _remove(self, fd: int, claim: Claim) -> bool:
+        """Remove ``claim`` if its name still holds that very file: rename it away, then unlink it only if it is."""
+        aside = f"port-{claim.port}.r{os.urandom(8).hex()}"
+        try:
+            os.rename(claim.name, aside, src_dir_fd=fd, dst_dir_fd=fd)
+        except FileNotFoundError:
+            return True
+        except OSError:
+            return False
+        try:
+            st = os.stat(aside, dir_fd=fd, follow_symlinks=False)
+            if (st.st_ino, st.st_dev) != (claim.ino, claim.dev):
+                return False  # a fresh claim took that name meanwhile: it stays a claim of its port, as `aside`
+            os.unlink(aside, dir_fd=fd)
+        except FileNotFoundError:
+            pass
+        except OSError:
+            return False
+        return True
+
+    def _publish(self, fd: int, res: Reservation, name: str) -> bool:
+        """Publish ``res`` under ``name`` atomically (0600, mtime = lease end); False if ``name`` exists."""
+        while True:
+            tmp = f".tmp.{os.getpid()}.{os.urandom(8).hex()}"
+            try:
+                tfd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                              dir_fd=fd)
+            except FileExistsError:
+                continue
+            try:
+                os.fchmod(tfd, 0o600)  # the record is its owner's; others judge the file's metadata
+                os.write(tfd, res.to_json().encode())
+                os.fsync(tfd)
+                os.utime(tfd, (res.expires, res.expires))
+            finally:
+                os.close(tfd)
+            try:
+                os.link(tmp, name, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=False)
+                return True
+            except FileExistsError:
+                return False
+            except FileNotFoundError:
+                continue  # the temp file was swept (an old-looking clock): write it again
+            finally:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=fd)
+
+    def _claim_port(self, fd: int, res: Reservation) -> Optional[str]:
+        """Take ``res.port`` -> the claim's name, or None when another valid claim holds the port."""
+        generation, capped = 0, None
+        while generation <= MAX_GENERATION:
+            name = claim_name(res.port, generation)
+            if self._publish(fd, res, name):
+                break
+            there = self._claim(fd, name)
+            if there is None:
+                continue  # removed meanwhile: try the same name again
+            now = self.clock()
+            if capped is None:
+                capped = over_cap(self._claims(fd), now, self.cap)
+            if self._valid(fd, there, now, capped):
+                return None
+            generation += 1
+        else:
+            return None
+        # every claim of this port, once more: withdraw if another one is valid (a contender on another name)
+        now = self.clock()
+        every = self._claims(fd)
+        capped = over_cap(every, now, self.cap)
+        mine = self._claim(fd, name)
+        for other in every:
+            if other.port != res.port or other.name == name:
+                continue
+            if self._valid(fd, other, now, capped):
+                if mine is not None:
+                    self._remove(fd, mine)
+                return None
+        return name
+
+    # -- reading
+    def _own_records(self, fd: int) -> List[Tuple[Claim, Optional[Reservation]]]:
+        return [(c, self._record(fd, c)) for c in self._claims(fd) if self._mine(c) and c.regular]
 
     def held(self, owner: str) -> List[Reservation]:
         """The owner's valid reservations made by this uid on this host, by port."""
-        now, found = self.clock(), []
-        for port in self.ports_on_disk():
-            got = self.read(port)
-            if not got or got[0] is None:
-                continue
-            res, st = got
-            if (res.owner == owner and st.st_uid == self.me.uid and res.host == self.me.host
-                    and not is_stale(res, now, self.me, alive=self.alive)):
-                found.append(res)
-        return found
+        if not self.exists():
+            return []
+        with self._dir() as fd:
+            return self._held(fd, owner)
 
-    def _state(self, port: int, now: float) -> str:
-        """'free' (no file), 'stale' (reclaimable by us), or 'taken'."""
-        got = self.read(port)
-        if got is None:
-            return "free"
-        res, st = got
-        if not is_stale(res, now, self.me, age=now - st.st_mtime, alive=self.alive):
-            return "taken"
-        return "stale" if self.me.uid in (0, st.st_uid) else "taken"
+    def _held(self, fd: int, owner: str) -> List[Reservation]:
+        now, found = self.clock(), {}
+        for _claim, res in self._own_records(fd):
+            if res is not None and res.owner == owner and res.host == self.me.host \
+                    and not is_stale(res, now, self.me, alive=self.alive):
+                found[res.port] = res
+        return [found[port] for port in sorted(found)]
 
-    def _open_lock(self) -> int:
-        """A read-only fd on ``.lock`` (created 0644 if missing), or -1 if it is not a usable file."""
-        path, flags = os.path.join(self.path, LOCK_NAME), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-        for _attempt in range(3):
-            try:
-                fd = os.open(path, flags)
-            except FileNotFoundError:
-                try:
-                    fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
-                except FileExistsError:
-                    continue
-                except OSError:
-                    return -1
-            except OSError:
-                return -1
-            if stat.S_ISREG(os.fstat(fd).st_mode):
-                return fd
-            os.close(fd)
-            return -1
-        return -1
-
-    @contextlib.contextmanager
-    def _lock(self, timeout: Optional[float] = None) -> Iterator[bool]:
-        """Exclusive flock on ``.lock``; yields whether it was obtained (a hostile lock is not fatal)."""
-        fd, got = self._open_lock(), False
-        try:
-            deadline = time.monotonic() + (LOCK_TIMEOUT if timeout is None else timeout)
-            while fd >= 0:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    got = True
-                    break
-                except BlockingIOError:
-                    if time.monotonic() > deadline:
-                        break
-                    time.sleep(0.005)
-            yield got
-        finally:
-            if fd >= 0:
-                os.close(fd)  # also drops the flock
-
-    def _reclaim(self, port: int) -> bool:
-        """Remove ``port``'s stale file if it is still the same stale file. Under the lock only."""
-        with self._lock() as locked:
-            if not locked:
-                return False
-            now = self.clock()
-            got = self.read(port)
-            if got is None:
-                return True
-            res, st = got
-            if not is_stale(res, now, self.me, age=now - st.st_mtime, alive=self.alive):
-                return False
-            try:
-                cur = os.lstat(self._file(port))
-                if (cur.st_ino, cur.st_dev) != (st.st_ino, st.st_dev):
-                    return False
-                os.unlink(self._file(port))
-            except FileNotFoundError:
-                return True
-            except OSError:
-                return False
-            return True
-
-    def _create(self, res: Reservation) -> bool:
-        """Publish ``res`` atomically; False if the port's file already exists."""
-        while True:
-            tmp = os.path.join(self.path, f".tmp.{self.me.uid}.{os.getpid()}.{os.urandom(8).hex()}")
-            try:
-                fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
-                break
-            except FileExistsError:
-                continue
-        try:
-            os.fchmod(fd, 0o644)  # readable by everyone: others judge staleness from it
-            os.write(fd, res.to_json().encode())
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, self._file(res.port))
-            return True
-        except FileExistsError:
-            return False
-        finally:
-            os.unlink(tmp)
-
-    def _unlink_own(self, ports: Sequence[int]) -> None:
-        with self._lock():  # released even without the lock: these are our own files
-            for port in ports:
-                with contextlib.suppress(FileNotFoundError):
-                    os.unlink(self._file(port))
+    def ports_on_disk(self) -> List[int]:
+        """The ports that have a claim file (anyone's, valid or not)."""
+        if not self.exists():
+            return []
+        with self._dir() as fd:
+            return sorted({c.port for c in self._claims(fd)})
 
     # -- operations
-    def _scan(self, held: Sequence[int], need: int, candidates: Sequence[int],
+    def sweep(self, fd: int) -> List[int]:
+        """Remove this uid's invalid claims (root: anyone's) and old temp files -> the ports of removed claims."""
+        now, swept = self.clock(), []
+        for name in os.listdir(fd):
+            if not TMP_RE.match(name):
+                continue
+            try:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if self.me.uid in (0, st.st_uid) and now - st.st_ctime > TMP_MAX_AGE:
+                    os.unlink(name, dir_fd=fd)
+            except OSError:
+                continue
+        claims = self._claims(fd)
+        capped = over_cap(claims, now, self.cap)
+        for claim in claims:
+            if self.me.uid not in (0, claim.uid):
+                continue
+            if not self._valid(fd, claim, now, capped) and self._remove(fd, claim):
+                swept.append(claim.port)
+        return sorted(swept)
+
+    def _scan(self, fd: int, held: Sequence[int], need: int, candidates: Sequence[int],
               act: Optional[Callable[[int], bool]]) -> List[int]:
         """Walk ``candidates`` from a random start; ``act`` reserves a port (None: predict only)."""
         got: List[int] = []
         if not candidates or need <= 0:
             return got
+        now = self.clock()
+        claims = self._claims(fd)
+        capped = over_cap(claims, now, self.cap)
+        by_port: Dict[int, List[Claim]] = {}
+        for claim in claims:
+            by_port.setdefault(claim.port, []).append(claim)
         start = self.rng.randrange(len(candidates))
         for port in list(candidates[start:]) + list(candidates[:start]):
             if len(got) >= need:
                 break
             if port in held:
                 continue
-            state = self._state(port, self.clock())
-            if state == "taken" or not self.bindable(port):
+            if any(self._valid(fd, c, now, capped) for c in by_port.get(port, ())):
                 continue
-            if act is None or ((state == "free" or self._reclaim(port)) and act(port)):
+            if not self.bindable(port):
+                continue
+            if act is None or act(port):
                 got.append(port)
         return got
 
-    def sweep(self) -> List[int]:
-        """Reclaim this uid's stale records (any owner) and temp files of dead processes."""
-        now, swept = self.clock(), []
-        try:
-            names = os.listdir(self.path)
-        except OSError:
-            return swept
-        for name in names:
-            tmp = re.match(r"\.tmp\.([0-9]+)\.([0-9]+)\.[0-9a-f]+\Z", name)
-            if tmp and int(tmp.group(1)) == self.me.uid and not self.alive(int(tmp.group(2)), None):
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(self.path, name))
-        for port in self.ports_on_disk():
-            got = self.read(port)
-            if got and got[1].st_uid == self.me.uid and self._state(port, now) == "stale" and self._reclaim(port):
-                swept.append(port)
-        return swept
-
     def predict(self, owner: str, count: int, candidates: Sequence[int]) -> Tuple[List[int], List[int]]:
         """What :meth:`reserve` would return (all ports, new ports), touching nothing."""
-        if self.exists():
-            self.validate()
-        elif not os.path.isdir(os.path.dirname(self.path)):
-            raise PortError("reservation_dir", f"parent of {self.path} does not exist")
-        wanted = set(candidates)
-        held = sorted(r.port for r in self.held(owner) if r.port in wanted) if self.exists() else []
-        if len(held) >= count:
-            return held[:count], []
-        new = self._scan(held, count - len(held), candidates, None)
-        return sorted(held + new), sorted(new)
+        if not self.exists():
+            if self.me.uid != 0:
+                raise PortError("reservation_dir", f"{self.path} does not exist: {admin_fix(self.path)}")
+            if not os.path.isdir(os.path.dirname(self.path)):
+                raise PortError("reservation_dir", f"parent of {self.path} does not exist")
+            return self._predict_empty(count, candidates)
+        with self._dir() as fd:
+            wanted = set(candidates)
+            held = sorted(r.port for r in self._held(fd, owner) if r.port in wanted)
+            if len(held) >= count:
+                return held[:count], []
+            new = self._scan(fd, held, count - len(held), candidates, None)
+            return sorted(held + new), sorted(new)
+
+    def _predict_empty(self, count: int, candidates: Sequence[int]) -> Tuple[List[int], List[int]]:
+        got: List[int] = []
+        start = self.rng.randrange(len(candidates)) if candidates else 0
+        for port in list(candidates[start:]) + list(candidates[:start]):
+            if len(got) >= count:
+                break
+            if self.bindable(port):
+                got.append(port)
+        return sorted(got), sorted(got)
 
     def reserve(self, owner: str, count: int, candidates: Sequence[int], lease: int = DEFAULT_LEASE,
                 pid: Optional[int] = None) -> Tuple[List[int], List[int]]:
@@ -567,42 +747,51 @@ class ReservationDir:
         """
         check_request(owner, count, lease, pid, self.alive)
         pid_start = None if pid is None else pid_start_time(pid)
-        self.ensure()
-        self.sweep()
-        wanted = set(candidates)
-        held = sorted(r.port for r in self.held(owner) if r.port in wanted)
-        if len(held) >= count:
-            return held[:count], []
-        now = self.clock()
+        with self._dir(create=True) as fd:
+            self.sweep(fd)
+            wanted = set(candidates)
+            held = sorted(r.port for r in self._held(fd, owner) if r.port in wanted)
+            if len(held) >= count:
+                return held[:count], []
+            now = self.clock()
+            mine = live_count(self._claims(fd), self.me.uid, now)
+            if mine + count - len(held) > self.cap:
+                raise PortError("count", f"you hold {mine} live port reservations in {self.path} and at most "
+                                         f"{self.cap} count for other users; release ended sessions' ports "
+                                         "(free_port state=absent) or wait for their leases to end")
+            made: Dict[int, str] = {}
 
-        def act(port: int) -> bool:
-            me = self.me
-            return self._create(Reservation(port=port, owner=owner, user=me.user, uid=me.uid, host=me.host,
-                                            boot_id=me.boot_id, created=now, expires=now + lease, pid=pid,
-                                            pid_start=pid_start, creator_pid=os.getpid()))
+            def act(port: int) -> bool:
+                me = self.me
+                res = Reservation(port=port, owner=owner, host=me.host, boot_id=me.boot_id, created=now,
+                                  expires=now + lease, pid=pid, pid_start=pid_start)
+                name = self._claim_port(fd, res)
+                if name:
+                    made[port] = name
+                return name is not None
 
-        new = self._scan(held, count - len(held), candidates, act)
-        if len(held) + len(new) < count:
-            self._unlink_own(new)
-            raise PortError("count", f"only {len(held) + len(new)} of {count} ports are free in the range "
-                                     "(after exclusions)")
-        return sorted(held + new), sorted(new)
+            new = self._scan(fd, held, count - len(held), candidates, act)
+            if len(held) + len(new) < count:
+                for port in new:
+                    claim = self._claim(fd, made[port])
+                    if claim is not None:
+                        self._remove(fd, claim)
+                raise PortError("count", f"only {len(held) + len(new)} of {count} ports are free in the range "
+                                         "(after exclusions)")
+            return sorted(held + new), sorted(new)
 
     def release(self, owner: str, dry_run: bool = False) -> List[int]:
         """Remove this uid's reservations of ``owner`` on this host (valid or stale) -> their ports."""
         validate_owner(owner)
         if not self.exists():
             return []
-        self.validate()
-        mine = []
-        for port in self.ports_on_disk():
-            got = self.read(port)
-            if got and got[0] is not None and got[0].owner == owner and got[1].st_uid == self.me.uid \
-                    and got[0].host == self.me.host:
-                mine.append(port)
-        if mine and not dry_run:
-            self._unlink_own(mine)
-        return mine
+        with self._dir() as fd:
+            mine = [(c, r) for c, r in self._own_records(fd) if r is not None and r.owner == owner
+                    and r.host == self.me.host]
+            if not dry_run:
+                for claim, _res in mine:
+                    self._remove(fd, claim)
+            return sorted({r.port for _c, r in mine})
 
 
 # ---------------------------------------------------------------- one call, for the module and the script

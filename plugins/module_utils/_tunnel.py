@@ -6,11 +6,11 @@ Private to the hpc.interactive collection. Standard library only and Python 3.8+
 same file runs three ways: imported by the ``reverse_tunnel`` module, copied into a state directory
 and run by the module as a detached supervisor, and run by a batch job on a compute node::
 
-    python3 _tunnel.py run    --state-dir D --name N --spec D/N.spec.json   # foreground (batch job)
-    python3 _tunnel.py run    --state-dir D --name N [--up-after 3] -- ssh -N -R ...   # raw argv
-    python3 _tunnel.py start  --state-dir D --name N --spec FILE [--timeout 30]  # detached, waits for up
-    python3 _tunnel.py stop   --state-dir D --name N [--grace 5]
-    python3 _tunnel.py status --state-dir D --name N
+    python3 -I _tunnel.py run    --state-dir D --name N --spec D/N.spec.json   # foreground (batch job)
+    python3 -I _tunnel.py run    --state-dir D --name N [--up-after 3] -- ssh -N -R ...   # raw argv
+    python3 -I _tunnel.py start  --state-dir D --name N --spec FILE [--timeout 30]  # detached, waits for up
+    python3 -I _tunnel.py stop   --state-dir D --name N [--grace 5]
+    python3 -I _tunnel.py status --state-dir D --name N
 
 Files in the state directory (0700; files 0600): ``N.pid`` (supervisor pid, removed on exit),
 ``N.status.json`` (pid, token, ssh_pid, started, restarts, last_error, state, ...), ``N.spec.json``,
@@ -444,13 +444,16 @@ def supervisor_source() -> str:
 
 def start_detached(python: str, state_dir: str, name: str, spec_file: str,
                    env: Optional[Mapping[str, str]] = None) -> subprocess.Popen:
-    """Start ``python <state_dir>/_tunnel.py run ...`` in a new session, stdin /dev/null, output to the log."""
+    """Start ``python -I <state_dir>/_tunnel.py run ...`` in a new session, stdin /dev/null, output to the log.
+
+    ``-I``: isolated from the environment (``PYTHON*``), the user's site directory and the script's directory.
+    """
     paths = tunnel_paths(state_dir, name)
     write_private(paths["script"], supervisor_source())
     log_fd = os.open(paths["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         return subprocess.Popen(
-            [python, paths["script"], "run", "--state-dir", state_dir, "--name", name, "--spec", spec_file],
+            [python, "-I", paths["script"], "run", "--state-dir", state_dir, "--name", name, "--spec", spec_file],
             stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, close_fds=True, cwd=state_dir,
             start_new_session=True, env=_env(env))
     finally:

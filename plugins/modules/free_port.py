@@ -12,20 +12,24 @@ description:
   - Finds O(count) free TCP ports in a range on the host the task runs on and B(reserves) them for
     O(owner) (a session id), so that concurrent callers, of any user, never get the same port, even
     before a server binds it.
-  - A reservation is one file per port in a host-local directory shared by all users. The record
-    (user, uid, owner, host, boot id, watched pid, created, lease expiry) is published with an
-    exclusive create (a private temp file made with C(O_CREAT|O_EXCL), then hard-linked to the
-    port's name, which fails if that name exists), so exactly one caller wins each port.
-  - A port is free when no valid reservation holds it and binding it on C(0.0.0.0), C(127.0.0.1)
+  - A reservation is a claim file per port in a host-local directory shared by all users, C(port-N) (or
+    C(port-N.G) when junk of another user occupies the first name). Its record (session id, host, boot id,
+    watched pid, created, lease expiry) is readable by its owner only (mode 0600); other users judge a claim by
+    its metadata - its owner, one link, and its mtime, which is the lease's end. The record is published with an
+    exclusive create (a private temp file, hard-linked to the claim's name, which fails if that name exists) and
+    every claim of the port is looked at again afterwards, so exactly one caller, of any user, wins each port.
+  - A port is free when no valid claim holds it and binding it on C(0.0.0.0), C(127.0.0.1)
     (and C(::) where IPv6 exists) succeeds without C(SO_REUSEADDR); a listener or a socket in
     TIME_WAIT makes it busy. X11's ports 6000-6099 are always skipped.
   - A reservation ends when its O(lease) expires, when the host rebooted, or when the watched
     O(pid) has exited. After the lease, the server's own listening socket protects the port.
-    The caller's own stale files are removed; another user's stale file cannot be removed from a
-    sticky directory and is skipped as taken. root reclaims any stale file.
+    The caller's own invalid claims are removed; another user's cannot be removed from the sticky directory and
+    are ignored when invalid (junk, an expired lease, a lease beyond 30 days, or a user holding more than 256 live
+    claims in the directory). root removes any invalid claim. There is no lock another user could hold.
+  - A user may hold at most 256 live reservations in one directory; a request beyond that fails naming O(count).
   - The same logic runs without Ansible, for batch jobs, as
-    C(python3 _ports.py reserve --owner ID [--count N] [--range A-B] [--dir D] [--lease S] [--pid P])
-    (prints JSON with C(ports)) and C(python3 _ports.py release --owner ID).
+    C(python3 -I _ports.py reserve --owner ID [--count N] [--range A-B] [--dir D] [--lease S] [--pid P])
+    (prints JSON with C(ports)) and C(python3 -I _ports.py release --owner ID).
 author:
   - hpc.interactive developers (@hpc-interactive)
 extends_documentation_fragment:
@@ -88,16 +92,23 @@ options:
     type: int
   reservation_dir:
     description:
-      - The shared reservation directory. Created with mode 1777 (sticky) if missing. Refused if it is
-        a symlink, if it is neither sticky nor owned by the caller, or if it is on a network file
-        system (NFS, Lustre, GPFS and the like); it must be local to the host whose ports it guards.
+      - The shared reservation directory, owned by root with mode 1777 (sticky). The install entry point of every
+        service role makes it and adds a C(tmpfiles.d) line that makes it again at boot. When it is missing, root
+        creates it (root:root, 1777) and any other user is refused with the command an administrator runs.
+      - Refused if it is a symlink, not a directory, owned by another user than root (that user could remove or
+        block every reservation), writable by others without the sticky bit, or on a network file system (NFS,
+        Lustre, GPFS and the like); it must be local to the host whose ports it guards. A directory owned by the
+        caller and writable by nobody else is accepted (reservations private to that user).
+      - It is opened once without following a symlink and used only through that descriptor, so it cannot be
+        swapped between the check and the use.
       - Every caller on a host must use the same directory. Where C(/tmp) is private per user
         (polyinstantiated), set a directory outside it for all users.
     type: path
     default: /tmp/isession-ports
 notes:
   - Reservations protect cooperating callers from each other. They do not stop a process from
-    binding a port outside this scheme.
+    binding a port outside this scheme; what listens on a session's port is checked before the session is
+    C(Running) (M(hpc.interactive.session_ready)) and by the watcher.
 seealso:
   - module: hpc.interactive.reverse_tunnel
 """

@@ -123,8 +123,20 @@ options:
     description: Longest wait in seconds between two ssh runs (the wait doubles from 1 s).
     type: int
     default: 30
+  local_owner_timeout:
+    description:
+      - Before a tunnel is started, wait up to this many seconds until a listening socket of the user running the
+        module holds O(local_port) on O(local_host) (a loopback address), judged by the kernel's uid column of
+        C(/proc/net/tcp). Another user's listener there fails the task at once, and so does no listener in time -
+        the tunnel would hand the destination's requests, with the session's secret, to whoever listens.
+      - V(0) (the default) starts the tunnel without looking.
+    type: float
+    default: 0
+  local_owner_pid:
+    description: With O(local_owner_timeout), stop waiting as soon as this process (the server or its agent) is gone.
+    type: int
   python:
-    description: Interpreter that runs the supervisor; default the one running this module.
+    description: Interpreter that runs the supervisor (with C(-I), isolated); default the one running this module.
     type: path
   ssh_executable:
     description: The ssh client; default C(ssh) from the PATH.
@@ -217,6 +229,7 @@ import sys
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.hpc.interactive.plugins.module_utils._listeners import wait_port_owner
 from ansible_collections.hpc.interactive.plugins.module_utils._tunnel import (
     TunnelError,
     build_ssh_argv,
@@ -313,6 +326,7 @@ class ReverseTunnel:
         self.result["changed"] = True
         if self.module.check_mode:
             self.module.exit_json(**self.result)
+        self.check_local_owner(spec)
         stop_tunnel(self.state_dir, self.name, p["stop_timeout"])
         write_private(self.paths["spec"], spec_document(self.name, spec, policy))
         try:
@@ -323,6 +337,26 @@ class ReverseTunnel:
         status = wait_until_up(self.state_dir, self.name, proc.pid, p["timeout"], proc)
         self.check_up(status)
         self.report(status)
+
+    def check_local_owner(self, spec: dict) -> None:
+        """With local_owner_timeout: the local end must be this user's listener before anything is forwarded to it."""
+        timeout, pid = self.params["local_owner_timeout"], self.params["local_owner_pid"]
+        if not timeout:
+            return
+        address = {"127.0.0.1": "127.0.0.1", "localhost": "127.0.0.1", "::1": "::1"}.get(spec["local_host"])
+        if address is None:
+            self.fail("local_owner_timeout needs a loopback local_host, got %s" % spec["local_host"],
+                      field="local_host")
+        still = None if pid is None else (lambda: os.path.exists("/proc/%d" % pid))
+        got = wait_port_owner(spec["local_port"], os.geteuid(), timeout, still=still)
+        if got.state == "foreign":
+            self.fail("local_port: %s; the tunnel is not opened, so that its requests cannot reach that user"
+                      % got.message, field="local_port", tunnel_state="refused")
+        if not got.ok:
+            gone = pid is not None and still is not None and not still()
+            self.fail("local_port: %s %s; the tunnel is not opened" % (
+                got.message, "(process %d is gone)" % pid if gone else "after %s s" % timeout),
+                field="local_port", tunnel_state="refused")
 
     def check_up(self, status: dict) -> None:
         if status.get("state") == "up":
@@ -383,6 +417,8 @@ def main() -> None:
             restart_max_failures=dict(type="int", default=8),
             restart_window=dict(type="int", default=300),
             restart_backoff_max=dict(type="int", default=30),
+            local_owner_timeout=dict(type="float", default=0),
+            local_owner_pid=dict(type="int"),
             python=dict(type="path"),
             ssh_executable=dict(type="path"),
         ),

@@ -56,6 +56,14 @@ options:
     description:
       - "Working directory of the job. Made when it does not exist, with its missing parents, each mode 0700."
     type: path
+  private_workdir:
+    description:
+      - "O(workdir) is the session's own directory: it is made exclusively (mode 0700) and refused, before anything is
+        written or submitted, when it already exists and is not the user's own with mode 0700 (another user may have
+        put code in it), or when a directory or symlink on its path belongs to another user than root or the user, or
+        is writable by others without the sticky bit (they could put their own directory there)."
+    type: bool
+    default: false
   output:
     description: "Standard output path (scheduler patterns like C(%j) allowed; C(~) is expanded)."
     type: path
@@ -196,6 +204,7 @@ from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._base import describe_failure
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._runtime import (
     make_runner,
+    make_session_dir,
     read_text,
     scheduler_setup,
     wait_for_state,
@@ -210,7 +219,8 @@ ARGUMENT_SPEC = dict(
     state=dict(type="str", default="present", choices=["present", "absent"]),
     job_name=dict(type="str"), job_id=dict(type="str"),
     script=dict(type="str"), script_file=dict(type="path"), script_path=dict(type="path"),
-    workdir=dict(type="path"), output=dict(type="path"), error=dict(type="path"),
+    workdir=dict(type="path"), private_workdir=dict(type="bool", default=False),
+    output=dict(type="path"), error=dict(type="path"),
     secret=dict(type="str", no_log=True), secret_path=dict(type="path"),
     queue=dict(type="str", aliases=["partition"]), walltime=dict(type="str"),
     nodes=dict(type="int"), ntasks=dict(type="int"), cpus_per_task=dict(type="int"), memory=dict(type="str"),
@@ -299,6 +309,7 @@ class SchedulerSubmit:
             result["diff"] = dict(before=before or "", after=rendered.text, before_header=script_path,
                                   after_header=script_path)
         result["changed"] = True
+        self.check_private_workdir(opts)
         if self.module.check_mode:
             self.module.exit_json(**result)
         self.prepare_files(opts, script_path)
@@ -320,6 +331,19 @@ class SchedulerSubmit:
             result.update(state=info.state, nodes=info.nodes)
         result["job_id"] = job_id
         self.module.exit_json(**result)
+
+    def check_private_workdir(self, opts) -> None:
+        """Refuse a session directory another user could have prepared (also in check mode); make it exclusively."""
+        if not self.p["private_workdir"]:
+            return
+        if not opts.workdir:
+            self.fail("private_workdir: needs workdir")
+        try:
+            make_session_dir(opts.workdir, os.geteuid(), check=self.module.check_mode)
+        except ValueError as exc:
+            self.fail(str(exc))
+        except OSError as exc:
+            self.fail("workdir: cannot make the directory %s: %s" % (opts.workdir, exc))
 
     def prepare_files(self, opts, script_path: str) -> None:
         """Make the job's directories (0700) and write the secret (0600) before anything is submitted."""

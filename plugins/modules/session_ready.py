@@ -13,6 +13,11 @@ description:
     the connection is to the loopback end of the session's tunnel) every O(interval) seconds.
   - Ready means an HTTP answer with status 2xx, 3xx, 401 or 403 (the app is up and guards itself). A 5xx (for
     example a proxy's 502) or no connection is not ready. Redirects are not followed.
+  - When O(host) is a loopback address, ready also means that every listening socket a connection to the port
+    reaches belongs to the user running this module (the kernel's uid column of C(/proc/net/tcp)), checked before
+    and after each answer. On a shared host another user can bind a session's port while it is free for a moment
+    (before the session's tunnel or server comes up); such a listener ends the wait at once with a message naming
+    that user, and the session is never marked running, so that no request carrying its secret goes there.
   - Between polls it reads the session directory (O(dir)) when given - a terminal step in C(state.json) (written by
     a cancel or the watcher) or a C(cancel_requested) tombstone ends the wait at once, as does an C(agent.error)
     file written by the agent - and, when O(agent_pid) is given, it ends the wait when that process is gone.
@@ -46,7 +51,9 @@ options:
     type: str
     default: ""
   host:
-    description: Address to connect to.
+    description:
+      - Address to connect to. For V(127.0.0.1), V(localhost) and V(::1) the owner of the listening socket is
+        checked too (see above); for any other address it cannot be.
     type: str
     default: 127.0.0.1
   timeout:
@@ -131,6 +138,13 @@ side_command:
   returned: always
   type: dict
   sample: {rc: 0, stdout: "watcher started (pid 4242)", stderr: ""}
+port_owner:
+  description:
+    - Who listened on the port at the last check (O(host) loopback only) - C(state) V(own), V(foreign) (another
+      user's listener), V(none) or V(unknown), the listeners' C(uids), and a C(message) in words.
+  returned: when O(host) is a loopback address
+  type: dict
+  sample: {state: own, uids: [1001], message: ""}
 probe_url:
   description: The URL probed.
   returned: always
@@ -147,6 +161,7 @@ from urllib.parse import urlsplit
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.hpc.interactive.plugins.module_utils._cmd import Started
+from ansible_collections.hpc.interactive.plugins.module_utils._listeners import PortOwner, check_port_owner
 from ansible_collections.hpc.interactive.plugins.module_utils._cmd import start as start_command
 from ansible_collections.hpc.interactive.plugins.module_utils._service_file import (
     ServiceFileError,
@@ -160,6 +175,7 @@ from ansible_collections.hpc.interactive.plugins.module_utils._state import (
     probe_url,
     process_alive,
     read_record,
+    ready_status,
     run_op,
     wait_ready,
 )
@@ -185,14 +201,34 @@ def fetch_status(url: str, timeout: float) -> Tuple[Optional[int], str]:
         conn.close()
 
 
+# the loopback addresses whose listeners this host's /proc/net/tcp shows, as _listeners names them
+LOOPBACK = {"127.0.0.1": "127.0.0.1", "localhost": "127.0.0.1", "::1": "::1"}
+
+
+def taken_over_message(owner: PortOwner) -> str:
+    """Why a session is not started when another user listens on its port."""
+    return ("%s: the session is not marked running, so that its requests and its secret cannot reach that user"
+            % owner.message)
+
+
 class SessionReady:
     def __init__(self, module: AnsibleModule) -> None:
         self.module = module
         self.params = module.params
+        self.owner = None  # type: Optional[PortOwner]
+
+    def owner_ok(self, address: Optional[str]) -> Tuple[bool, str]:
+        """Whether the port's listeners are this user's (always when the address is not loopback); why not."""
+        if address is None:
+            return True, ""
+        self.owner = check_port_owner(self.params["port"], os.geteuid(), address)
+        return self.owner.ok, self.owner.message
 
     def abort_reason(self) -> Optional[str]:
         """A reason to stop waiting now, or None."""
         directory, pid = self.params["dir"], self.params["agent_pid"]
+        if self.owner is not None and self.owner.state == "foreign":
+            return taken_over_message(self.owner)
         if directory:
             try:
                 record = read_record(os.path.join(directory, STATE_FILE))
@@ -220,14 +256,28 @@ class SessionReady:
             self.module.fail_json(msg="timeout, interval and request_timeout must be positive", field="timeout")
         timeout = 0.0 if self.module.check_mode else p["timeout"]
 
+        address = LOOPBACK.get(p["host"])
+
         def fetch() -> Tuple[Optional[int], str]:
-            return fetch_status(url, p["request_timeout"])
+            # whose listener answers, before (no request to another user's) and after (still ours) the answer
+            ok, why = self.owner_ok(address)
+            if not ok:
+                return None, why
+            status, error = fetch_status(url, p["request_timeout"])
+            if ready_status(status):
+                ok, why = self.owner_ok(address)
+                if not ok:
+                    return None, why
+            return status, error
 
         side = self.start_side_command()
         try:
             ready, status, elapsed, why = wait_ready(fetch, timeout, interval=p["interval"], abort=self.abort_reason)
             result = {"changed": False, "ready": ready, "status": status, "elapsed": round(elapsed, 3),
                       "probe_url": url, "marked_running": False, "side_command": {}}
+            if self.owner is not None:
+                result["port_owner"] = {"state": self.owner.state, "uids": list(self.owner.uids),
+                                        "message": self.owner.message}
             # Running is recorded before the side command is collected: it never delays Running
             if ready and p["mark_running"] and not self.module.check_mode:
                 self.mark_running(result)

@@ -12,6 +12,12 @@ playbook's remote steps, through the same module_utils calls), and polled every 
 scheduler confirms the end. ``isession cancel`` sets the tombstone and wakes the watcher (SIGUSR1) before it runs
 the cancel playbook, which then confirms every step; so the resources go while ansible-playbook is still starting
 (docs/design/sessions.md, "Fast cancel").
+
+The workspace port: every tick, for each running session, the watcher asks the kernel who listens on the session's
+workspace port (``_listeners``; ``decide_listener`` is the pure rule). A session whose own listener is gone (its
+tunnel dropped) says so with ``Starting`` and a message until it is back; one whose port another user took is
+ended ``Failed`` and its job cancelled, so that no request carrying its secret goes to that user
+(docs/design/security.md).
 """
 from __future__ import annotations
 
@@ -142,6 +148,40 @@ def decide(record: Mapping[str, Any], current: Optional[str], info: Optional[Map
     raw = str(info.get("raw_state") or "").upper()
     what = FAILED_WORDS.get(raw, "the job failed")
     return Decision("Failed", f"{what}{_where(info)} ({_detail(job_id, info)})", 0)
+
+
+def decide_listener(record: Mapping[str, Any], current: Optional[str], owner: Any) -> Optional[Decision]:
+    """What the listener on a running session's workspace port means for it; None when nothing changes.
+
+    ``owner`` is ``_listeners.check_port_owner``'s answer (``state`` own / none / foreign / unknown) for the
+    session's workspace port and the watcher's user. Only a session that reached ``running`` (state.json) and is not
+    being cancelled is judged:
+
+    * its own listener: ``Running`` (again, after a drop);
+    * no listener while service.json says ``Running``: ``Starting`` with the reason (the tunnel reconnects, or
+      the watcher records the end from the scheduler); state.json keeps step ``running``;
+    * another user's listener: ``Failed``, terminal - the port's traffic would go to that user;
+    * ``/proc`` unreadable: nothing (undetermined).
+    """
+    if record.get("step") != "running" or record.get("cancel_requested") or current in TERMINAL_STATUSES:
+        return None
+    port = owner.port
+    if owner.state == "own":
+        return None if current == "Running" else Decision("Running", "", reason="own listener is back")
+    if owner.state == "none":
+        if current != "Running":
+            return None
+        if record.get("target") == "workspace":
+            why = f"the app no longer listens on workspace port {port}"
+        else:
+            why = (f"the tunnel to the session is down: nothing listens on workspace port {port}; "
+                   "waiting for it to be restored")
+        return Decision("Starting", why, reason="no listener")
+    if owner.state == "foreign":
+        return Decision("Failed", f"another user took the session's workspace port: {owner.message}; the session "
+                                  "was ended so that its requests and its secret cannot reach that user",
+                        reason="foreign listener")
+    return None
 
 
 def walltime_text(value: Any) -> str:
@@ -428,9 +468,59 @@ class Watcher:
             self.cancel_sent.pop(sid, None)
             teardown_workspace(rec, sid, self.log, self.reservation_dir)
 
+    # -- the workspace port's listener, every tick, whatever the schedulers answer
+    def check_listeners(self, live: Mapping[str, Mapping[str, Any]]) -> None:
+        """Judge who listens on each running session's workspace port (one read of /proc/net/tcp for all)."""
+        running = {sid: rec for sid, rec in live.items() if rec.get("step") == "running"
+                   and isinstance((rec.get("ports") or {}).get("workspace"), int)}
+        if not running:
+            return
+        lst = mu.load("_listeners")
+        try:
+            found = lst.read_listeners()
+        except OSError as exc:
+            self.log(f"cannot read the workspace's listening sockets: {exc}")
+            return
+        for sid, rec in running.items():
+            owner = lst.judge_port_owner(found, rec["ports"]["workspace"], os.getuid())
+            self.apply_listener(sid, rec, owner)
+
+    def apply_listener(self, sid: str, rec: Mapping[str, Any], owner: Any) -> None:
+        directory = self.root / sid
+        try:
+            current = (self.sf.read_service_file(str(directory / "service.json")) or {}).get("JOB_STATUS")
+        except ValueError:
+            return
+        d = decide_listener(rec, current, owner)
+        if d is None:
+            return
+        try:
+            if d.terminal:
+                self.st.update_state(str(self.root), sid, expect_step="running", step="failed", error=d.message)
+                self.sf.update_service_file(str(directory / "service.json"), job_status=d.status,
+                                            error_message=d.message)
+            else:  # the step stays running: only what the platform should do with the port changes
+                self.sf.update_service_file(str(directory / "service.json"), job_status=d.status,
+                                            error_message=d.message, expect_status=current)
+        except ValueError as exc:
+            self.log(f"{sid}: not updated: {exc}")
+            return
+        self.log(f"{sid}: {current or '-'} -> {d.status} ({d.reason}" + (f": {d.message})" if d.message else ")"))
+        if d.terminal:
+            self.absent.pop(sid, None)
+            teardown_workspace(rec, sid, self.log, self.reservation_dir)
+            self.pool.submit(self._safe_cancel, group_key(rec), sid, rec)
+
+    def _safe_cancel(self, key: Tuple[str, str], sid: str, rec: Mapping[str, Any]) -> None:
+        try:
+            self.send_cancel(key, sid, rec)
+        except Exception as exc:  # noqa: BLE001 - the job still ends by itself (its tunnel cannot come back)
+            self.log(f"{sid}: cancel failed: {type(exc).__name__}: {exc}")
+
     def tick(self) -> int:
         """One round; returns how many live sessions there are."""
         live = self.live_sessions()
+        self.check_listeners(live)
         groups: Dict[Tuple[str, str], Dict[str, Dict[str, Any]]] = {}
         for sid, rec in live.items():
             groups.setdefault(group_key(rec), {})[sid] = rec

@@ -18,10 +18,11 @@ Layout (``HPCBED_ROOT``, default ``/var/tmp/hpcbed``; removed by ``down``)::
 
 Outside the root: network namespaces ``hpcbed-<host>`` and ``hpcbed-net`` (the bridge), a marked
 block in /etc/hosts, /etc/slurm/slurm.conf (a pre-existing one is kept as
-``slurm.conf.hpcbed-backup`` and restored by ``down``), one munged on the default socket, and the
-users wsuser, cluser, cluser2 (kept by ``down``: their homes hold their keys) and the system user
-sgeadmin. ``install`` also fills /opt/hpc-interactive/sge (the unpacked gridengine .debs) and
-/opt/hpc-interactive/sge-debs (the .debs); both stay.
+``slurm.conf.hpcbed-backup`` and restored by ``down``), one munged on the default socket, the port
+reservation directory /tmp/isession-ports made root:root 1777 as a site's install does (kept by ``down``), and the
+users wsuser, wsuser2 (a second workspace user: the other user of the shared-host tests), cluser, cluser2 (kept by
+``down``: their homes hold their keys) and the system user sgeadmin. ``install`` also fills
+/opt/hpc-interactive/sge (the unpacked gridengine .debs) and /opt/hpc-interactive/sge-debs (the .debs); both stay.
 
 Son of Grid Engine 8.1.9 runs beside Slurm: sge_qmaster on the controller, sge_execd on compute1 and
 compute2 (queue ``all.q``). Its binaries come from Debian's gridengine .debs, unpacked by ``install``
@@ -57,8 +58,10 @@ HOSTS: Dict[str, str] = {
 }
 COMPUTE_HOSTS = ("compute1", "compute2")
 WS_USER = "wsuser"
+WS_USER2 = "wsuser2"  # another user of the same workspace host (the shared-host tests' other user)
 CLUSTER_USERS = ("cluser", "cluser2")
-USERS = (WS_USER, *CLUSTER_USERS)
+USERS = (WS_USER, WS_USER2, *CLUSTER_USERS)
+PORTS_DIR = Path("/tmp/isession-ports")  # _ports.DEFAULT_DIR: every bed host shares this /tmp
 PREFIX = "hpcbed"
 NET_NS = "hpcbed-net"
 BRIDGE = "br-hpcbed"
@@ -770,6 +773,7 @@ class Bed:
                 time.sleep(2)
                 health = self.health(logins=True)
             if health is not None and health.ok:
+                self._provision_ports_dir()
                 if SLURM_CONF.read_text() != _slurm_conf(self.slurm_dir):  # the bed's config changed: apply it
                     self._write_slurm_conf()
                     self.slurm(["scontrol", "reconfigure"])
@@ -809,6 +813,7 @@ class Bed:
     def _boot(self) -> None:
         deadline = time.monotonic() + BOOT_TIMEOUT
         self._make_dirs()
+        self._provision_ports_dir()
         self._ensure_users()
         self._make_network()
         self._make_uts()
@@ -834,6 +839,16 @@ class Bed:
             d.chmod(0o755)
         for node in COMPUTE_HOSTS:
             (self.slurm_dir / "spool" / node).mkdir(exist_ok=True)
+
+    @staticmethod
+    def _provision_ports_dir() -> None:
+        """The hosts' port reservation directory, root:root 1777, as a site's install entry point and tmpfiles.d line
+        make it (free_port refuses one another user owns, and only root may make a missing one)."""
+        if PORTS_DIR.is_symlink() or (PORTS_DIR.exists() and not PORTS_DIR.is_dir()):
+            PORTS_DIR.unlink()
+        PORTS_DIR.mkdir(exist_ok=True)
+        os.chown(PORTS_DIR, 0, 0)
+        PORTS_DIR.chmod(0o1777)  # noqa: S103 - shared by all users, sticky
 
     def _ensure_users(self) -> None:
         try:
@@ -906,7 +921,7 @@ class Bed:
             (d / "sshd_config").write_text(_sshd_config(d, key))
         Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)
         pubs = {u: (Path(pwd.getpwnam(u).pw_dir) / ".ssh/id_ed25519.pub").read_text().strip() for u in USERS}
-        authorized = {WS_USER: [pubs[WS_USER], *(pubs[c] for c in CLUSTER_USERS)]}
+        authorized = {WS_USER: [pubs[WS_USER], *(pubs[c] for c in CLUSTER_USERS)], WS_USER2: [pubs[WS_USER2]]}
         for c in CLUSTER_USERS:
             authorized[c] = [pubs[WS_USER], pubs[c]]
         for user in USERS:
@@ -1163,6 +1178,8 @@ scheduler_threads       1
         h.add("bed", "munge", _munge_ok(), "munge -n | unmunge")
         h.add("bed", "slurm.conf", SLURM_CONF.exists() and MARKER in SLURM_CONF.read_text(), str(SLURM_CONF))
         h.add("bed", "network", (NETNS_DIR / NET_NS).exists(), NET_NS)
+        missing = [u for u in USERS if not _user_exists(u)]
+        h.add("bed", "users", not missing, f"missing: {' '.join(missing)}" if missing else " ".join(USERS))
         for host in HOSTS:
             ns_ok = self.netns_path(host).exists()
             h.add(host, "netns", ns_ok, self.ns_name(host))
@@ -1385,6 +1402,14 @@ def _require_root() -> None:
         raise BedError("the test bed needs root (namespaces, daemons, users)")
 
 
+def _user_exists(user: str) -> bool:
+    try:
+        pwd.getpwnam(user)
+    except KeyError:
+        return False
+    return True
+
+
 def _munge_ok() -> bool:
     if not (MUNGE_RUN / "munge.socket.2").exists():
         return False
@@ -1594,5 +1619,5 @@ PartitionName=small Nodes=compute2 MaxCPUsPerNode=2 MaxTime=INFINITE State=UP
 """
 
 
-__all__ = ["Bed", "BedError", "CommandFailed", "PlaybookResult", "HOSTS", "USERS", "WS_USER", "CLUSTER_USERS",
-           "COMPUTE_HOSTS", "default_root"]
+__all__ = ["Bed", "BedError", "CommandFailed", "PlaybookResult", "HOSTS", "USERS", "WS_USER", "WS_USER2",
+           "CLUSTER_USERS", "COMPUTE_HOSTS", "default_root"]

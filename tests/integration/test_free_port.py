@@ -12,12 +12,14 @@
   when repeated locally, cannot be released by cluser2, and ``absent`` (check mode, real, again)
   frees it.
 * A port with a real listener in the controller namespace is never returned.
-* The default directory is created sticky and works for both users.
+* The default directory is root's, sticky, and works for both users; one another user made, or a missing one, is
+  refused for an ordinary user with what an administrator runs.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -37,10 +39,13 @@ CALLS_PER_USER = 25
 
 @pytest.fixture
 def resdir(bed):
-    """A fresh reservation directory path (not yet created) that every bed user can reach."""
+    """A fresh reservation directory that every bed user can reach: root's, mode 1777, as the install makes it."""
     parent = bed.user_tmpdir(None)
-    os.chmod(parent, 0o1777)  # noqa: S103 - like /tmp: any user may create the reservation directory
-    yield parent / "ports"
+    os.chmod(parent, 0o1777)  # noqa: S103 - like /tmp
+    path = parent / "ports"
+    path.mkdir()
+    os.chmod(path, 0o1777)  # noqa: S103 - shared by all users, sticky, root's
+    yield path
     shutil.rmtree(parent, ignore_errors=True)
 
 
@@ -50,7 +55,13 @@ def local_call(bed, user, args, check=False):
 
 
 def records(resdir: Path) -> dict:
-    return {int(p.name[5:]): (p.stat().st_uid, json.loads(p.read_text())) for p in resdir.glob("port-*")}
+    """port -> (file owner, record) of the claim files (read as root: they are 0600)."""
+    out = {}
+    for p in resdir.glob("port-*"):
+        st = p.stat()
+        assert st.st_mode & 0o777 == 0o600, p
+        out[int(re.match(r"port-([0-9]+)", p.name).group(1))] = (st.st_uid, json.loads(p.read_text()))
+    return out
 
 
 def uid(user: str) -> int:
@@ -127,9 +138,9 @@ def test_fifty_concurrent_ansible_calls_from_two_users_get_distinct_ports(bed, r
     on_disk = records(resdir)
     assert {p: rec["owner"] for p, (_, rec) in on_disk.items()} == {p: o for o, p in ports.items()}
     for _port, (file_uid, rec) in on_disk.items():
-        assert file_uid == uid(rec["user"]) == rec["uid"] and rec["host"] == HOST
+        assert file_uid == uid(rec["owner"].split("-")[0]) and rec["host"] == HOST
     # the two users' module runs overlapped in time: this was a race, not a queue
-    spans = {u: [rec["created"] for _, (_, rec) in on_disk.items() if rec["user"] == u] for u in USERS}
+    spans = {u: [rec["created"] for _, (file_uid, rec) in on_disk.items() if file_uid == uid(u)] for u in USERS}
     assert min(spans["cluser"]) < max(spans["cluser2"]) and min(spans["cluser2"]) < max(spans["cluser"]), spans
     st = os.lstat(resdir)
     assert stat.S_IMODE(st.st_mode) == 0o1777 and not stat.S_ISLNK(st.st_mode)
@@ -235,7 +246,21 @@ def test_default_directory_is_sticky_and_shared(bed):
         assert res["cluser"]["port"] != res["cluser2"]["port"]
         st = os.lstat("/tmp/isession-ports")
         assert stat.S_ISDIR(st.st_mode) and st.st_mode & stat.S_ISVTX and stat.S_IMODE(st.st_mode) & 0o777 == 0o777
+        assert st.st_uid == 0
     finally:
         for u in USERS:
             out = local_call(bed, u, {"owner": f"{owner}-{u}", "state": "absent"})
             assert out["released"] == [res[u]["port"]], out
+
+
+def test_a_directory_another_user_made_or_none_is_refused_with_the_fix(bed, resdir):
+    """cluser2 made the reservation directory (sticky, as the first user used to): its owner could remove or block
+    every reservation, so cluser is refused, told what an administrator runs; a missing one is not made by a user."""
+    theirs = resdir.parent / "theirs"
+    bed.run(HOST, ["mkdir", "-m", "1777", str(theirs)], user="cluser2", check=True)
+    for path in (theirs, resdir.parent / "missing"):
+        res = local_call(bed, "cluser", {"owner": "sess-x", "reservation_dir": str(path)})
+        assert res.get("failed") is True and res["field"] == "reservation_dir", res
+        assert f"install -d -o root -g root -m 1777 {path}" in res["msg"], res["msg"]
+    assert "is owned by uid" in local_call(bed, "cluser", {"owner": "sess-x", "reservation_dir": str(theirs)})["msg"]
+    assert not list(theirs.iterdir()) and not (resdir.parent / "missing").exists()

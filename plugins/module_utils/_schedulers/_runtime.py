@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -97,6 +98,111 @@ def write_atomic(path: str, text: str, mode: int = 0o700) -> None:
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o700, exist_ok=True)
     _service_file.write_atomic(path, text, mode)
+
+
+def _owner_label(uid: int) -> str:
+    try:
+        import pwd  # noqa: PLC0415 - POSIX only, like everything here
+
+        return "%s (uid %d)" % (pwd.getpwuid(uid).pw_name, uid)
+    except KeyError:
+        return "uid %d" % uid
+
+
+def path_problem(path: str, uid: int, lstat: Callable[[str], os.stat_result] = os.lstat,
+                 stat_: Callable[[str], os.stat_result] = os.stat,
+                 realpath: Callable[[str], str] = os.path.realpath) -> Optional[str]:
+    """Why another user than root and ``uid`` could change what ``path`` is or holds; None when nobody can.
+
+    Every existing directory from ``/`` to ``path`` (and every symlink on the way) must belong to root or ``uid``,
+    and a directory others may write to must be sticky (so that only the owner of an entry can rename or remove
+    it): otherwise another user could put their own directory - with code in it - where ``path`` is meant to be.
+    Missing trailing components are fine (the caller makes them, mode 0700).
+    """
+    current = "/"
+    for part in [p for p in os.path.normpath(path).split("/") if p]:
+        parent = realpath(current)
+        pst = stat_(parent)
+        if pst.st_uid not in (0, uid):
+            return "%s belongs to %s, who could replace what is in it" % (parent, _owner_label(pst.st_uid))
+        child = os.path.join(current, part)
+        if pst.st_mode & 0o022 and not pst.st_mode & stat.S_ISVTX:
+            return "%s is writable by other users and not sticky: they could replace %s" % (parent, child)
+        try:
+            st = lstat(child)
+        except FileNotFoundError:
+            return None
+        if st.st_uid not in (0, uid):
+            what = " (a symlink)" if stat.S_ISLNK(st.st_mode) else ""
+            return "%s%s belongs to %s, not to root or you: they could replace what is in it" % (
+                child, what, _owner_label(st.st_uid))
+        current = child
+    final = realpath(current)
+    fst = stat_(final)
+    if fst.st_uid not in (0, uid):
+        return "%s belongs to %s, not to root or you: they could replace what is in it" % (
+            final, _owner_label(fst.st_uid))
+    if fst.st_mode & 0o022 and not fst.st_mode & stat.S_ISVTX:
+        return "%s is writable by other users and not sticky: they could replace what is in it" % final
+    return None
+
+
+def private_dir_problem(st: os.stat_result, uid: int) -> Optional[str]:
+    """Why an existing directory (its ``lstat``) cannot be a session's own directory; None when it can."""
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symlink"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != uid:
+        return "already exists and belongs to %s: another user may have put files (code) in it" % (
+            _owner_label(st.st_uid))
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        return "already exists with mode %04o (0700 expected): others may have put files in it" % (
+            stat.S_IMODE(st.st_mode))
+    return None
+
+
+def make_session_dir(path: str, uid: int, check: bool = False) -> bool:
+    """Make a session's private directory exclusively (0700, missing parents 0700) -> whether it was made.
+
+    ValueError (naming ``workdir``) when a user other than root and ``uid`` could change the path, or when the
+    directory exists and is not the user's own, mode 0700 (anything else may hold files another user planted).
+    With ``check``, only the checks run.
+    """
+    path = os.path.abspath(path)
+    problem = path_problem(os.path.dirname(path), uid)
+    if problem:
+        raise ValueError("workdir: %s: refused, %s" % (path, problem))
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        why = private_dir_problem(st, uid)
+        if why:
+            raise ValueError("workdir: %s %s; refused (remove it if it is yours)" % (path, why))
+        return False
+    if check:
+        return True
+    parent = os.path.dirname(path)
+    missing = []
+    while not os.path.lexists(parent):
+        missing.append(parent)
+        parent = os.path.dirname(parent)
+    for directory in reversed(missing):
+        try:
+            os.mkdir(directory, 0o700)
+        except FileExistsError:
+            pass
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        raise ValueError("workdir: %s appeared while it was being made; refused" % path) from None
+    os.chmod(path, 0o700)
+    why = private_dir_problem(os.lstat(path), uid)
+    if why:
+        raise ValueError("workdir: %s %s; refused" % (path, why))
+    return True
 
 
 def wait_for_state(backend: Backend, runner: Runner, job_id: str, wanted: str, timeout: float, *,

@@ -10,8 +10,10 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from isession import watcher as w
-from ansible_collections.hpc.interactive.plugins.module_utils import _ports, _service_file, _state
+from ansible_collections.hpc.interactive.plugins.module_utils import _listeners, _ports, _service_file, _state
 
 
 def make_session(root: Path, sid: str, step: str = "running", status: str = "Running", **fields) -> Path:
@@ -319,3 +321,104 @@ def test_one_watcher_per_root(tmp_path):
     os.close(fd)
     assert w.running_pid(root) is None
     assert oct((root / w.PIDFILE).stat().st_mode & 0o777) == "0o600"
+
+
+# ---------------------------------------------------------------- the workspace port's listener
+RUNNING = {"jobs": {"42": {"state": "running", "found": True}}, "reachable": True, "error": ""}
+
+
+class Listening(Scripted):
+    """A scripted watcher that records the cancels it would send instead of reaching a resource."""
+
+    def __init__(self, root: Path, answers: list, **kw) -> None:
+        super().__init__(root, answers, **kw)
+        self.cancels: list = []
+
+    def send_cancel(self, key, sid, rec):
+        self.cancels.append((key, sid))
+
+
+def owner(state: str, port: int = 20000, message: str = "") -> object:
+    return _listeners.PortOwner(port, state, (), message)
+
+
+@pytest.mark.parametrize("record, current, state, status, words", [
+    ({"step": "running"}, "Running", "own", None, None),
+    ({"step": "running"}, "Starting", "own", "Running", ""),                   # back after a drop
+    ({"step": "running", "target": "compute"}, "Running", "none", "Starting", "tunnel to the session is down"),
+    ({"step": "running", "target": "workspace"}, "Running", "none", "Starting", "no longer listens"),
+    ({"step": "running"}, "Starting", "none", None, None),                    # said once
+    ({"step": "running"}, "Running", "foreign", "Failed", "another user took the session's workspace port: held"),
+    ({"step": "running"}, "Starting", "foreign", "Failed", "cannot reach that user"),
+    ({"step": "running"}, "Running", "unknown", None, None),                  # /proc unreadable: undetermined
+    ({"step": "starting"}, "Starting", "foreign", None, None),                # session_ready judges before Running
+    ({"step": "running", "cancel_requested": True}, "Running", "none", None, None),
+    ({"step": "running"}, "Failed", "foreign", None, None),                   # already ended
+])
+def test_decide_listener(record, current, state, status, words):
+    d = w.decide_listener(record, current, owner(state, message="held by u9"))
+    if status is None:
+        assert d is None
+    else:
+        assert d.status == status and words in d.message
+        assert d.terminal == (status == "Failed")
+
+
+def listen_on(port: int) -> socket.socket:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", port))
+    sock.listen()
+    return sock
+
+
+def test_a_dropped_listener_stops_saying_running_until_it_is_back(tmp_path):
+    root = tmp_path / "s"
+    sock = listen_on(0)
+    port = sock.getsockname()[1]
+    make_session(root, "a", ports={"workspace": port})
+    watch = Listening(root, [RUNNING] * 4)
+    try:
+        run_ticks(watch, 1)
+        assert service(root, "a")["JOB_STATUS"] == "Running"
+        sock.close()  # the tunnel's listening end is gone
+        run_ticks(watch, 1)
+        doc = service(root, "a")
+        assert doc["JOB_STATUS"] == "Starting" and f"nothing listens on workspace port {port}" in doc["ERROR_MESSAGE"]
+        assert _state.read_record(str(root / "a" / "state.json"))["step"] == "running"
+        sock = listen_on(port)  # restored
+        run_ticks(watch, 1)
+        assert service(root, "a") == dict(doc, JOB_STATUS="Running", ERROR_MESSAGE="")
+        assert watch.cancels == []
+    finally:
+        sock.close()
+        watch.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to listen as a second user")
+def test_another_users_listener_ends_the_session_and_cancels_its_job(tmp_path):
+    root = tmp_path / "s"
+    rdir = tmp_path / "ports"
+    res = _ports.ReservationDir(str(rdir))
+    port = res.reserve("a", 1, list(range(21000, 21100)))[0][0]
+    make_session(root, "a", ports={"workspace": port})
+    other = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-I",
+                              "-c", "import socket,time; s=socket.socket(); "
+                              f"s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(60)"])
+    watch = Listening(root, [RUNNING] * 2)
+    watch.reservation_dir = str(rdir)
+    try:
+        assert wait_for(lambda: _listeners.check_port_owner(port, os.getuid()).state == "foreign", 10)
+        run_ticks(watch, 1)
+        watch.pool.shutdown(wait=True)
+        doc = service(root, "a")
+        assert doc["JOB_STATUS"] == "Failed"
+        assert f"127.0.0.1 port {port} is held by another user (uid 65534 (nobody))" in doc["ERROR_MESSAGE"]
+        rec = _state.read_record(str(root / "a" / "state.json"))
+        assert rec["step"] == "failed" and "cannot reach that user" in rec["error"]
+        assert watch.cancels == [(("controller", "slurm"), "a")]
+        assert res.held("a") == []  # the workspace reservation is released
+        assert other.poll() is None  # another user's process is never signalled
+    finally:
+        other.kill()
+        other.wait()
+        watch.close()

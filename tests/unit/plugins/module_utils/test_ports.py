@@ -19,6 +19,7 @@ import pytest
 
 from ansible_collections.hpc.interactive.plugins.module_utils import _ports
 from ansible_collections.hpc.interactive.plugins.module_utils._ports import (
+    Claim,
     Me,
     PortError,
     Reservation,
@@ -32,22 +33,32 @@ as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a s
 
 
 def rdir(path, **kw) -> ReservationDir:
+    """A ReservationDir for the test user; a non-root user cannot have a missing one made, so it gets a private one."""
     kw.setdefault("me", ME)
     kw.setdefault("bindable", lambda port: True)
+    if os.geteuid() != 0 and not os.path.lexists(path) and os.path.isdir(os.path.dirname(path)):
+        os.mkdir(path, 0o700)
     return ReservationDir(str(path), **kw)
 
 
 def record(port=20000, **kw) -> Reservation:
-    base = dict(port=port, owner="s1", user="tester", uid=ME.uid, host="hostA", boot_id="boot-1",
-                created=1000.0, expires=5000.0)
+    base = dict(port=port, owner="s1", host="hostA", boot_id="boot-1", created=1000.0, expires=5000.0)
     base.update(kw)
     return Reservation(**base)
 
 
-def write_record(d: Path, res: Reservation) -> Path:
-    path = d / f"port-{res.port}"
+def write_record(d: Path, res: Reservation, name: str = "") -> Path:
+    """A claim file as _publish writes it: the record, mode 0600, mtime = the lease's end."""
+    path = d / (name or f"port-{res.port}")
     path.write_text(res.to_json())
+    path.chmod(0o600)
+    os.utime(path, (res.expires, res.expires))
     return path
+
+
+def claims_of(d: Path, port: int):
+    """The claim files of ``port`` (``port-N`` and its other names), with their records."""
+    return {p.name: json.loads(p.read_text()) for p in d.iterdir() if _ports.claim_port(p.name) == port}
 
 
 def free_tcp_ports(n: int, lo: int = 20000, hi: int = 30000):
@@ -181,7 +192,7 @@ def test_fs_type_of(path, fstype):
 
 
 def test_record_roundtrip_and_junk():
-    res = record(pid=42, pid_start=7, creator_pid=9)
+    res = record(pid=42, pid_start=7)
     assert Reservation.from_json(res.to_json()) == res
     for junk in ["", "{", "[]", '{"port": 1}', json.dumps(dict(json.loads(res.to_json()), extra=1)),
                  json.dumps(dict(json.loads(res.to_json()), port=True)),
@@ -274,20 +285,24 @@ def test_reserve_skips_a_listening_port(tmp_path):
 # ---------------------------------------------------------------- the directory
 
 
-def test_directory_created_sticky_and_files_carry_the_record(tmp_path):
+@as_root
+def test_root_creates_the_directory_root_owned_sticky_and_claims_are_private(tmp_path):
     d = rdir(tmp_path / "r")
     got, new = d.reserve("s1", 3, list(range(20000, 20010)), lease=120, pid=os.getpid())
     assert got == new and len(got) == 3 and len(set(got)) == 3
     st = os.lstat(tmp_path / "r")
-    assert stat.S_IMODE(st.st_mode) == 0o1777
+    assert stat.S_IMODE(st.st_mode) == 0o1777 and st.st_uid == 0
     for port in got:
         f = tmp_path / "r" / f"port-{port}"
-        assert stat.S_IMODE(f.stat().st_mode) == 0o644
+        fst = f.stat()
+        assert stat.S_IMODE(fst.st_mode) == 0o600 and fst.st_nlink == 1  # the record is its owner's only
         data = json.loads(f.read_text())
-        assert data["owner"] == "s1" and data["uid"] == ME.uid and data["user"] == "tester"
-        assert data["host"] == "hostA" and data["pid"] == os.getpid() and data["port"] == port
-        assert data["pid_start"] == _ports.pid_start_time(os.getpid())
+        # no more than the owner needs: no user name, no uid (the file's owner says it), no creator pid
+        assert set(data) == {"port", "owner", "host", "boot_id", "created", "expires", "pid", "pid_start"}
+        assert data["owner"] == "s1" and data["host"] == "hostA" and data["pid"] == os.getpid()
+        assert data["port"] == port and data["pid_start"] == _ports.pid_start_time(os.getpid())
         assert data["expires"] - data["created"] == 120
+        assert fst.st_mtime == data["expires"]  # what other users judge the lease by
     assert not [n for n in os.listdir(tmp_path / "r") if n.startswith(".tmp")]
 
 
@@ -303,12 +318,6 @@ def test_refuses_symlink_foreign_nonsticky_relative_and_network_dirs(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(PortError, match="not a directory"):
         rdir(tmp_path / "file").reserve("s1", 1, [20000])
-    other = Me(uid=ME.uid + 1000, user="other", host="hostA", boot_id="boot-1")
-    os.chmod(real, 0o777)  # noqa: S103
-    with pytest.raises(PortError, match="sticky"):
-        rdir(real, me=other).validate()
-    os.chmod(real, 0o1777)  # noqa: S103
-    rdir(real, me=other).validate()  # sticky and not ours: fine
     os.chmod(real, 0o700)
     rdir(real).validate()  # ours, private: fine
     mi = tmp_path / "mountinfo"
@@ -416,18 +425,18 @@ def test_reservation_dies_with_its_pid(tmp_path):
     assert d.reserve("other", 1, [20000])[0] == [20000]
 
 
-def test_sweep_removes_own_stale_files_and_dead_temp_files(tmp_path):
+def test_sweep_removes_own_stale_files_and_old_temp_files(tmp_path):
     d = rdir(tmp_path / "r")
     d.ensure()
     write_record(tmp_path / "r", record(port=20005, expires=1.0))
-    dead = subprocess.Popen(["true"])
-    dead.wait()
-    tmp_dead = tmp_path / "r" / f".tmp.{ME.uid}.{dead.pid}.1"
-    tmp_live = tmp_path / "r" / f".tmp.{ME.uid}.{os.getpid()}.2"
-    tmp_dead.write_text("x")
-    tmp_live.write_text("x")
+    left = tmp_path / "r" / f".tmp.{os.getpid()}.{'1' * 16}"
+    left.write_text("x")
     d.reserve("s1", 1, [20000])
-    assert not (tmp_path / "r" / "port-20005").exists() and not tmp_dead.exists() and tmp_live.exists()
+    assert not (tmp_path / "r" / "port-20005").exists()
+    assert left.exists()  # young: it may be a publish in progress
+    later = rdir(tmp_path / "r", clock=lambda: time.time() + _ports.TMP_MAX_AGE + 5)
+    later.reserve("s2", 1, [20001])
+    assert not left.exists()
 
 
 def test_unparsable_and_lying_files(tmp_path):
@@ -444,29 +453,22 @@ def test_unparsable_and_lying_files(tmp_path):
     assert sorted(d.reserve("s1", 2, [20000, 20001])[0]) == [20000, 20001]
 
 
-def test_reclaim_is_skipped_while_the_lock_is_held_elsewhere(tmp_path, monkeypatch):
-    monkeypatch.setattr(_ports, "LOCK_TIMEOUT", 0.2)
+def test_a_lock_held_on_any_file_in_the_directory_changes_nothing(tmp_path):
+    """There is no shared lock: another user's flock (or a FIFO) named like the old ``.lock`` neither slows nor
+    blocks a reclaim, a reservation or a release."""
     d = rdir(tmp_path / "r")
     d.ensure()
-    write_record(tmp_path / "r", record(port=20000, expires=1.0))
+    write_record(tmp_path / "r", record(port=20000, owner="old", expires=1.0))
     fd = os.open(tmp_path / "r" / ".lock", os.O_RDONLY | os.O_CREAT, 0o644)
     fcntl.flock(fd, fcntl.LOCK_EX)
+    os.mkfifo(tmp_path / "r" / ".lock2")
     try:
-        with pytest.raises(PortError):
-            d.reserve("s1", 1, [20000])
-        assert d.reserve("s1", 1, [20000, 20001])[0] == [20001]  # creating needs no lock
+        started = time.monotonic()
+        assert d.reserve("s1", 1, [20000])[0] == [20000]  # the stale claim is reclaimed at once
+        assert d.release("s1") == [20000]
+        assert time.monotonic() - started < 1.0
     finally:
         os.close(fd)
-    assert d.reserve("s2", 1, [20000])[0] == [20000]
-
-
-def test_a_fifo_lock_does_not_hang_or_break_reservations(tmp_path):
-    d = rdir(tmp_path / "r")
-    d.ensure()
-    os.mkfifo(tmp_path / "r" / ".lock")
-    write_record(tmp_path / "r", record(port=20000, owner="old", expires=1.0))
-    assert d.reserve("s1", 1, [20000, 20001])[0] == [20001]  # no usable lock: stale one left alone
-    assert d.release("s1") == [20001]
 
 
 # ---------------------------------------------------------------- races
@@ -503,7 +505,8 @@ def test_reclaimers_race_for_one_stale_port(tmp_path):
         results = list(pool.map(one, range(12)))
     assert sorted(map(len, results)) == [0] * 11 + [1]
     winner = "t%d" % next(i for i, r in enumerate(results) if r)
-    assert json.loads((tmp_path / "r" / "port-20000").read_text())["owner"] == winner
+    # the winner's claim (port-20000, or the same file renamed aside by a reclaimer that raced it)
+    assert [rec["owner"] for rec in claims_of(tmp_path / "r", 20000).values()] == [winner]
 
 
 def _reserve_in_process(args):
@@ -573,30 +576,34 @@ def test_script_refuses_bad_input(script, args, field):
 
 
 @as_root
-def test_other_users_stale_file_is_taken_but_root_reclaims(script, shared_dir):
+def test_other_users_expired_file_is_ignored_and_root_reclaims(script, shared_dir):
     p0, p1, p2, p3 = free_tcp_ports(4)
     past = time.time() - 7200
     root = ReservationDir(str(shared_dir), clock=lambda: past)
     root.reserve("rootjob", 1, [p0], lease=60)  # expired an hour ago
     root.reserve("rootlive", 1, [p1], lease=3600 * 24)  # valid
     assert stat.S_IMODE(os.lstat(shared_dir).st_mode) == 0o1777
-    # nobody cannot unlink root's stale file in the sticky dir: it is skipped as taken
-    res = run_script(script, "reserve", "--owner", "nb", "--range", f"{p0}-{p2}", "--dir", str(shared_dir),
+    # nobody cannot unlink root's expired file in the sticky dir, but it holds nothing: nobody gets p0 under the
+    # port's next name; root's valid claim on p1 is respected
+    res = run_script(script, "reserve", "--owner", "nb", "--range", f"{p0}-{p1}", "--dir", str(shared_dir),
                      user=NOBODY)
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["ports"] == [p2]
-    assert (shared_dir / f"port-{p0}").exists()
+    assert json.loads(res.stdout)["ports"] == [p0]
+    assert (shared_dir / f"port-{p0}").stat().st_uid == 0 and (shared_dir / f"port-{p0}.1").stat().st_uid == NOBODY
+    taken = run_script(script, "reserve", "--owner", "nb2", "--range", str(p1), "--dir", str(shared_dir), user=NOBODY)
+    assert taken.returncode == 1 and json.loads(taken.stderr)["field"] == "count"
     # release by nobody removes nobody's files only
     assert json.loads(run_script(script, "release", "--owner", "rootjob", "--dir", str(shared_dir),
                                  user=NOBODY).stdout)["released"] == []
     assert json.loads(run_script(script, "release", "--owner", "nb", "--dir", str(shared_dir),
-                                 user=NOBODY).stdout)["released"] == [p2]
+                                 user=NOBODY).stdout)["released"] == [p0]
     # root's release of an owner does not remove another uid's file of the same owner
     res = run_script(script, "reserve", "--owner", "shared", "--range", str(p3), "--dir", str(shared_dir), user=NOBODY)
     assert res.returncode == 0, res.stderr
     assert ReservationDir(str(shared_dir)).release("shared") == []
-    data = json.loads((shared_dir / f"port-{p3}").read_text())
-    assert (shared_dir / f"port-{p3}").stat().st_uid == NOBODY and data["uid"] == NOBODY and data["user"] == "nobody"
+    nst = (shared_dir / f"port-{p3}").stat()
+    assert nst.st_uid == NOBODY and stat.S_IMODE(nst.st_mode) == 0o600
+    assert json.loads((shared_dir / f"port-{p3}").read_text())["owner"] == "shared"
     # once expired, root reclaims its own and nobody's stale files
     later = ReservationDir(str(shared_dir), clock=lambda: time.time() + 7200, bindable=lambda p: True)
     assert later.reserve("r2", 2, [p0, p3])[0] == [p0, p3]
@@ -609,3 +616,253 @@ def test_a_foreign_non_sticky_dir_is_refused_for_a_second_user(script, shared_di
     res = run_script(script, "reserve", "--owner", "nb", "--dir", str(shared_dir), user=NOBODY)
     assert res.returncode == 1 and "sticky" in json.loads(res.stderr)["error"]
     assert not list(shared_dir.iterdir())
+
+
+# ---------------------------------------------------------------- claims as other users see them (pure)
+
+
+def claim(name="port-20000", *, uid=1001, regular=True, nlink=1, mtime=2000.0, ino=1, dev=1, ctime=900.0) -> Claim:
+    return Claim(name=name, port=_ports.claim_port(name), uid=uid, regular=regular, nlink=nlink, mtime=mtime,
+                 ctime=ctime, ino=ino, dev=dev)
+
+
+@pytest.mark.parametrize("name, port", [("port-20000", 20000), ("port-20000.1", 20000), ("port-1024.999", 1024),
+                                        ("port-20000.r0123456789abcdef", 20000)])
+def test_claim_names(name, port):
+    assert _ports.claim_port(name) == port
+
+
+@pytest.mark.parametrize("name", ["port-20000.0", "port-20000.1000", "port-20000.", "port-", "port-x", ".lock",
+                                  "port-20000.rXYZ", "port-123456", ".tmp.1.0123456789abcdef", "port-20000/x",
+                                  "port-20000.01"])
+def test_other_names_are_not_claims(name):
+    assert _ports.claim_port(name) is None
+
+
+def test_claim_name_generations():
+    assert [_ports.claim_name(20000, g) for g in (0, 1, 12)] == ["port-20000", "port-20000.1", "port-20000.12"]
+    assert all(_ports.claim_port(_ports.claim_name(20000, g)) == 20000 for g in range(_ports.MAX_GENERATION + 1))
+
+
+NOW = 1000.0
+
+
+@pytest.mark.parametrize("kw, live", [
+    ({}, True),                                                      # a regular file, one link, lease running
+    ({"mtime": NOW}, False),                                         # the lease ends now
+    ({"mtime": NOW - 1}, False),                                     # ... or ended
+    ({"regular": False}, False),                                     # a symlink, a FIFO, a directory
+    ({"nlink": 2}, False),                                           # hard-linked: not a claim as published
+    ({"mtime": NOW + _ports.MAX_LEASE + _ports.FUTURE_SLACK}, True),  # the longest lease
+    ({"mtime": NOW + _ports.MAX_LEASE + _ports.FUTURE_SLACK + 1}, False),  # "never expires": junk
+])
+def test_live_by_metadata(kw, live):
+    assert _ports.live_by_metadata(claim(**kw), NOW) is live
+
+
+def test_a_user_over_the_cap_has_no_claim_that_counts():
+    many = [claim(name=f"port-{20000 + i}", uid=7, ino=i) for i in range(4)]
+    few = [claim(name=f"port-{21000 + i}", uid=8, ino=100 + i) for i in range(3)]
+    dead = [claim(name=f"port-{22000 + i}", uid=9, ino=200 + i, mtime=NOW - 1) for i in range(9)]
+    # one file under many names (hard links) counts once
+    linked = [claim(name=f"port-{23000 + i}", uid=10, ino=300, nlink=9) for i in range(9)]
+    claims = many + few + dead + linked
+    assert _ports.over_cap(claims, NOW, cap=3) == {7}
+    assert _ports.live_count(claims, 7, NOW) == 4 and _ports.live_count(claims, 9, NOW) == 0
+    assert not _ports.foreign_claim_valid(many[0], NOW, {7})
+    assert _ports.foreign_claim_valid(few[0], NOW, {7})
+    assert not _ports.foreign_claim_valid(dead[0], NOW, {7})
+
+
+def fake_stat(mode, uid):
+    return os.stat_result((mode, 1, 1, 2, uid, 0, 0, 0, 0, 0))
+
+
+@pytest.mark.parametrize("mode, owner, me, problem", [
+    (stat.S_IFDIR | 0o1777, 0, 1001, None),                 # the shared directory
+    (stat.S_IFDIR | 0o1777, 0, 0, None),
+    (stat.S_IFDIR | 0o755, 0, 1001, None),                  # root's, not writable by others (the caller cannot write)
+    (stat.S_IFDIR | 0o777, 0, 1001, "not sticky"),          # anyone could remove anyone's claims
+    (stat.S_IFDIR | 0o775, 0, 1001, "not sticky"),
+    (stat.S_IFDIR | 0o700, 1001, 1001, None),               # the caller's private one
+    (stat.S_IFDIR | 0o1777, 1001, 1001, "must be owned by root"),
+    (stat.S_IFDIR | 0o1777, 1002, 1001, "not root"),        # made by another user: it could block or remove all
+    (stat.S_IFDIR | 0o700, 1002, 1001, "not root"),
+    (stat.S_IFLNK | 0o777, 0, 1001, "symlink"),
+    (stat.S_IFREG | 0o644, 0, 1001, "not a directory"),
+])
+def test_dir_problem(mode, owner, me, problem):
+    got = _ports.dir_problem(fake_stat(mode, owner), me)
+    assert got is None if problem is None else problem in got
+
+
+def test_the_refusal_tells_the_admin_what_to_run():
+    text = _ports.admin_fix("/tmp/isession-ports")
+    assert "install -d -o root -g root -m 1777 /tmp/isession-ports" in text
+    assert "d /tmp/isession-ports 1777 root root -" in text
+
+
+# ---------------------------------------------------------------- the directory as another user would find it
+
+
+def test_a_missing_directory_is_not_made_by_an_ordinary_user(tmp_path):
+    user = Me(uid=4242, user="u", host="hostA", boot_id="b")
+    d = ReservationDir(str(tmp_path / "r"), me=user, bindable=lambda p: True)
+    for call in (lambda: d.reserve("s1", 1, [20000]), lambda: d.predict("s1", 1, [20000]), d.ensure):
+        with pytest.raises(PortError, match="does not exist: an administrator") as err:
+            call()
+        assert err.value.field == "reservation_dir"
+    assert not (tmp_path / "r").exists()
+    assert d.release("s1") == [] and d.held("s1") == []
+
+
+@as_root
+def test_a_directory_made_by_another_user_is_refused_with_the_fix(tmp_path):
+    target = tmp_path / "r"
+    target.mkdir()
+    os.chmod(target, 0o1777)  # noqa: S103
+    os.chown(target, NOBODY, NOBODY)
+    for me in (ME, Me(uid=4242, user="u", host="hostA", boot_id="b")):
+        with pytest.raises(PortError) as err:
+            ReservationDir(str(target), me=me, bindable=lambda p: True).reserve("s1", 1, [20000])
+        assert "is owned by uid 65534" in str(err.value) and "install -d -o root" in str(err.value)
+    assert not list(target.iterdir())
+
+
+@as_root
+def test_the_directory_is_used_through_the_descriptor_it_was_checked_by(tmp_path):
+    """Swapping the path for a symlink while a reservation runs changes nothing: the claim lands in the directory
+    that was checked, never in the symlink's target."""
+    path, moved, elsewhere = tmp_path / "r", tmp_path / "r-moved", tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    d = rdir(path)
+    d.ensure()
+    swapped = []
+
+    def bindable(port):
+        if not swapped:
+            os.rename(path, moved)
+            path.symlink_to(elsewhere)
+            swapped.append(port)
+        return True
+
+    d.bindable = bindable
+    got, _ = d.reserve("s1", 1, [20000])
+    assert got == [20000] and swapped
+    assert json.loads((moved / "port-20000").read_text())["owner"] == "s1"
+    assert not list(elsewhere.iterdir())
+    with pytest.raises(PortError, match="symlink"):
+        d.reserve("s2", 1, [20001])  # the next call opens the path again and refuses the symlink
+
+
+@as_root
+def test_root_makes_a_missing_directory_in_one_step_with_its_final_mode(tmp_path):
+    old = os.umask(0o077)
+    try:
+        rdir(tmp_path / "r").ensure()
+    finally:
+        os.umask(old)
+    st = os.lstat(tmp_path / "r")
+    assert stat.S_IMODE(st.st_mode) == 0o1777 and st.st_uid == 0
+
+
+# ---------------------------------------------------------------- junk, caps and other users' claims
+
+
+def foreign_file(path: Path, uid: int = NOBODY, mtime: float = None, text: str = "") -> Path:
+    """A file another user made (root chowns it; the test runs as root)."""
+    path.write_text(text)
+    os.chown(path, uid, uid)
+    if mtime is not None:
+        os.utime(path, (mtime, mtime))
+    return path
+
+
+@as_root
+def test_another_users_junk_in_every_port_blocks_nothing(script, shared_dir):
+    """Every port of the window carries junk a third user left: empty files, later generations' names, a symlink, a
+    FIFO, a directory, a hard link, a lease "for ever". A second user (nobody, the plain script) cannot remove it and
+    claims under each port's next free name; root, which can, sweeps what is removable."""
+    ports = free_tcp_ports(6)
+    rdir(shared_dir).ensure()
+    now = time.time()
+    for port in ports:
+        foreign_file(shared_dir / f"port-{port}", uid=4242)  # empty, mtime now: no running lease
+        foreign_file(shared_dir / f"port-{port}.1", uid=4242, mtime=now + 10 * _ports.MAX_LEASE)  # "for ever"
+    os.symlink("/etc/passwd", shared_dir / f"port-{ports[0]}.2")
+    os.mkfifo(shared_dir / f"port-{ports[1]}.2")
+    (shared_dir / f"port-{ports[2]}.2").mkdir()
+    hard = foreign_file(shared_dir / "hard", uid=4242, mtime=now + 600)
+    os.link(hard, shared_dir / f"port-{ports[3]}.2")
+    res = run_script(script, "reserve", "--owner", "nb", "--count", "6", "--range", f"{ports[0]}-{ports[-1]}",
+                     "--dir", str(shared_dir), user=NOBODY)
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["ports"] == ports
+    for port in ports:
+        name = f"port-{port}.3" if port in ports[:4] else f"port-{port}.2"
+        st = (shared_dir / name).stat()
+        assert st.st_uid == NOBODY and stat.S_IMODE(st.st_mode) == 0o600, name
+    # those claims hold for everyone else, root too (which removes no valid claim while it sweeps)
+    with pytest.raises(PortError, match="count"):
+        rdir(shared_dir).reserve("s2", 1, ports)
+    assert (shared_dir / f"port-{ports[0]}").exists() is False  # root swept the removable junk
+    assert json.loads(run_script(script, "release", "--owner", "nb", "--dir", str(shared_dir),
+                                 user=NOBODY).stdout)["released"] == ports
+    assert rdir(shared_dir).reserve("s2", 6, ports)[0] == ports
+
+
+@as_root
+def test_a_valid_claim_of_another_user_holds_its_port(shared_dir):
+    d = rdir(shared_dir)
+    d.ensure()
+    foreign_file(shared_dir / "port-20000", mtime=time.time() + 600)
+    with pytest.raises(PortError, match="count"):
+        d.reserve("s1", 1, [20000])
+    assert d.reserve("s1", 1, [20000, 20001])[0] == [20001]
+    # root removes no valid claim of anyone's while it sweeps
+    assert (shared_dir / "port-20000").exists()
+
+
+@as_root
+def test_claims_of_a_user_over_the_cap_are_ignored_and_swept_by_root(shared_dir):
+    d = rdir(shared_dir, cap=4)
+    d.ensure()
+    later = time.time() + 600
+    for port in range(20000, 20005):  # 5 live-looking claims: one more than the cap
+        foreign_file(shared_dir / f"port-{port}", mtime=later)
+    got, _ = d.reserve("s1", 2, [20000, 20001])
+    assert got == [20000, 20001]
+    assert not [p for p in shared_dir.iterdir() if p.stat().st_uid == NOBODY]  # root swept them
+
+
+def test_the_caller_is_held_to_the_cap(tmp_path):
+    d = rdir(tmp_path / "r", cap=3)
+    d.reserve("a", 2, list(range(20000, 20010)))
+    with pytest.raises(PortError, match="you hold 2 live port reservations") as err:
+        d.reserve("b", 2, list(range(20000, 20010)))
+    assert err.value.field == "count"
+    assert d.reserve("b", 1, list(range(20000, 20010)))[1]  # up to the cap is fine
+    assert len(d.ports_on_disk()) == 3
+    assert d.reserve("b", 1, list(range(20000, 20010)))[1] == []  # held already: no new claim, no refusal
+
+
+@as_root
+def test_threads_never_share_a_port_among_junk(shared_dir):
+    """Maximal contention (every thread starts at the same candidate) while every port carries junk of another
+    user at its first name: contenders meet on the next name, and still no port is handed out twice."""
+    cands = list(range(20000, 20040))
+    rdir(shared_dir).ensure()
+    for port in cands:
+        foreign_file(shared_dir / f"port-{port}")
+
+    def one(i):
+        d = rdir(shared_dir, rng=random.Random(0))
+        try:
+            return d.reserve(f"t{i}", 2, cands)[0]
+        except PortError:
+            return []
+
+    with ThreadPoolExecutor(max_workers=20) as pool:
+        results = list(pool.map(one, range(20)))
+    ports = [p for r in results for p in r]
+    assert len(ports) == len(set(ports)) == 40

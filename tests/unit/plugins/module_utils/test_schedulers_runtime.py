@@ -7,6 +7,7 @@ PATH and adds the variables; bad values are refused naming the field. Commands r
 from __future__ import annotations
 
 import os
+import stat as _stat
 import uuid
 from pathlib import Path
 
@@ -15,6 +16,8 @@ import pytest
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._runtime import (
     find_in,
     make_runner,
+    path_problem,
+    private_dir_problem,
     scheduler_setup,
 )
 
@@ -90,3 +93,63 @@ def test_runner_without_a_scheduler_dir_resolves_as_before(tmp_path):
     assert seen == ["squeue"] and out.stdout.strip() == f"from {found}"
     assert run([str(found)], 10).stdout.strip() == f"from {found}"  # an absolute argv[0] is used as it is
     assert seen == ["squeue"]
+
+
+# ---------------------------------------------------------------- who could change a session directory's path
+D, L = _stat.S_IFDIR, _stat.S_IFLNK
+# a small file system: path -> (type and mode, owner, symlink target)
+FS = {
+    "/": (D | 0o755, 0, None), "/home": (D | 0o755, 0, None), "/home/u": (D | 0o700, 1000, None),
+    "/tmp": (D | 0o1777, 0, None), "/tmp/x": (D | 0o1777, 2000, None), "/tmp/mine": (D | 0o700, 1000, None),
+    "/scratch": (D | 0o777, 0, None), "/grp": (D | 0o2775, 0, None), "/link": (L | 0o777, 0, "/home/u"),
+    "/tmp/evil": (L | 0o777, 2000, "/home/u"), "/tmp/bobs": (D | 0o755, 2000, None),
+}
+
+
+def fake_lstat(path):
+    if path not in FS:
+        raise FileNotFoundError(path)
+    mode, uid, _ = FS[path]
+    return os.stat_result((mode, 1, 1, 1, uid, 0, 0, 0, 0, 0))
+
+
+def fake_realpath(path):
+    parts, out = [p for p in path.split("/") if p], "/"
+    for part in parts:
+        out = os.path.join(out, part)
+        while out in FS and FS[out][2]:
+            out = FS[out][2]
+    return out
+
+
+def fake_stat(path):
+    return fake_lstat(fake_realpath(path))
+
+
+@pytest.mark.parametrize("path, problem", [
+    ("/home/u/.isession/sessions", None),       # the default remote root: the user's home
+    ("/tmp/mine/sessions", None),               # the user's own directory in root's sticky /tmp
+    ("/tmp", None),
+    ("/link/sessions", None),                   # a root-owned symlink to the user's home
+    ("/tmp/x/sessions", "/tmp/x belongs to uid 2000"),      # a sticky directory another user made
+    ("/tmp/bobs/sessions", "/tmp/bobs belongs to uid 2000"),
+    ("/tmp/evil/sessions", "/tmp/evil (a symlink) belongs to uid 2000"),
+    ("/scratch/sessions", "/scratch is writable by other users and not sticky"),
+    ("/scratch", "/scratch is writable by other users and not sticky"),
+    ("/grp/sessions", "/grp is writable by other users and not sticky"),  # group-writable counts too
+])
+def test_path_problem(path, problem):
+    got = path_problem(path, 1000, lstat=fake_lstat, stat_=fake_stat, realpath=fake_realpath)
+    assert got is None if problem is None else got.startswith(problem), got
+
+
+@pytest.mark.parametrize("mode, uid, problem", [
+    (D | 0o700, 1000, None),
+    (D | 0o750, 1000, "mode 0750 (0700 expected)"),
+    (D | 0o700, 2000, "belongs to uid 2000: another user may have put files (code) in it"),
+    (L | 0o777, 1000, "is a symlink"),
+    (_stat.S_IFREG | 0o600, 1000, "is not a directory"),
+])
+def test_private_dir_problem(mode, uid, problem):
+    got = private_dir_problem(os.stat_result((mode, 1, 1, 1, uid, 0, 0, 0, 0, 0)), 1000)
+    assert got is None if problem is None else problem in got, got

@@ -311,3 +311,37 @@ def test_check_mode_starts_nothing(run_module, tmp_path):
                       "dest_host": "h", "ssh_executable": "/bin/true"}, check=True)
     assert res["changed"] is True and res["tunnel_state"] == "up"
     assert not state_dir.exists()
+
+
+# ---------------------------------------------------------------- the local end must be the user's listener
+def test_local_owner_check_lets_the_users_own_listener_through(run_module, tunnel):
+    res = run_module(dict(tunnel, local_owner_timeout=5))
+    assert res.get("failed") is not True and res["tunnel_state"] == "up", res
+    assert http_get(tunnel["remote_port"]) == "hello through the tunnel\n"
+
+
+def test_local_owner_check_refuses_another_users_listener(run_module, tunnel):
+    """A second user (nobody) holds the local port: no tunnel, no ssh, nothing forwarded to it."""
+    port = free_port()
+    other = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-I",
+                              "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", "/"],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
+    try:
+        wait_port(port)
+        res = run_module(dict(tunnel, local_port=port, local_owner_timeout=30))
+    finally:
+        other.terminate()
+        other.wait(10)
+    assert res.get("failed") is True and res["tunnel_state"] == "refused" and res["field"] == "local_port", res
+    assert "is held by another user (uid 65534 (nobody))" in res["msg"] and "not opened" in res["msg"]
+    assert tunnel_processes(os.path.realpath(tunnel["state_dir"]), "t1") == []
+    assert not listening(tunnel["remote_port"])
+
+
+def test_local_owner_check_stops_waiting_when_the_server_is_gone(run_module, tunnel):
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    started = time.monotonic()
+    res = run_module(dict(tunnel, local_port=free_port(), local_owner_timeout=60, local_owner_pid=dead.pid))
+    assert res.get("failed") is True and "nothing listens" in res["msg"] and "is gone" in res["msg"], res
+    assert time.monotonic() - started < 20 and not listening(tunnel["remote_port"])

@@ -340,3 +340,103 @@ def test_wait_for_has_no_separate_query_before_the_wait(harness, wait_for, state
     assert res["changed"] is True and res["job_id"] == "26" and not res.get("failed"), res
     assert [c["cmd"] for c in harness.calls()] == ["squeue", "sbatch", "squeue"]
     assert "--jobs=26" in harness.calls()[2]["argv"]
+
+
+# ---------------------------------------------------------------- private_workdir: the session's own directory
+NOBODY = 65534
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as a second user")
+PRIVATE_ARGS = dict(SECRET_ARGS, workdir="{tmp}/sessions/s1", script_path="{tmp}/sessions/s1/agent.sh",
+                    secret_path="{tmp}/sessions/s1/secret", private_workdir=True)
+
+
+def private_run(harness, check=False):
+    harness.plan({"squeue": [{"json": []}, {"json": [{"job_id": 31, "state": "PENDING"}]}],
+                  "sbatch": [{"stdout": "31\n"}]})
+    return harness.run_module("scheduler_submit", PRIVATE_ARGS, check=check)
+
+
+def assert_refused(harness, res, *words):
+    assert res.get("failed") is True and res["msg"].startswith("workdir: "), res
+    for word in words:
+        assert word in res["msg"], res["msg"]
+    assert [c["cmd"] for c in harness.calls()] == ["squeue"]  # looked for a live job; nothing submitted
+    assert SECRET not in json.dumps(res)
+
+
+def test_private_workdir_is_made_exclusively_0700_then_accepted_again(harness):
+    res = private_run(harness)
+    assert res["changed"] is True and res["job_id"] == "31" and not res.get("failed"), res
+    work = Path(harness.tmp) / "sessions" / "s1"
+    assert mode(work) == 0o700 and mode(work.parent) == 0o700 and mode(work / "secret") == 0o600
+    again = private_run(harness)  # the user's own 0700 directory: the same session's, accepted
+    assert again.get("failed") is not True, again
+
+
+def test_private_workdir_check_mode_makes_nothing(harness):
+    res = private_run(harness, check=True)
+    assert res["changed"] is True and not res.get("failed") and not (Path(harness.tmp) / "sessions").exists(), res
+
+
+@pytest.mark.parametrize("mode_, words", [(0o755, "mode 0755 (0700 expected)"), (0o777, "mode 0777")])
+def test_private_workdir_refuses_an_existing_directory_others_may_have_filled(harness, mode_, words):
+    work = Path(harness.tmp) / "sessions" / "s1"
+    work.mkdir(parents=True)
+    work.chmod(mode_)
+    (work / "argparse.py").write_text("raise SystemExit('planted')\n")
+    assert_refused(harness, private_run(harness), words, "refused")
+    assert not (work / "secret").exists() and not (work / "agent.sh").exists()
+
+
+@as_root
+def test_private_workdir_refuses_another_users_directory(harness):
+    """Another user pre-created the session directory (0700 or not) with code in it: refused before anything."""
+    work = Path(harness.tmp) / "sessions" / "s1"
+    work.mkdir(parents=True)
+    (work / "argparse.py").write_text("raise SystemExit('planted')\n")
+    work.chmod(0o700)
+    os.chown(work, NOBODY, NOBODY)
+    assert_refused(harness, private_run(harness), "belongs to nobody (uid 65534)", "another user")
+    assert sorted(p.name for p in work.iterdir()) == ["argparse.py"]
+
+
+def test_private_workdir_refuses_a_symlink(harness):
+    elsewhere = Path(harness.tmp) / "elsewhere"
+    elsewhere.mkdir(mode=0o700)
+    (Path(harness.tmp) / "sessions").mkdir()
+    (Path(harness.tmp) / "sessions" / "s1").symlink_to(elsewhere)
+    assert_refused(harness, private_run(harness), "is a symlink")
+    assert not list(elsewhere.iterdir())
+
+
+def test_private_workdir_refuses_a_parent_others_can_write_to(harness):
+    (Path(harness.tmp) / "sessions").mkdir()
+    (Path(harness.tmp) / "sessions").chmod(0o777)
+    assert_refused(harness, private_run(harness), "is writable by other users and not sticky")
+    assert not (Path(harness.tmp) / "sessions" / "s1").exists()
+
+
+@as_root
+def test_private_workdir_refuses_a_remote_root_another_user_made(harness):
+    """A world-writable sticky remote root made by another user: its owner could replace the session directory."""
+    shared = Path(harness.tmp) / "sessions"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    os.chown(shared, NOBODY, NOBODY)
+    assert_refused(harness, private_run(harness), "belongs to nobody (uid 65534)")
+    assert not (shared / "s1").exists()
+
+
+@as_root
+def test_private_workdir_in_roots_sticky_directory_is_fine(harness):
+    shared = Path(harness.tmp) / "sessions"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    res = private_run(harness)
+    assert not res.get("failed") and mode(shared / "s1") == 0o700, res
+
+
+def test_private_workdir_needs_workdir(harness):
+    args = {k: v for k, v in PRIVATE_ARGS.items() if k not in ("workdir",)}
+    harness.plan({"squeue": [{"json": []}]})
+    res = harness.run_module("scheduler_submit", args)
+    assert res.get("failed") is True and res["msg"] == "private_workdir: needs workdir", res

@@ -193,6 +193,58 @@ def test_mark_running_needs_dir(tmp_path):
     assert res["failed"] is True and "dir" in res["msg"]
 
 
+# ----------------------------------------------------------------------------- the listener's owner
+NOBODY = 65534
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a listener as a second user")
+def test_another_users_listener_ends_the_wait_at_once_and_gets_no_request(tmp_path):
+    """A second user (nobody) bound the session's port first: its server answers 200 to anything, but the wait
+    ends at once naming that user, the session is not marked running and that server never saw a request."""
+    _state.run_op("create", str(tmp_path), "s1", {"step": "starting"})
+    sdir = tmp_path / "s1"
+    port = free_port()
+    log = tmp_path / "nobody.log"
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT, 0o666)
+    other = subprocess.Popen(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-I",
+                              "-m", "http.server", str(port), "--bind", "127.0.0.1", "--directory", "/"],
+                             stdout=fd, stderr=fd, cwd="/")
+    os.close(fd)
+    try:
+        deadline = time.monotonic() + 20
+        while not _listening(port):
+            assert time.monotonic() < deadline, "the second user's server did not start"
+            time.sleep(0.05)
+        started = time.monotonic()
+        res = run_module(tmp_path, {"port": port, "timeout": 30, "dir": str(sdir), "mark_running": True})
+        took = time.monotonic() - started
+    finally:
+        other.terminate()
+        other.wait(10)
+    assert res["failed"] is True and res["ready"] is False and res["marked_running"] is False, res
+    assert f"127.0.0.1 port {port} is held by another user (uid {NOBODY} (nobody))" in res["msg"]
+    assert "not marked running" in res["msg"] and took < 10
+    assert "GET" not in log.read_text()  # not even the probe went there
+    assert json.loads((sdir / "state.json").read_text())["step"] == "starting"
+
+
+def test_own_listener_is_checked_before_ready(tmp_path):
+    """The owner check runs before the answer counts: a listener of this user is ready as before."""
+    port = free_port()
+    srv = Server(port, 200)
+    try:
+        res = run_module(tmp_path, {"port": port, "timeout": 10, "host": "localhost"})
+    finally:
+        srv.close()
+    assert res["ready"] is True and res["status"] == 200, res
+
+
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(0.5)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 # ----------------------------------------------------------------------------- side_command
 def test_side_command_runs_during_the_wait_and_is_killed_after_its_timeout(tmp_path):
     """The side command *is* the server here: the wait can only succeed if it was started when the wait began."""
