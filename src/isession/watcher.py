@@ -65,7 +65,7 @@ class Decision:
 
     @property
     def terminal(self) -> bool:
-        return self.status in ("Cancelled", "Completed", "Failed")
+        return self.status in TERMINAL_STATUSES
 
 
 def _where(info: Mapping[str, Any]) -> str:
