@@ -77,7 +77,7 @@ def parse_tcp_table(text: str, ipv6: bool, byteorder: str = sys.byteorder) -> Li
         cols = row.split()
         if len(cols) < 10 or cols[3] != "0A":
             continue
-        addr_hex, _, port_hex = cols[1].partition(":")
+        addr_hex, port_hex = cols[1].split(":", 1) if ":" in cols[1] else (cols[1], "")
         try:
             raw, port, uid, inode = bytes.fromhex(addr_hex), int(port_hex, 16), int(cols[7]), int(cols[9])
         except ValueError:
