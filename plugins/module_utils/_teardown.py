@@ -33,6 +33,8 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
+from ansible_collections.hpc.interactive.plugins.module_utils._vocabulary import job_name
+
 RESOURCE = "resource"
 WORKSPACE = "workspace"
 SIDES = (RESOURCE, WORKSPACE)
@@ -53,7 +55,7 @@ class Holding:
 
     @property
     def job_name(self) -> str:
-        return "isession-" + self.session_id
+        return job_name(self.session_id)
 
     @property
     def job_side(self) -> str:

@@ -34,7 +34,7 @@ attributes:
     platforms: posix
 options:
   id:
-    description: The session id, 1-64 characters of C([A-Za-z0-9._-]) starting with a letter or digit.
+    description: The session id, 1-55 characters of C([A-Za-z0-9._-]) starting with a letter or digit.
     type: str
     required: true
   side:
@@ -118,7 +118,7 @@ outcomes:
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.hpc.interactive.plugins.module_utils._ports import DEFAULT_DIR, PortError, validate_owner
+from ansible_collections.hpc.interactive.plugins.module_utils._ports import DEFAULT_DIR
 from ansible_collections.hpc.interactive.plugins.module_utils._teardown import (
     KINDS,
     Holding,
@@ -126,6 +126,7 @@ from ansible_collections.hpc.interactive.plugins.module_utils._teardown import (
     scheduler_context,
     teardown,
 )
+from ansible_collections.hpc.interactive.plugins.module_utils._vocabulary import IdError, check_id
 
 ARGUMENT_SPEC = dict(
     id=dict(type="str", required=True),
@@ -150,9 +151,9 @@ def run_module(module: AnsibleModule) -> None:
     """The module's work; also run inside the Ansible worker by the action plugin of the same name."""
     p = module.params
     try:
-        validate_owner(p["id"])
-    except PortError as exc:
-        module.fail_json(msg="id: %s" % exc, field="id")
+        check_id(p["id"], "id")
+    except IdError as exc:
+        module.fail_json(msg=str(exc), field="id")
     port = p["workspace_port"]
     if port is not None and not 0 < port < 65536:
         module.fail_json(msg="workspace_port must be 1..65535, got %d" % port, field="workspace_port")
