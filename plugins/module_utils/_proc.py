@@ -2,9 +2,10 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Process inspection through ``/proc``: the one reader of ``/proc/PID/stat`` and of socket owners.
 
-Private to the hpc.interactive collection; standard library only. A process is identified by its pid *and* its
-start time (field 22 of ``/proc/PID/stat``, clock ticks after boot), so a pid the kernel reused for another process
-is never taken for ours. A zombie (exited, not yet reaped) counts as gone.
+Private to the hpc.interactive collection; standard library only and Python 3.8+, because the scripts a batch job
+runs (``_tunnel.py``) import it from the file next to them. A process is identified by its pid *and* its start time
+(field 22 of ``/proc/PID/stat``, clock ticks after boot), so a pid the kernel reused for another process is never
+taken for ours. A zombie (exited, not yet reaped) counts as gone.
 """
 from __future__ import annotations
 
@@ -39,6 +40,15 @@ def alive(pid: object, proc_root: str = "/proc") -> bool:
     return stat_fields(pid, proc_root) is not None
 
 
+def cmdline(pid: object, proc_root: str = "/proc") -> List[str]:
+    """The arguments of ``pid`` (empty when gone or unreadable)."""
+    try:
+        with open(os.path.join(proc_root, str(pid), "cmdline"), "rb") as fh:
+            return [a.decode("utf-8", "replace") for a in fh.read().split(b"\0") if a]
+    except OSError:
+        return []
+
+
 def socket_holders(inodes: Iterable[object], proc_root: str = "/proc") -> List[int]:
     """Pids holding a descriptor on one of the sockets ``inodes`` (processes of other users are not readable)."""
     wanted = {str(i) for i in inodes}
@@ -56,3 +66,18 @@ def socket_holders(inodes: Iterable[object], proc_root: str = "/proc") -> List[i
         except OSError:
             continue
     return sorted(pids)
+
+
+def own_source() -> str:
+    """This file's text (written next to a script that imports it), also from a zip or the collection loader."""
+    loader = globals().get("__loader__")
+    try:
+        src = loader.get_source(__name__) if loader is not None else None
+    except Exception:  # noqa: BLE001 - any loader problem: fall back to the file
+        src = None
+    if isinstance(src, bytes):
+        src = src.decode("utf-8")
+    if src:
+        return src
+    with open(__file__, encoding="utf-8") as fh:
+        return fh.read()

@@ -56,6 +56,8 @@ def own_source() -> str:
         src = loader.get_source(__name__) if loader is not None else None
     except Exception:  # noqa: BLE001 - any loader problem: fall back to the file
         src = None
+    if isinstance(src, bytes):  # ansible-core's collection loader gives bytes
+        src = src.decode("utf-8")
     if src:
         return src
     with open(__file__, encoding="utf-8") as fh:
