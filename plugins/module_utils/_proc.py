@@ -10,6 +10,7 @@ taken for ours. A zombie (exited, not yet reaped) counts as gone.
 from __future__ import annotations
 
 import os
+from types import ModuleType
 from typing import Iterable, List, Optional
 
 
@@ -68,16 +69,19 @@ def socket_holders(inodes: Iterable[object], proc_root: str = "/proc") -> List[i
     return sorted(pids)
 
 
-def own_source() -> str:
-    """This file's text (written next to a script that imports it), also from a zip or the collection loader."""
-    loader = globals().get("__loader__")
+
+def source_of(module: ModuleType) -> str:
+    """A module's source text, to write it where a plain ``python3`` runs it (the tunnel supervisor, the watcher's
+    server): also when it was loaded from a zip (AnsiballZ) or by ansible-core's collection loader, whose
+    ``get_source`` gives bytes."""
+    loader = getattr(module, "__loader__", None)
     try:
-        src = loader.get_source(__name__) if loader is not None else None
+        src = loader.get_source(module.__name__) if loader is not None else None
     except Exception:  # noqa: BLE001 - any loader problem: fall back to the file
         src = None
     if isinstance(src, bytes):
         src = src.decode("utf-8")
     if src:
         return src
-    with open(__file__, encoding="utf-8") as fh:
+    with open(module.__file__ or "", encoding="utf-8") as fh:
         return fh.read()

@@ -50,18 +50,10 @@ TAIL_BYTES = 262144
 
 
 def own_source() -> str:
-    """This file's text, also when it was loaded from a zip or by the collection loader."""
-    loader = globals().get("__loader__")
-    try:
-        src = loader.get_source(__name__) if loader is not None else None
-    except Exception:  # noqa: BLE001 - any loader problem: fall back to the file
-        src = None
-    if isinstance(src, bytes):  # ansible-core's collection loader gives bytes
-        src = src.decode("utf-8")
-    if src:
-        return src
-    with open(__file__, encoding="utf-8") as fh:
-        return fh.read()
+    """This file's text (what BOOT runs), also when it was loaded from a zip or by the collection loader."""
+    from ansible_collections.hpc.interactive.plugins.module_utils._proc import source_of  # noqa: PLC0415
+
+    return source_of(sys.modules[__name__])
 
 
 def payload(mu_dir: Optional[str] = None) -> bytes:

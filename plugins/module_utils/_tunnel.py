@@ -427,16 +427,8 @@ def stop_tunnel(state_dir: str, name: str, grace: float = 5.0) -> bool:
 
 
 def supervisor_source() -> str:
-    """This file's source text, also when it is loaded from a zip (Ansiballz)."""
-    loader = globals().get("__loader__")
-    try:
-        src = loader.get_source(__name__) if loader is not None else None
-    except Exception:  # noqa: BLE001 - any loader problem: fall back to the file
-        src = None
-    if src:
-        return src
-    with open(__file__) as fh:
-        return fh.read()
+    """This file's source text, also when it is loaded from a zip (AnsiballZ) or by the collection loader."""
+    return _proc.source_of(sys.modules[__name__])
 
 
 def start_detached(python: str, state_dir: str, name: str, spec_file: str,
@@ -447,7 +439,7 @@ def start_detached(python: str, state_dir: str, name: str, spec_file: str,
     """
     paths = tunnel_paths(state_dir, name)
     write_private(paths["script"], supervisor_source())
-    write_private(os.path.join(state_dir, PROC_NAME), _proc.own_source())  # what the script imports
+    write_private(os.path.join(state_dir, PROC_NAME), _proc.source_of(_proc))  # what the script imports
     log_fd = os.open(paths["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         return subprocess.Popen(
