@@ -20,7 +20,7 @@ description:
   - Every kind is undone only if it is still there, so the module is safe in every state of a session (nothing
     reserved yet, queued, starting, running, already ended) and safe to run twice. One kind that cannot be undone
     (the scheduler does not answer, a cancel is refused) does not stop the others; the module then fails naming it.
-  - Session files (directories, logs) are kept: they are the session's record.
+  - Session files (directories, logs) are kept, as the session's record.
 extends_documentation_fragment:
   - ansible.builtin.action_common_attributes
   - hpc.interactive.scheduler_env
