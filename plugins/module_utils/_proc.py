@@ -69,7 +69,6 @@ def socket_holders(inodes: Iterable[object], proc_root: str = "/proc") -> List[i
     return sorted(pids)
 
 
-
 def source_of(module: ModuleType) -> str:
     """A module's source text, to write it where a plain ``python3`` runs it (the tunnel supervisor, the watcher's
     server): also when it was loaded from a zip (AnsiballZ) or by ansible-core's collection loader, whose
