@@ -197,20 +197,15 @@ def undo_workspace_port(h: Holding, ctx: Context) -> List[str]:
     return _release_ports(h, ctx, "workspace port")
 
 
-def listening_inodes(port: int, uid: int, proc: str = "/proc") -> List[str]:
-    """Socket inodes of ``uid``'s TCP sockets LISTENing on ``port`` (``/proc/net/tcp``, ``tcp6``)."""
-    inodes = []
-    for table in ("net/tcp", "net/tcp6"):
-        try:
-            with open("%s/%s" % (proc, table)) as fh:
-                rows = fh.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            f = row.split()
-            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port and int(f[7]) == uid:
-                inodes.append(f[9])
-    return inodes
+def listening_inodes(port: int, uid: int, proc: str = "/proc") -> List[int]:
+    """Socket inodes of ``uid``'s TCP sockets LISTENing on ``port`` (any address; ``_listeners`` reads the table)."""
+    from ansible_collections.hpc.interactive.plugins.module_utils._listeners import read_listeners  # noqa: PLC0415
+
+    try:
+        found = read_listeners(proc)
+    except OSError:
+        return []
+    return [lst.inode for lst in found if lst.port == port and lst.uid == uid]
 
 
 # ---------------------------------------------------------------------------- the table

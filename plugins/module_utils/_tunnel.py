@@ -42,8 +42,17 @@ from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
 if __package__:
     from ansible_collections.hpc.interactive.plugins.module_utils import _proc
-else:  # run as a plain script (a batch job, the detached supervisor): its own copy of _proc.py lies next to it
-    import _proc  # type: ignore[no-redef]
+else:
+    # A plain script (the batch job, the detached supervisor), run with ``python3 -I``, which keeps the script's
+    # directory off sys.path: the copy of _proc.py written next to this file (same private directory) is loaded by
+    # its path, so nothing else on the host can stand in for it.
+    import importlib.util
+
+    sys.dont_write_bytecode = True  # no __pycache__ in the private directory
+    _PROC_SPEC = importlib.util.spec_from_file_location(
+        "_proc", os.path.join(os.path.dirname(os.path.realpath(__file__)), "_proc.py"))
+    _proc = importlib.util.module_from_spec(_PROC_SPEC)  # type: ignore[arg-type]
+    _PROC_SPEC.loader.exec_module(_proc)  # type: ignore[union-attr]
 
 SCRIPT_NAME = "_tunnel.py"
 PROC_NAME = "_proc.py"
