@@ -496,6 +496,9 @@ class Watcher:
             self.send_cancel(key, sid, rec)
         except Exception as exc:  # noqa: BLE001 - the job still ends by itself (its tunnel cannot come back)
             self.log(f"{sid}: cancel failed: {type(exc).__name__}: {exc}")
+        finally:  # the session has ended already: no end-of-job clean-up will read what was undone
+            self.undone.pop(sid, None)
+            self.cancel_sent.pop(sid, None)
 
     def tick(self) -> int:
         """One round; returns how many live sessions there are."""
