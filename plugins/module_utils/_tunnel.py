@@ -2,9 +2,10 @@
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
 """Reverse SSH tunnel: argv building, validation and a small supervisor that keeps ``ssh -N -R`` up.
 
-Private to the hpc.interactive collection. Standard library only and Python 3.8+ so that the very
-same file runs three ways: imported by the ``reverse_tunnel`` module, copied into a state directory
-and run by the module as a detached supervisor, and run by a batch job on a compute node::
+Private to the hpc.interactive collection. Standard library (and the collection's ``_proc.py``, itself standard
+library only) and Python 3.8+ so that the very same file runs three ways: imported by the ``reverse_tunnel``
+module, copied into a state directory and run by the module as a detached supervisor, and run by a batch job on a
+compute node::
 
     python3 -I _tunnel.py run    --state-dir D --name N --spec D/N.spec.json   # foreground (batch job)
     python3 -I _tunnel.py run    --state-dir D --name N [--up-after 3] -- ssh -N -R ...   # raw argv
@@ -18,7 +19,8 @@ Files in the state directory (0700; files 0600): ``N.pid`` (supervisor pid, remo
 ssh runs with ``-v`` and its output goes through a pipe to the supervisor, which marks the tunnel
 ``up`` when ssh reports ``remote forward success`` (or ``Allocated port N`` for a port 0) and writes
 only the useful lines to the log. A process is recognised by pid *and* its start time in
-``/proc/PID/stat`` (the token), so a reused pid is never mistaken for ours.
+``/proc/PID/stat`` (the token, read by ``_proc``), so a reused pid is never mistaken for ours. Where this file runs
+as a plain script, ``_proc.py`` is written next to it (``start_detached``, the agent script).
 """
 from __future__ import annotations
 
@@ -38,7 +40,22 @@ import time
 from collections import deque
 from typing import Any, Deque, Dict, List, Mapping, Optional, Sequence, Tuple
 
+if __package__:
+    from ansible_collections.hpc.interactive.plugins.module_utils import _proc
+else:
+    # A plain script (the batch job, the detached supervisor), run with ``python3 -I``, which keeps the script's
+    # directory off sys.path: the copy of _proc.py written next to this file (same private directory) is loaded by
+    # its path, so nothing else on the host can stand in for it.
+    import importlib.util
+
+    sys.dont_write_bytecode = True  # no __pycache__ in the private directory
+    _PROC_SPEC = importlib.util.spec_from_file_location(
+        "_proc", os.path.join(os.path.dirname(os.path.realpath(__file__)), "_proc.py"))
+    _proc = importlib.util.module_from_spec(_PROC_SPEC)  # type: ignore[arg-type]
+    _PROC_SPEC.loader.exec_module(_proc)  # type: ignore[union-attr]
+
 SCRIPT_NAME = "_tunnel.py"
+PROC_NAME = "_proc.py"
 KNOWN_HOSTS_POLICIES = ("strict", "accept-new", "no")
 STATES = ("starting", "connecting", "up", "retrying", "failed", "stopped")
 _STRICT = {"strict": "yes", "accept-new": "accept-new", "no": "no"}
@@ -341,17 +358,10 @@ def read_pid(path: str) -> Optional[int]:
 
 
 def proc_token(pid: Optional[int]) -> Optional[str]:
-    """The start time of a live (non-zombie) process from /proc/PID/stat, or None."""
+    """The start time of a live (non-zombie) process, or None."""
     if not pid or pid <= 0:
         return None
-    try:
-        with open("/proc/%d/stat" % pid) as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    if not fields or fields[0] in ("Z", "X"):
-        return None
-    return fields[19]  # field 22 of stat; fields here start at field 3
+    return _proc.start_time(pid)
 
 
 def is_alive(pid: Optional[int], token: Optional[str]) -> bool:
@@ -360,11 +370,7 @@ def is_alive(pid: Optional[int], token: Optional[str]) -> bool:
 
 
 def proc_cmdline(pid: int) -> List[str]:
-    try:
-        with open("/proc/%d/cmdline" % pid, "rb") as fh:
-            return [a.decode("utf-8", "replace") for a in fh.read().split(b"\0") if a]
-    except OSError:
-        return []
+    return _proc.cmdline(pid)
 
 
 def is_supervisor(pid: Optional[int], token: Optional[str], state_dir: str, name: str) -> bool:
@@ -430,16 +436,8 @@ def stop_tunnel(state_dir: str, name: str, grace: float = 5.0) -> bool:
 
 
 def supervisor_source() -> str:
-    """This file's source text, also when it is loaded from a zip (Ansiballz)."""
-    loader = globals().get("__loader__")
-    try:
-        src = loader.get_source(__name__) if loader is not None else None
-    except Exception:  # noqa: BLE001 - any loader problem: fall back to the file
-        src = None
-    if src:
-        return src
-    with open(__file__) as fh:
-        return fh.read()
+    """This file's source text, also when it is loaded from a zip (AnsiballZ) or by the collection loader."""
+    return _proc.source_of(sys.modules[__name__])
 
 
 def start_detached(python: str, state_dir: str, name: str, spec_file: str,
@@ -450,6 +448,7 @@ def start_detached(python: str, state_dir: str, name: str, spec_file: str,
     """
     paths = tunnel_paths(state_dir, name)
     write_private(paths["script"], supervisor_source())
+    write_private(os.path.join(state_dir, PROC_NAME), _proc.source_of(_proc))  # what the script imports
     log_fd = os.open(paths["log"], os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
     try:
         return subprocess.Popen(

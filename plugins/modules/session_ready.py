@@ -80,21 +80,6 @@ options:
         C(<dir>/service.json). Needs O(dir).
     type: bool
     default: false
-  side_command:
-    description:
-      - A command (argv list, no shell) started when the wait begins and collected when it ends, so that work
-        which does not depend on the app (the session role ensures the user's watcher runs this way) is done while
-        the app starts instead of after it. Its standard input is C(/dev/null); its exit status and output are
-        returned in RV(side_command); its failure never fails this module. Not started in check mode.
-    type: list
-    elements: str
-  side_command_environment:
-    description: Variables added to the environment of O(side_command).
-    type: dict
-  side_command_timeout:
-    description: Seconds O(side_command) may run past the end of the wait before it is killed.
-    type: float
-    default: 30
 author:
   - hpc.interactive developers (@hpc-interactive)
 """
@@ -131,13 +116,6 @@ marked_running:
   returned: always
   type: bool
   sample: true
-side_command:
-  description:
-    - O(side_command)'s C(rc), C(stdout) and C(stderr) (C(rc) V(null) when it could not be started or was killed
-      after O(side_command_timeout); C(stderr) then says why); V({}) when no side command was given.
-  returned: always
-  type: dict
-  sample: {rc: 0, stdout: "watcher started (pid 4242)", stderr: ""}
 port_owner:
   description:
     - Who listened on the port at the last check (O(host) loopback only) - C(state) V(own), V(foreign) (another
@@ -155,14 +133,20 @@ probe_url:
 import http.client
 import os
 import ssl
-from typing import Any, Dict, Optional, Tuple
+from typing import Optional, Tuple
 from urllib.parse import urlsplit
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.hpc.interactive.plugins.module_utils._cmd import Started
 from ansible_collections.hpc.interactive.plugins.module_utils._listeners import PortOwner, check_port_owner
-from ansible_collections.hpc.interactive.plugins.module_utils._cmd import start as start_command
+from ansible_collections.hpc.interactive.plugins.module_utils._proc import alive as process_alive
+from ansible_collections.hpc.interactive.plugins.module_utils._readiness import (
+    ReadinessError,
+    agent_error,
+    probe_url,
+    ready_status,
+    wait_ready,
+)
 from ansible_collections.hpc.interactive.plugins.module_utils._service_file import (
     ServiceFileError,
     update_service_file,
@@ -171,13 +155,8 @@ from ansible_collections.hpc.interactive.plugins.module_utils._state import (
     STATE_FILE,
     TERMINAL_STEPS,
     StateError,
-    agent_error,
-    probe_url,
-    process_alive,
     read_record,
-    ready_status,
     run_op,
-    wait_ready,
 )
 
 
@@ -250,7 +229,7 @@ class SessionReady:
         p = self.params
         try:
             url = probe_url(p["port"], p["url"], p["probe"], p["host"])
-        except StateError as exc:
+        except ReadinessError as exc:
             self.module.fail_json(msg=exc.msg, field=exc.field)
         if p["timeout"] <= 0 or p["interval"] <= 0 or p["request_timeout"] <= 0:
             self.module.fail_json(msg="timeout, interval and request_timeout must be positive", field="timeout")
@@ -270,43 +249,17 @@ class SessionReady:
                     return None, why
             return status, error
 
-        side = self.start_side_command()
-        try:
-            ready, status, elapsed, why = wait_ready(fetch, timeout, interval=p["interval"], abort=self.abort_reason)
-            result = {"changed": False, "ready": ready, "status": status, "elapsed": round(elapsed, 3),
-                      "probe_url": url, "marked_running": False, "side_command": {}}
-            if self.owner is not None:
-                result["port_owner"] = {"state": self.owner.state, "uids": list(self.owner.uids),
-                                        "message": self.owner.message}
-            # Running is recorded before the side command is collected: it never delays Running
-            if ready and p["mark_running"] and not self.module.check_mode:
-                self.mark_running(result)
-        finally:
-            side_result = self.collect_side_command(side)
-        result["side_command"] = side_result
+        ready, status, elapsed, why = wait_ready(fetch, timeout, interval=p["interval"], abort=self.abort_reason)
+        result = {"changed": False, "ready": ready, "status": status, "elapsed": round(elapsed, 3),
+                  "probe_url": url, "marked_running": False}
+        if self.owner is not None:
+            result["port_owner"] = {"state": self.owner.state, "uids": list(self.owner.uids),
+                                    "message": self.owner.message}
+        if ready and p["mark_running"] and not self.module.check_mode:
+            self.mark_running(result)
         if not ready and not self.module.check_mode:
             self.module.fail_json(msg=why, **result)
         self.module.exit_json(**result)
-
-    def start_side_command(self) -> Optional[Started]:
-        """O(side_command), started (its own process group, stdin /dev/null); None when there is none to run."""
-        argv = self.params["side_command"]
-        if not argv or self.module.check_mode:
-            return None
-        extra = {str(k): str(v) for k, v in (self.params["side_command_environment"] or {}).items()}
-        return start_command(argv, env=extra)
-
-    def collect_side_command(self, side: Optional[Started]) -> Dict[str, Any]:
-        if side is None:
-            return {}
-        res = side.wait(self.params["side_command_timeout"])
-        if res.timed_out:
-            return {"rc": None, "stdout": res.stdout.strip(),
-                    "stderr": (res.stderr.strip() + "\n" if res.stderr.strip() else "")
-                    + "killed after %s s past the wait" % self.params["side_command_timeout"]}
-        if side.proc is None:
-            return {"rc": None, "stdout": "", "stderr": "cannot start " + res.stderr}
-        return {"rc": res.rc, "stdout": res.stdout.strip(), "stderr": res.stderr.strip()}
 
     def mark_running(self, result: dict) -> None:
         """step running in state.json (refused after a cancel request), then JOB_STATUS Running in service.json."""
@@ -334,9 +287,6 @@ ARGUMENT_SPEC = dict(
     dir=dict(type="path"),
     agent_pid=dict(type="int"),
     mark_running=dict(type="bool", default=False),
-    side_command=dict(type="list", elements="str"),
-    side_command_environment=dict(type="dict"),
-    side_command_timeout=dict(type="float", default=30),
 )
 
 MODULE_OPTIONS = dict(required_if=[("mark_running", True, ("dir",))], supports_check_mode=True)

@@ -161,7 +161,9 @@ def build_extravars(service: str, session_id: str, root: Path, *, target: str, r
     for key in ("session_target", "session_resource"):
         if key in extravars:
             raise UsageError(f"input {key!r}: use --target/--resource instead")
-    extravars.update({"session_id": session_id, "session_root": str(root), "session_target": target})
+    # the CLI ensures the user's watcher itself once the play has ended (cli.ensure_watcher): the play need not
+    extravars.update({"session_id": session_id, "session_root": str(root), "session_target": target,
+                      "session_watcher": False})
     if resource:
         extravars["session_resource"] = resource
     return extravars

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
+from . import mu
 from .collection import Collection
 from .config import embedded_inventory
 from .progress import Progress
@@ -160,11 +161,7 @@ def _ours(pid: int, needle: bytes) -> bool:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            return fh.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
-    except (OSError, IndexError):
-        return False
+    return bool(mu.load("_proc").alive(pid))
 
 
 def _signal(pid: int, sig: int) -> None:

@@ -1,24 +1,10 @@
-"""Ask a resource's scheduler about many jobs, cheaply, once a second.
+"""Ask a resource's scheduler about many jobs, cheaply, once a second: the workspace end of the watcher's server.
 
-Why not ``ansible``/ansible-runner per poll: one ad-hoc module run costs ~1-2 s of CPU on the
-workspace (interpreter start, inventory, AnsiballZ build, a python start on the controller) even
-with ControlPersist, so one poll per second per resource would keep a core busy. Instead the
-watcher keeps ONE ``ssh`` session per resource (``ControlMaster``/``ControlPersist`` so a
-reconnect is cheap) running ``python3 -c BOOT`` on the controller. BOOT reads the collection's
-scheduler ``module_utils`` sources (the very code ``scheduler_job_info`` runs) from stdin into an
-in-memory importer and then answers one JSON line per JSON request line. A poll then costs one
-``squeue --json`` on the controller plus a round trip. No file is written on the controller, no
-secret is involved, the argv is constant.
-
-Requests (``path``/``env``: the resource's ``isession_scheduler_path``/``isession_scheduler_env``, optional):
-``{"op": "query", "scheduler": S, "job_ids": [...], "timeout": T, "state_dir": D?, "path": P?, "env": E?}`` ->
-``{"jobs": {id: JobInfo dict}, "reachable": bool, "error": str}``;
-``{"op": "tail", "dir": D, "lines": N}`` -> ``{"files": {name: text}}`` (log files only, never the secret);
-``{"op": "cancel", "scheduler": S, "job_id": J, "state_dir": D?, "tunnel": {"state_dir": T, "name": N}?,
-"owner": O?, "path": P?, "env": E?}`` -> ``{"cancelled": bool, "tunnel_stopped": bool, "released": [ports],
-"error": str}``: what the cancel playbook's remote tasks do (``scheduler_submit`` absent, ``reverse_tunnel``
-absent, ``free_port`` absent), through the same module_utils calls, for the watcher to honour a cancel request at
-once (watcher.py, "fast cancel").
+The server itself, and why it exists, is the collection's ``plugins/module_utils/_remote_server.py``: one
+``python3 -c BOOT`` per resource, over one ssh session (``ControlMaster``/``ControlPersist``, so a reconnect is
+cheap), fed the collection's own module_utils on standard input and answering one JSON line per request line
+(ops ``query``, ``tail`` and ``teardown``). This file starts it, speaks to it, and reads how to reach a resource
+from the inventory.
 """
 from __future__ import annotations
 
@@ -32,121 +18,12 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-PKG = "ansible_collections.hpc.interactive.plugins.module_utils"
-SHIPPED = ("_cmd", "_schedulers/__init__", "_schedulers/_base", "_schedulers/_hostlist", "_schedulers/local",
-           "_schedulers/pbs", "_schedulers/sge", "_schedulers/slurm", "_schedulers/_runtime", "_ports", "_tunnel")
-
-# Runs on the controller: an in-memory importer for the shipped sources, then SERVER.
-BOOT = r"""
-import sys, json, importlib.abc, importlib.util
-n = int(sys.stdin.buffer.readline())
-S = json.loads(sys.stdin.buffer.read(n).decode())
-class F(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, name, path, target=None):
-        if name in S:
-            return importlib.util.spec_from_loader(name, self, is_package=S[name][0])
-    def create_module(self, spec):
-        return None
-    def exec_module(self, m):
-        pkg, src = S[m.__name__]
-        if pkg:
-            m.__path__ = []
-        exec(compile(src, "<isession>/" + m.__name__, "exec"), m.__dict__)
-sys.meta_path.insert(0, F())
-exec(compile(S["__main__"][1], "<isession>/server", "exec"), {"__name__": "isession_server"})
-"""
-
-SERVER = r"""
-import json, os, shutil, sys
-from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import get_backend
-from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._runtime import make_runner
-try:
-    from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._runtime import scheduler_setup
-except ImportError:  # a collection older than scheduler_path/scheduler_env
-    scheduler_setup = None
-RUNNERS = {}
-def runner_for(req):
-    # the resource's scheduler_path/scheduler_env (inventory), checked like the modules check them
-    key = json.dumps([req.get("path") or [], req.get("env") or {}], sort_keys=True)
-    if key not in RUNNERS:
-        if scheduler_setup is None:
-            if req.get("path") or req.get("env"):
-                raise ValueError("this collection is too old for isession_scheduler_path/_env; update it")
-            RUNNERS[key] = make_runner(shutil.which)
-        else:
-            RUNNERS[key] = make_runner(shutil.which, *scheduler_setup(req.get("path"), req.get("env")))
-    return RUNNERS[key]
-LOGS = (".log", ".out", ".err", ".error")
-def expand(d):
-    return os.path.expanduser(d) if d else None
-def cancel(req):
-    # the cancel playbook's remote steps, in its order: the job (or the detached agent), the tunnel, the ports
-    b = get_backend(req["scheduler"], state_dir=expand(req.get("state_dir")))
-    runner = runner_for(req)
-    job, timeout = str(req["job_id"]), float(req.get("timeout", 5))
-    ans = {"cancelled": False, "tunnel_stopped": False, "released": [], "error": ""}
-    info = b.query(runner, job_ids=[job], timeout=timeout).jobs.get(job)
-    if info is not None and info.alive:
-        if req["scheduler"] == "local":
-            ans["cancelled"] = bool(b.cancel(job_id=job))
-        else:
-            out, failed = b.cancel_checked(runner, job, timeout, timeout)
-            ans["cancelled"] = out.ok
-            if failed:
-                ans["error"] = "cancel of job %s failed: %s" % (job, (out.stderr or out.stdout).strip())
-    tunnel = req.get("tunnel")
-    if tunnel:
-        from ansible_collections.hpc.interactive.plugins.module_utils import _tunnel
-        ans["tunnel_stopped"] = _tunnel.stop_tunnel(expand(tunnel["state_dir"]), tunnel["name"])
-    if req.get("owner"):
-        from ansible_collections.hpc.interactive.plugins.module_utils import _ports
-        rdir = _ports.ReservationDir()
-        ans["released"] = rdir.release(req["owner"]) if rdir.exists() else []
-    return ans
-def tail(d, lines):
-    d = os.path.expanduser(d)
-    out = {}
-    for name in sorted(os.listdir(d)) if os.path.isdir(d) else []:
-        p = os.path.join(d, name)
-        if name.startswith("secret") or not name.endswith(LOGS) or os.path.islink(p) or not os.path.isfile(p):
-            continue
-        with open(p, "rb") as fh:
-            fh.seek(max(0, os.path.getsize(p) - 262144))
-            out[name] = "\n".join(fh.read().decode("utf-8", "replace").splitlines()[-lines:])
-    return {"files": out}
-for line in sys.stdin.buffer:
-    try:
-        req = json.loads(line)
-        if req.get("op") == "tail":
-            ans = tail(req["dir"], int(req.get("lines", 200)))
-        elif req.get("op") == "cancel":
-            ans = cancel(req)
-        else:
-            b = get_backend(req["scheduler"], state_dir=expand(req.get("state_dir")))
-            r = b.query(runner_for(req), job_ids=[str(j) for j in req["job_ids"]], timeout=float(req.get("timeout", 5)))
-            ans = {"jobs": {k: v.as_dict() for k, v in r.jobs.items()}, "reachable": r.reachable, "error": r.error}
-    except Exception as exc:
-        ans = {"error": "%s: %s" % (type(exc).__name__, exc), "reachable": False, "jobs": {}}
-    sys.stdout.write(json.dumps(ans) + "\n")
-    sys.stdout.flush()
-"""
+from . import mu
 
 
 def payload(mu_dir: Path) -> bytes:
-    """The sources BOOT loads: the scheduler module_utils as importable packages, plus SERVER."""
-    sources: Dict[str, List[Any]] = {}
-    parts = PKG.split(".")
-    for i in range(1, len(parts) + 1):
-        sources[".".join(parts[:i])] = [True, ""]
-    for rel in SHIPPED:
-        text = (mu_dir / f"{rel}.py").read_text(encoding="utf-8")
-        if rel.endswith("/__init__"):
-            sources[f"{PKG}.{rel[:-9].replace('/', '.')}"] = [True, text]
-        else:
-            sources[f"{PKG}.{rel.replace('/', '.')}"] = [False, text]
-    sources["__main__"] = [False, SERVER]
-    body = json.dumps(sources).encode()
-    return str(len(body)).encode() + b"\n" + body
+    """What the server's BOOT reads: the shipped module_utils of ``mu_dir`` and the server itself."""
+    return mu.load("_remote_server").payload(str(mu_dir))
 
 
 def control_dir(base: str = "/tmp") -> Optional[Path]:  # noqa: S108 - a private 0700 dir, checked below
@@ -202,7 +79,7 @@ class RemoteServer:
 
     def start(self) -> None:
         python = str(self.conn.get("python") or "/usr/bin/python3")
-        command = [python, "-c", BOOT]
+        command = [python, "-c", mu.load("_remote_server").BOOT]
         argv = command if self.local else ssh_argv(self.conn, control_dir(), command)
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, start_new_session=True,

@@ -3,15 +3,14 @@
 ``decide`` is the pure heart (docs/design/sessions.md, "JOB_STATUS"); :class:`Watcher` does the I/O:
 it groups live sessions by resource, asks each resource ONCE per tick for all of their jobs (see
 ``remote.py`` for why over one persistent ssh session), writes service.json (``_service_file``)
-and state.json (``_state``), and when a session ends tears down what is left on the workspace
-(the tunnel's listening end, the port reservations).
+and state.json (``_state``), and when a session ends tears down what is left of it (the collection's
+one teardown, ``_teardown``: on the resource through the server it holds, then on the workspace).
 
-Fast cancel: a live session whose record carries the cancel tombstone is cancelled by the watcher at once, over the
-connection it already holds (the job or detached agent, the controller-side tunnel and node ports: the cancel
-playbook's remote steps, through the same module_utils calls), and polled every ``CANCEL_INTERVAL`` s until the
-scheduler confirms the end. ``isession cancel`` sets the tombstone and wakes the watcher (SIGUSR1) before it runs
-the cancel playbook, which then confirms every step; so the resources go while ansible-playbook is still starting
-(docs/design/sessions.md, "Fast cancel").
+Fast cancel: a live session whose record carries the cancel tombstone is torn down by the watcher at once, over the
+connection it already holds (the same ``_teardown`` table the cancel playbook's ``session_teardown`` runs), and
+polled every ``CANCEL_INTERVAL`` s until the scheduler confirms the end. ``isession cancel`` sets the tombstone and
+wakes the watcher (SIGUSR1) before it runs the cancel playbook, which then confirms every step; so the resources go
+while ansible-playbook is still starting (docs/design/sessions.md, "Fast cancel"; docs/design/teardown.md).
 
 The workspace port: every tick, for each running session, the watcher asks the kernel who listens on the session's
 workspace port (``_listeners``; ``decide_listener`` is the pure rule). A session whose own listener is gone (its
@@ -21,10 +20,10 @@ ended ``Failed`` and its job cancelled, so that no request carrying its secret g
 """
 from __future__ import annotations
 
+import dataclasses
 import fcntl
 import json
 import os
-import signal
 import sys
 import threading
 import time
@@ -219,53 +218,15 @@ def scheduler_setup_of(conn: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-# ---------------------------------------------------------------------------- workspace teardown
-def listeners(port: int, uid: int, proc: str = "/proc") -> List[int]:
-    """Pids of ``uid`` holding a TCP socket LISTENing on ``port`` (found by socket inode, not by grep)."""
-    inodes = set()
-    for table in ("net/tcp", "net/tcp6"):
-        try:
-            with open(f"{proc}/{table}") as fh:
-                rows = fh.read().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            f = row.split()
-            if len(f) > 9 and f[3] == "0A" and int(f[1].rsplit(":", 1)[1], 16) == port and int(f[7]) == uid:
-                inodes.add(f[9])
-    pids = []
-    for pid in (p for p in os.listdir(proc) if p.isdigit()) if inodes else []:
-        try:
-            for fd in os.listdir(f"{proc}/{pid}/fd"):
-                target = os.readlink(f"{proc}/{pid}/fd/{fd}")
-                if target.startswith("socket:[") and target[8:-1] in inodes:
-                    pids.append(int(pid))
-                    break
-        except OSError:
-            continue
-    return pids
+# ---------------------------------------------------------------------------- teardown
+def holding_of(sid: str, record: Mapping[str, Any]) -> Any:
+    """What the session holds, for the one teardown (``_teardown.Holding``)."""
+    return mu.load("_teardown").Holding.from_record(record, sid)
 
 
-def teardown_workspace(record: Mapping[str, Any], session_id: str, log: Callable[[str], None],
-                       reservation_dir: Optional[str] = None) -> None:
-    """What cancel would undo on the workspace after the job ended: tunnel end, port reservations."""
-    port = (record.get("ports") or {}).get("workspace")
-    if isinstance(port, int):
-        for pid in listeners(port, os.getuid()):
-            if pid != os.getpid():
-                log(f"{session_id}: stopping pid {pid} still listening on workspace port {port}")
-                try:
-                    os.kill(pid, signal.SIGTERM)
-                except OSError:
-                    pass
-    try:
-        ports = mu.load("_ports")
-        rdir = ports.ReservationDir(reservation_dir) if reservation_dir else ports.ReservationDir()
-        released = rdir.release(session_id) if rdir.exists() else []
-        if released:
-            log(f"{session_id}: released workspace ports {released}")
-    except Exception as exc:  # noqa: BLE001 - teardown must not stop the watcher
-        log(f"{session_id}: releasing ports failed: {exc}")
+def summary(outcomes: List[Any]) -> str:
+    """``job 42, tunnel isession-a, node port 30001``; "" when nothing was left."""
+    return ", ".join(u for o in outcomes for u in o.undone)
 
 
 # ---------------------------------------------------------------------------- the loop
@@ -288,6 +249,7 @@ class Watcher:
         self.stop = threading.Event()
         self.wake = threading.Event()  # set by nudge(): tick now (a cancel was requested)
         self.cancel_sent: Dict[str, float] = {}  # session -> when the watcher sent its cancel
+        self.undone: Dict[str, set] = {}  # session -> kinds this watcher's teardown already undid
         self.cancelling = False  # a live session carries the tombstone: poll fast
         self._lock = threading.Lock()
         self.st = mu.load("_state")
@@ -372,43 +334,55 @@ class Watcher:
                 server = self.servers[resource] = RemoteServer(conn, mu_dir)
             return server
 
-    def cancel_request(self, key: Tuple[str, str], sid: str, rec: Mapping[str, Any]) -> Dict[str, Any]:
-        """What the watcher asks the resource to do for a session with the tombstone (``remote.py``, op cancel)."""
-        req: Dict[str, Any] = {"op": "cancel", "scheduler": key[1], "job_id": str(rec["job_id"]),
-                               "timeout": self.query_timeout}
-        if key[0] and rec.get("target") == "controller":
-            req["owner"] = sid  # the node port free_port reserved on the controller
-            if rec.get("remote_dir"):
-                req["tunnel"] = {"state_dir": f"{rec['remote_dir']}/tunnel", "name": f"isession-{sid}"}
-        return req
+    def teardown(self, key: Tuple[str, str], sid: str, rec: Mapping[str, Any],
+                 skip: Tuple[str, ...] = ()) -> Tuple[str, List[str]]:
+        """The one teardown of a session: its resource side over the connection held, then its workspace side.
+
+        ``skip`` names kinds not to undo (the job, when the scheduler just said it ended); kinds an earlier call
+        already undid are skipped too. Returns (what was undone in words, what could not be done); raises nothing:
+        the cancel playbook still confirms every kind.
+        """
+        td = mu.load("_teardown")
+        held = holding_of(sid, rec)
+        done = self.undone.setdefault(sid, set())
+        skip_now = tuple(sorted(set(skip) | done))
+        outcomes: List[Any] = []
+        problems: List[str] = []
+        if td.plan(held, td.RESOURCE, skip_now):
+            req = {"op": "teardown", "holding": dataclasses.asdict(held), "skip": list(skip_now),
+                   "timeout": self.query_timeout}
+            try:
+                server = self.server_for(key[0], self.inventory_for(sid))
+                answer = server.ask(dict(req, **scheduler_setup_of(server.conn)), self.query_timeout + 3)
+            except (RemoteError, LookupError, OSError, ValueError) as exc:
+                answer = {"error": str(exc)}
+            got = [td.Outcome(o["kind"], o["side"], list(o["undone"]), o.get("error", ""))
+                   for o in answer.get("outcomes") or []]
+            outcomes += got
+            if answer.get("error") and not got:
+                problems.append(str(answer["error"]))
+        ctx = td.Context(reservation_dir=self.reservation_dir, timeout=self.query_timeout,
+                         query_timeout=self.query_timeout)
+        outcomes += td.teardown(held, td.WORKSPACE, ctx, skip=skip_now)
+        problems += td.errors(outcomes)
+        done.update(o.kind for o in outcomes if not o.error)
+        return summary(outcomes), problems
 
     def send_cancel(self, key: Tuple[str, str], sid: str, rec: Mapping[str, Any]) -> None:
-        """Cancel one session's job now (once); the cancel playbook confirms it whatever happens here."""
+        """Tear one session down now (once); the cancel playbook confirms it whatever happens here."""
         with self._lock:
             if sid in self.cancel_sent:
                 return
             self.cancel_sent[sid] = time.monotonic()
-        req = self.cancel_request(key, sid, rec)
         started = time.monotonic()
-        try:
-            if not key[0]:  # the workspace: a detached local agent, signalled from here (no-op once it ended)
-                answer = {"cancelled": bool(mu.load("_schedulers").get_backend("local").cancel(job_id=req["job_id"]))}
-            else:
-                server = self.server_for(key[0], self.inventory_for(sid))
-                answer = server.ask(dict(req, **scheduler_setup_of(server.conn)), self.query_timeout + 3)
-        except (RemoteError, LookupError, OSError, ValueError) as exc:
-            answer = {"error": str(exc)}
+        said, problems = self.teardown(key, sid, rec)
         took = time.monotonic() - started
-        if answer.get("error"):
-            self.log(f"{sid}: cancel request not carried out ({answer['error']}); the cancel playbook does it "
+        if problems and not said:
+            self.log(f"{sid}: cancel request not carried out ({'; '.join(problems)}); the cancel playbook does it "
                      f"({took:.2f}s)")
         else:
-            done = [what for what, flag in (("job " + req["job_id"], answer.get("cancelled")),
-                                            ("tunnel", answer.get("tunnel_stopped")),
-                                            (f"node ports {answer.get('released')}", answer.get("released")))
-                    if flag]
-            self.log(f"{sid}: cancel requested: stopped {', '.join(done) or 'nothing (already ended)'} "
-                     f"({took:.2f}s)")
+            self.log(f"{sid}: cancel requested: stopped {said or 'nothing (already ended)'}"
+                     + (f"; not carried out: {'; '.join(problems)}" if problems else "") + f" ({took:.2f}s)")
 
     def poll_group(self, key: Tuple[str, str], sessions: Dict[str, Dict[str, Any]]) -> None:
         for sid, rec in sessions.items():
@@ -466,7 +440,12 @@ class Watcher:
         if d.terminal:
             self.absent.pop(sid, None)
             self.cancel_sent.pop(sid, None)
-            teardown_workspace(rec, sid, self.log, self.reservation_dir)
+            # the scheduler says the job ended: what it left behind goes, on both sides (the same table as a cancel)
+            said, problems = self.teardown(group_key(rec), sid, rec, skip=("job",))
+            self.undone.pop(sid, None)
+            if said or problems:
+                self.log(f"{sid}: cleaned up after the end: {said or 'nothing'}"
+                         + (f"; not carried out: {'; '.join(problems)}" if problems else ""))
 
     # -- the workspace port's listener, every tick, whatever the schedulers answer
     def check_listeners(self, live: Mapping[str, Mapping[str, Any]]) -> None:
@@ -508,7 +487,8 @@ class Watcher:
         self.log(f"{sid}: {current or '-'} -> {d.status} ({d.reason}" + (f": {d.message})" if d.message else ")"))
         if d.terminal:
             self.absent.pop(sid, None)
-            teardown_workspace(rec, sid, self.log, self.reservation_dir)
+            # the whole teardown (the job too: its tunnel's end is no longer its own); another user's listener is
+            # never signalled, the teardown only stops this user's processes
             self.pool.submit(self._safe_cancel, group_key(rec), sid, rec)
 
     def _safe_cancel(self, key: Tuple[str, str], sid: str, rec: Mapping[str, Any]) -> None:
@@ -516,6 +496,9 @@ class Watcher:
             self.send_cancel(key, sid, rec)
         except Exception as exc:  # noqa: BLE001 - the job still ends by itself (its tunnel cannot come back)
             self.log(f"{sid}: cancel failed: {type(exc).__name__}: {exc}")
+        finally:  # the session has ended already: no end-of-job clean-up will read what was undone
+            self.undone.pop(sid, None)
+            self.cancel_sent.pop(sid, None)
 
     def tick(self) -> int:
         """One round; returns how many live sessions there are."""

@@ -46,9 +46,8 @@ from sessions_common import (  # noqa: E402
 BUDGET = 5.0  # seconds from the scheduler's end of the job to service.json (issue 3)
 CLUSTER_USER = "cluser"
 TERMINAL = ("Cancelled", "Completed", "Failed")
-# the watcher is ensured by session_ready's side command, while the app starts
-WATCH_TASK = ("hpc.interactive.session : Wait until the app answers through the session's port, then record it as "
-              "running")
+# the watcher is ensured by its own task of the start play, while the app starts
+WATCH_TASK = "hpc.interactive.session : Ensure the user's watcher runs"
 NODE = "compute1"  # the node-loss test pins its session here (debug partition: compute1, compute2)
 
 
@@ -397,7 +396,7 @@ def test_playbook_started_session_gets_the_watcher(bed):
         state = read_json(root / sids[0] / "state.json")
         jobs.append(state["job_id"])
         assert read_json(root / sids[0] / "service.json")["JOB_STATUS"] == "Running"
-        started = res.task(WATCH_TASK, "localhost")["side_command"]
+        started = res.task(WATCH_TASK, "localhost")
         assert started.get("rc") == 0 and "watcher started" in started.get("stdout", ""), started
         assert not (root / sids[0] / "logs" / "runner" / "cli.json").exists()  # really without the CLI
         note = read_json(root / sids[0] / "watch.json")
@@ -416,7 +415,7 @@ def test_playbook_started_session_gets_the_watcher(bed):
         res2 = start_by_playbook(bed, dict(common, session_id=sids[1]), inv, env)
         assert res2.rc == 0, failure_text(res2)
         jobs.append(read_json(root / sids[1] / "state.json")["job_id"])
-        again = res2.task(WATCH_TASK, "localhost")["side_command"]
+        again = res2.task(WATCH_TASK, "localhost")
         assert again.get("rc") == 0 and "already runs" in again.get("stdout", ""), again
         assert watcher_pid(root) == pid
 

@@ -20,6 +20,8 @@ import time
 from typing import Callable, Dict, List, Optional, Sequence
 
 from ansible_collections.hpc.interactive.plugins.module_utils._cmd import Runner
+from ansible_collections.hpc.interactive.plugins.module_utils._proc import start_time as proc_start_time
+from ansible_collections.hpc.interactive.plugins.module_utils._proc import stat_fields
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._base import (
     DEFAULT_QUERY_TIMEOUT,
     Backend,
@@ -36,25 +38,6 @@ WRAPPER = ('st="$1"; out="$2"; err="$3"; shift 3; '
 def default_state_dir() -> str:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
     return os.path.join(base, "hpc-interactive", "local-jobs")
-
-
-def stat_fields(pid: str, proc_root: str = "/proc") -> Optional[List[str]]:
-    """``/proc/PID/stat`` after the command name (state, ppid, pgrp, ...), or None when gone or a zombie."""
-    try:
-        with open(os.path.join(proc_root, str(pid), "stat"), encoding="utf-8", errors="replace") as handle:
-            data = handle.read()
-    except OSError:
-        return None
-    fields = data[data.rfind(")") + 2:].split()
-    if len(fields) < 20 or fields[0] in ("Z", "X"):
-        return None  # zombie: exited, not yet reaped
-    return fields
-
-
-def proc_start_time(pid: str, proc_root: str = "/proc") -> Optional[str]:
-    """Field 22 of ``/proc/PID/stat`` (start time in clock ticks), or None when the pid is gone."""
-    fields = stat_fields(pid, proc_root)
-    return None if fields is None else fields[19]
 
 
 def group_members(pgid: int, proc_root: str = "/proc") -> List[int]:

@@ -50,7 +50,8 @@ def test_start_status_list_cancel(cli_env, tmp_path):
     for path in all_files(root / "fake-1" / "logs"):
         assert secret not in path.read_text(errors="replace"), path
     extravars = json.loads((root / "fake-1" / "logs" / "runner" / "env" / "extravars").read_text())
-    assert extravars == {"session_id": "fake-1", "session_root": str(root), "session_target": "workspace"}
+    assert extravars == {"session_id": "fake-1", "session_root": str(root), "session_target": "workspace",
+                         "session_watcher": False}
 
     st = run_cli(cli_env, "status", "fake-1", "--json")
     assert json.loads(st.stdout)["status"] == "Running"

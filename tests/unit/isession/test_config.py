@@ -57,7 +57,7 @@ def test_extravars_for_a_start(tmp_path):
     ev = config.build_extravars("nginx", "nginx-1", tmp_path, target="compute", resource="ctl",
                                 inputs={"session_partition": "small"})
     assert ev == {"session_partition": "small", "session_id": "nginx-1", "session_root": str(tmp_path),
-                  "session_target": "compute", "session_resource": "ctl"}
+                  "session_target": "compute", "session_resource": "ctl", "session_watcher": False}
     ws = config.build_extravars("nginx", "nginx-1", tmp_path, target="workspace", resource=None, inputs={})
     assert "session_resource" not in ws
 

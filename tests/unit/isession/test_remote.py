@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import subprocess
 import threading
 from pathlib import Path
@@ -145,7 +146,7 @@ def test_payload_ships_the_scheduler_tunnel_and_port_code_only():
     head, body = payload(MU).split(b"\n", 1)
     assert int(head) == len(body)
     names = {n.rsplit(".", 1)[-1] for n in json.loads(body)}
-    assert {"slurm", "pbs", "sge", "local", "_cmd", "_base", "_ports", "_tunnel"} <= names
+    assert {"slurm", "pbs", "sge", "local", "_cmd", "_base", "_ports", "_tunnel", "_proc", "_teardown"} <= names
     assert not names & {"_service_file", "_state", "_directives"}
 
 
@@ -162,60 +163,98 @@ def group_alive(pgid: str) -> bool:
     return bool(group_members(int(pgid)))
 
 
-def test_cancel_stops_a_local_job_and_releases_the_owners_ports(tmp_path):
+def test_teardown_stops_a_local_job_and_releases_the_owners_ports(tmp_path):
+    """The resource side of a controller session over the server: the detached agent, the tunnel, the node ports."""
     state_dir = tmp_path / "jobs"
-    job = local_job(state_dir, tmp_path, "isession-unit-cancel")
-    owner = f"unit-cancel-{os.getpid()}"
+    sid = f"unit-cancel-{os.getpid()}"
+    job = local_job(state_dir, tmp_path, f"isession-{sid}")
     rdir = _ports.ReservationDir()
     rdir.ensure()
-    ports, _ = rdir.reserve(owner, 1, _ports.build_candidates())
+    ports, _ = rdir.reserve(sid, 1, _ports.build_candidates())
     srv = server(tmp_path)
     try:
         assert group_alive(job)
-        req = {"op": "cancel", "scheduler": "local", "job_id": job, "state_dir": str(state_dir), "owner": owner,
-               "tunnel": {"state_dir": str(tmp_path / "tunnel"), "name": "isession-unit"}}
+        req = {"op": "teardown", "state_dir": str(state_dir),
+               "holding": {"session_id": sid, "target": "controller", "scheduler": "local",
+                           "remote_dir": str(tmp_path)}}
         ans = srv.ask(req, 30)
-        assert ans == {"cancelled": True, "tunnel_stopped": False, "released": ports, "error": ""}
+        assert ans["error"] == "", ans
+        assert [(o["kind"], o["undone"]) for o in ans["outcomes"]] == [
+            ("job", [f"job {job}"]), ("tunnel", []), ("node_ports", [f"node port {ports[0]}"])]
         assert not group_alive(job)
-        assert rdir.release(owner) == []  # nothing of the owner is left
+        assert rdir.release(sid) == []  # nothing of the owner is left
         # twice: nothing to do, no error
-        assert srv.ask(req, 30) == {"cancelled": False, "tunnel_stopped": False, "released": [], "error": ""}
+        again = srv.ask(req, 30)
+        assert again["error"] == "" and all(o["undone"] == [] for o in again["outcomes"]), again
     finally:
         srv.close()
-        rdir.release(owner)
+        rdir.release(sid)
         if group_alive(job):
             os.killpg(int(job), 9)
 
 
-def test_cancel_runs_scancel_for_a_listed_job_only(tmp_path, fake_bin):
+def squeue_of_mine(tmp_path: Path, name: str) -> Path:
+    """The recorded Slurm answer with job 1 (RUNNING) named ``name`` and every job this user's."""
+    doc = json.loads(SQUEUE_JSON.read_text())
+    for job in doc["jobs"]:
+        job["user_name"] = pwd.getpwuid(os.getuid()).pw_name
+        if str(job["job_id"]) == "1":
+            job["name"] = name
+    out = tmp_path / "squeue.json"
+    out.write_text(json.dumps(doc))
+    return out
+
+
+def test_teardown_runs_scancel_for_the_sessions_live_job_only(tmp_path, fake_bin):
     calls = tmp_path / "calls"
-    script(fake_bin / "squeue", f'cat "{SQUEUE_JSON}"\n')
+    answer = squeue_of_mine(tmp_path, "isession-s1")
+    script(fake_bin / "squeue", f'cat "{answer}"\n')
     script(fake_bin / "scancel", f'echo "$@" >> "{calls}"\n')
-    alive = "1"  # RUNNING in the recorded answer (2, 3 PENDING; 4 FAILED, 5 COMPLETED)
     srv = server(tmp_path)
     try:
-        ans = srv.ask({"op": "cancel", "scheduler": "slurm", "job_id": alive}, 10)
-        assert ans["cancelled"] is True and ans["error"] == ""
-        assert calls.read_text().split() == [alive]
-        ans = srv.ask({"op": "cancel", "scheduler": "slurm", "job_id": "999999"}, 10)  # not listed: not cancelled
-        assert ans["cancelled"] is False
-        assert calls.read_text().split() == [alive]
+        ans = srv.ask({"op": "teardown", "holding": {"session_id": "s1", "target": "compute", "scheduler": "slurm"}},
+                      10)
+        assert ans["error"] == "" and ans["outcomes"] == [
+            {"kind": "job", "side": "resource", "undone": ["job 1"], "error": ""}], ans
+        assert calls.read_text().split() == ["1"]
+        # another session's name: no job of it is listed, nothing is cancelled
+        ans = srv.ask({"op": "teardown", "holding": {"session_id": "s2", "target": "compute", "scheduler": "slurm"}},
+                      10)
+        assert ans["outcomes"][0]["undone"] == [] and ans["error"] == ""
+        assert calls.read_text().split() == ["1"]
+        # the end of a job: the job is not looked at (skip), and a compute session holds nothing else there
+        ans = srv.ask({"op": "teardown", "skip": ["job"],
+                       "holding": {"session_id": "s1", "target": "compute", "scheduler": "slurm"}}, 10)
+        assert ans == {"outcomes": [], "error": ""}
+        assert calls.read_text().split() == ["1"]
     finally:
         srv.close()
 
 
-def test_cancel_refused_by_the_scheduler_says_so(tmp_path, fake_bin):
-    script(fake_bin / "squeue", f'cat "{SQUEUE_JSON}"\n')
+def test_teardown_refused_by_the_scheduler_says_so(tmp_path, fake_bin):
+    answer = squeue_of_mine(tmp_path, "isession-s1")
+    script(fake_bin / "squeue", f'cat "{answer}"\n')
     script(fake_bin / "scancel", 'echo "scancel: error: Kill job error on job id 1: Access/permission denied" >&2\n'
                                  'exit 1\n')
-    alive = "1"  # RUNNING in the recorded answer (2, 3 PENDING; 4 FAILED, 5 COMPLETED)
     srv = server(tmp_path)
     try:
-        ans = srv.ask({"op": "cancel", "scheduler": "slurm", "job_id": alive}, 10)
+        ans = srv.ask({"op": "teardown", "holding": {"session_id": "s1", "target": "compute", "scheduler": "slurm"}},
+                      10)
     finally:
         srv.close()
-    assert ans["cancelled"] is False
-    assert "Access/permission denied" in ans["error"] and alive in ans["error"]
+    assert ans["outcomes"][0]["undone"] == []
+    assert "Access/permission denied" in ans["error"] and "job 1" in ans["error"], ans
+
+
+def test_teardown_with_an_unanswering_scheduler_is_an_error_not_a_success(tmp_path, fake_bin):
+    script(fake_bin / "squeue", "echo 'slurm_load_jobs error: Unable to contact slurm controller' >&2; exit 1\n")
+    srv = server(tmp_path)
+    try:
+        ans = srv.ask({"op": "teardown", "holding": {"session_id": "s1", "target": "compute", "scheduler": "slurm"},
+                       "timeout": 2}, 10)
+    finally:
+        srv.close()
+    assert "scheduler did not answer" in ans["error"], ans
 
 
 def test_ssh_argv_reuses_a_master_connection(tmp_path):

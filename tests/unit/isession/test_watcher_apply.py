@@ -156,6 +156,7 @@ class FastCancel(Scripted):
         self.server = server
         self.lines: list = []
         self.log = self.lines.append
+        self.reservation_dir = str(root.parent / "ports")  # the workspace side's releases stay in the test
 
     def server_for(self, resource, inventory):
         assert resource == "controller"
@@ -163,6 +164,16 @@ class FastCancel(Scripted):
 
 
 JOB_RUNNING = {"state": "running", "raw_state": "RUNNING", "found": True}
+
+
+def undid(*pairs: tuple) -> dict:
+    """A resource's answer to a teardown request: (kind, [undone]) pairs."""
+    return {"outcomes": [{"kind": k, "side": "resource", "undone": u, "error": ""} for k, u in pairs], "error": ""}
+
+
+def holding(sid: str, **fields) -> dict:
+    return {"session_id": sid, "target": "compute", "scheduler": "slurm", "remote_dir": None,
+            "workspace_port": None, **fields}
 RUNNING = {"jobs": {"42": JOB_RUNNING, "43": JOB_RUNNING}, "reachable": True, "error": ""}
 CANCELLED = {"jobs": {"42": {"state": "cancelled", "raw_state": "CANCELLED", "found": True}, "43": JOB_RUNNING},
              "reachable": True, "error": ""}
@@ -173,11 +184,12 @@ def test_a_tombstone_makes_the_watcher_cancel_the_job_once_then_record_cancelled
     make_session(root, "a", ports={"workspace": 21999})
     make_session(root, "b", job_id="43")  # another live session of the resource: left alone
     _state.run_op("cancel", str(root), "a", {})
-    srv = FakeServer(lambda req: {"cancelled": True, "tunnel_stopped": False, "released": [], "error": ""})
+    srv = FakeServer(lambda req: undid(("job", ["job 42"])))
     watch = FastCancel(root, [RUNNING, RUNNING, CANCELLED], srv)
     run_ticks(watch, 1)
     assert watch.cancelling
-    assert srv.requests == [{"op": "cancel", "scheduler": "slurm", "job_id": "42", "timeout": w.QUERY_TIMEOUT}]
+    assert srv.requests == [{"op": "teardown", "holding": holding("a", workspace_port=21999), "skip": [],
+                             "timeout": w.QUERY_TIMEOUT}]
     assert service(root, "a")["JOB_STATUS"] == "Running"  # scancel sent, the end not seen yet
     run_ticks(watch, 2)
     assert len(srv.requests) == 1  # once, not at every tick
@@ -192,16 +204,35 @@ def test_controller_cancel_request_names_the_tunnel_and_the_node_ports(tmp_path)
     root = tmp_path / "s"
     make_session(root, "c", target="controller", scheduler="local", job_id="4242", remote_dir="/home/u/.isession/c")
     _state.run_op("cancel", str(root), "c", {})
-    srv = FakeServer(lambda req: {"cancelled": True, "tunnel_stopped": True, "released": [30001], "error": ""})
+    srv = FakeServer(lambda req: undid(("job", ["job 4242"]), ("tunnel", ["tunnel isession-c"]),
+                                       ("node_ports", ["node port 30001"])))
     done = {"jobs": {"4242": {"state": "cancelled", "raw_state": "CANCELLED", "found": True}}, "reachable": True,
             "error": ""}
     watch = FastCancel(root, [done], srv)
     run_ticks(watch, 1)
-    assert srv.requests == [{"op": "cancel", "scheduler": "local", "job_id": "4242", "timeout": w.QUERY_TIMEOUT,
-                             "owner": "c", "tunnel": {"state_dir": "/home/u/.isession/c/tunnel",
-                                                      "name": "isession-c"}}]
+    # one request: the end that follows does not ask again for what the cancel already undid
+    assert srv.requests == [{"op": "teardown", "timeout": w.QUERY_TIMEOUT, "skip": [],
+                             "holding": holding("c", target="controller", scheduler="local",
+                                                remote_dir="/home/u/.isession/c")}]
     assert service(root, "c")["JOB_STATUS"] == "Cancelled"
-    assert any("stopped job 4242, tunnel, node ports [30001]" in line for line in watch.lines), watch.lines
+    assert any("stopped job 4242, tunnel isession-c, node port 30001" in line for line in watch.lines), watch.lines
+    watch.close()
+
+
+def test_a_controller_session_that_ended_by_itself_loses_its_tunnel_and_node_ports(tmp_path):
+    # the agent died on the controller: the scheduler (local) says failed; the tunnel supervisor and the node port
+    # there outlive it unless the end's clean-up undoes them (the job itself is not asked about again)
+    root = tmp_path / "s"
+    make_session(root, "c", target="controller", scheduler="local", job_id="4242", remote_dir="/home/u/.isession/c")
+    srv = FakeServer(lambda req: undid(("tunnel", ["tunnel isession-c"]), ("node_ports", ["node port 30001"])))
+    died = {"jobs": {"4242": {"state": "failed", "raw_state": "DIED", "found": True}}, "reachable": True, "error": ""}
+    watch = FastCancel(root, [died], srv)
+    run_ticks(watch, 1)
+    assert service(root, "c")["JOB_STATUS"] == "Failed"
+    assert srv.requests == [{"op": "teardown", "timeout": w.QUERY_TIMEOUT, "skip": ["job"],
+                             "holding": holding("c", target="controller", scheduler="local",
+                                                remote_dir="/home/u/.isession/c")}]
+    assert any("c: cleaned up after the end: tunnel isession-c, node port 30001" in line for line in watch.lines)
     watch.close()
 
 
@@ -211,14 +242,15 @@ def test_requests_carry_the_resources_scheduler_path_and_env(tmp_path):
     _state.run_op("cancel", str(root), "a", {})
     conn = {"host": "controller", "scheduler_path": ["/opt/sge/bin/lx-amd64"],
             "scheduler_env": {"SGE_ROOT": "/opt/sge", "SGE_CELL": "default"}}
-    srv = FakeServer(lambda req: {"cancelled": True, "released": [], "error": ""} if req["op"] == "cancel" else
+    srv = FakeServer(lambda req: undid(("job", ["job 42"])) if req["op"] == "teardown" else
                      {"jobs": {"42": {"state": "cancelled", "found": True}}, "reachable": True, "error": ""}, conn)
     watch = FastCancel(root, [], srv)
     watch.query = w.Watcher.query.__get__(watch)  # the real query, through the fake server
     run_ticks(watch, 1)
-    assert [r["op"] for r in srv.requests] == ["cancel", "query"]
+    assert [r["op"] for r in srv.requests] == ["teardown", "query"]
     for req in srv.requests:
-        assert req["scheduler"] == "sge" and req["path"] == ["/opt/sge/bin/lx-amd64"], req
+        scheduler = req["holding"]["scheduler"] if req["op"] == "teardown" else req["scheduler"]
+        assert scheduler == "sge" and req["path"] == ["/opt/sge/bin/lx-amd64"], req
         assert req["env"] == {"SGE_ROOT": "/opt/sge", "SGE_CELL": "default"}, req
     assert service(root, "a")["JOB_STATUS"] == "Cancelled"
     watch.close()
@@ -243,7 +275,7 @@ def test_fast_polling_stops_when_a_sent_cancel_never_ends(tmp_path):
     root = tmp_path / "s"
     make_session(root, "a")
     _state.run_op("cancel", str(root), "a", {})
-    srv = FakeServer(lambda req: {"cancelled": True, "tunnel_stopped": False, "released": [], "error": ""})
+    srv = FakeServer(lambda req: undid(("job", ["job 42"])))
     watch = FastCancel(root, [RUNNING, RUNNING], srv)
     run_ticks(watch, 1)
     assert watch.cancelling
@@ -278,39 +310,6 @@ def wait_for(cond, timeout: float) -> bool:
     return cond()
 
 
-def test_teardown_stops_the_workspace_listener_and_releases_ports(tmp_path):
-    rdir = tmp_path / "ports"
-    res = _ports.ReservationDir(str(rdir))
-    res.ensure()
-    ports, _ = res.reserve("sess-a", 1, list(range(21000, 21100)))
-    port = ports[0]
-    server = subprocess.Popen([sys.executable, "-c", "import socket,time; s=socket.socket(); "
-                               f"s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(60)"])
-    try:
-        for _ in range(50):
-            if w.listeners(port, os.getuid()):
-                break
-            time.sleep(0.05)
-        assert w.listeners(port, os.getuid()) == [server.pid]
-        logs: list = []
-        w.teardown_workspace({"ports": {"workspace": port}}, "sess-a", logs.append, str(rdir))
-        assert server.wait(timeout=5) != 0
-        assert res.held("sess-a") == []
-        assert any(str(port) in line for line in logs)
-    finally:
-        server.kill()
-
-
-def test_listeners_ignores_other_ports_and_connections():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        s.listen()
-        port = s.getsockname()[1]
-        assert os.getpid() in w.listeners(port, os.getuid())
-        assert w.listeners(port, os.getuid() + 12345) == []
-        assert os.getpid() not in w.listeners(port + 1 if port < 65535 else port - 1, os.getuid())
-
-
 def test_one_watcher_per_root(tmp_path):
     root = tmp_path / "s"
     fd = w.lock_pidfile(root)
@@ -328,14 +327,19 @@ RUNNING = {"jobs": {"42": {"state": "running", "found": True}}, "reachable": Tru
 
 
 class Listening(Scripted):
-    """A scripted watcher that records the cancels it would send instead of reaching a resource."""
+    """A scripted watcher that records the cancels it would send instead of reaching a resource.
+
+    Its teardowns run the workspace side for real; the resource side (the job) is only recorded.
+    """
 
     def __init__(self, root: Path, answers: list, **kw) -> None:
         super().__init__(root, answers, **kw)
         self.cancels: list = []
 
-    def send_cancel(self, key, sid, rec):
-        self.cancels.append((key, sid))
+    def teardown(self, key, sid, rec, skip=()):
+        if "job" not in skip:
+            self.cancels.append((key, sid))
+        return super().teardown(key, sid, rec, skip=tuple(skip) + ("job",))
 
 
 def owner(state: str, port: int = 20000, message: str = "") -> object:
