@@ -430,12 +430,18 @@ def stop_tunnel(state_dir: str, name: str, grace: float = 5.0) -> bool:
 
 
 def supervisor_source() -> str:
-    """This file's source text, also when it is loaded from a zip (Ansiballz)."""
+    """This file's source text, also when it is loaded from a zip (Ansiballz) or by ansible-core's collection loader.
+
+    Loaders differ in what ``get_source`` returns: the zip importer gives text, ansible-core's collection loader
+    gives the file's bytes. Both come back as text.
+    """
     loader = globals().get("__loader__")
     try:
         src = loader.get_source(__name__) if loader is not None else None
     except Exception:  # noqa: BLE001 - any loader problem: fall back to the file
         src = None
+    if isinstance(src, bytes):
+        src = src.decode("utf-8")
     if src:
         return src
     with open(__file__) as fh:

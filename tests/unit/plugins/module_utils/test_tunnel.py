@@ -346,6 +346,22 @@ def test_supervisor_source_is_this_file():
     assert T.supervisor_source() == SCRIPT.read_text()
 
 
+class _BytesLoader:
+    """What ansible-core's collection loader does: ``get_source`` returns the file's bytes."""
+
+    def get_source(self, _name):
+        return SCRIPT.read_bytes()
+
+
+def test_supervisor_source_is_text_under_a_loader_that_gives_bytes(tmp_path, monkeypatch):
+    monkeypatch.setitem(T.supervisor_source.__globals__, "__loader__", _BytesLoader())
+    src = T.supervisor_source()
+    assert isinstance(src, str) and src == SCRIPT.read_text()
+    # the tunnel's script file is written from it (write_private wants text)
+    assert T.write_private(str(tmp_path / "_tunnel.py"), src) is True
+    assert (tmp_path / "_tunnel.py").read_text() == SCRIPT.read_text()
+
+
 # ---------------------------------------------------------------- the supervisor, run for real
 
 @pytest.fixture

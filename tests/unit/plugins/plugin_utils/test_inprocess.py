@@ -78,7 +78,8 @@ def reference(tmp_path: Path, argument_spec: dict, params: dict, plan: dict, *, 
     argsfile.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": dict(params, _ansible_check_mode=check,
                                                                 _ansible_module_name=NAME)}))
     specfile.write_text(json.dumps({"argument_spec": argument_spec, "options": options or {}, "plan": plan}))
-    env = dict(os.environ, PYTHONPATH=COLLECTIONS, LC_ALL="C", INPROCESS_REFERENCE_SPEC=str(specfile))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([COLLECTIONS, *sys.path]), LC_ALL="C",
+               INPROCESS_REFERENCE_SPEC=str(specfile))
     proc = subprocess.run([sys.executable, "-c", REFERENCE, str(argsfile)], capture_output=True, text=True,
                           cwd=tmp_path, env=env, timeout=60)
     try:
