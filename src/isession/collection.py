@@ -88,11 +88,10 @@ def ansible_search_path() -> Tuple[List[str], bool]:
 
 def _unique(paths: Iterable[Path]) -> List[Path]:
     out: List[Path] = []
-    for p in paths:
-        if p.name == "ansible_collections":
-            p = p.parent
-        if p not in out:
-            out.append(p)
+    for path in paths:
+        root = path.parent if path.name == "ansible_collections" else path
+        if root not in out:
+            out.append(root)
     return out
 
 
@@ -179,3 +178,22 @@ def activate(col: Optional[Collection] = None) -> Collection:
 def active() -> Optional[Collection]:
     """The copy :func:`activate` chose in this process (None before)."""
     return _active
+
+
+def version_report(env: Optional[Mapping[str, str]] = None) -> str:
+    """What ``isession --version`` prints after its own version: the copy used, the others found, ansible-core."""
+    try:
+        from ansible.release import __version__ as ansible_version  # noqa: PLC0415
+    except ImportError:  # pragma: no cover - ansible-core is a dependency
+        ansible_version = "not installed"
+    lines = []
+    try:
+        used = find_collection(env)
+    except LookupError as exc:
+        lines.append(f"collection: {exc}")
+    else:
+        lines.append(f"collection: {used.describe()}")
+        others = [c for c in candidates(env) if c != used]
+        lines += [f"  also found: {c.describe()}" for c in others]
+    lines.append(f"ansible-core {ansible_version}")
+    return "\n".join(lines)

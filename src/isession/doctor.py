@@ -25,7 +25,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .collection import find_collection
+from .collection import active, find_collection
 from .remote import control_dir, inventory_conn, ssh_argv
 
 SCHEDULER_COMMANDS = {"slurm": ("sbatch", "squeue", "scancel"), "pbs": ("qsub", "qstat", "qdel"),
@@ -45,7 +45,7 @@ ENV_INPUTS = ("session_modules", "session_venv", "session_conda_env", "session_s
 def check_local(root: Path) -> List[Check]:
     out: List[Check] = []
     try:
-        col = find_collection()
+        col = active() or find_collection()
         plays = sorted(p.stem for p in (col.path / "playbooks").glob("start_*.yml"))
         out.append(("ok", "collection", f"hpc.interactive {col.version} at {col.path}"))
         out.append(("ok" if plays else "FAIL", "services", ", ".join(p[6:] for p in plays) or "no start playbooks"))
@@ -262,7 +262,7 @@ def check_service(inventory: Optional[Path], names: Sequence[str], service: str,
                   inputs: Mapping[str, Any]) -> List[Check]:
     """``doctor --service``: the service's binaries on every target asked for (default: all that exist)."""
     try:
-        wanted = service_binaries(find_collection().path, service, inputs)
+        wanted = service_binaries((active() or find_collection()).path, service, inputs)
     except LookupError as exc:
         return [("FAIL", service, str(exc))]
     out: List[Check] = []
@@ -285,9 +285,10 @@ def check_service(inventory: Optional[Path], names: Sequence[str], service: str,
     return out
 
 
-def run_checks(root: Path, inventory: Optional[Path], only: Optional[str] = None,
-               emit: Callable[[str], None] = print, *, service: Optional[str] = None, target: Optional[str] = None,
-               inputs: Optional[Mapping[str, Any]] = None) -> int:
+def gather_checks(root: Path, inventory: Optional[Path], only: Optional[str] = None, *,
+                  service: Optional[str] = None, target: Optional[str] = None,
+                  inputs: Optional[Mapping[str, Any]] = None) -> List[Check]:
+    """Every check ``isession doctor`` makes, in order: the workspace, each resource, the service's binaries."""
     checks = check_local(root)
     names: List[str] = []
     unreachable = set()
@@ -308,6 +309,17 @@ def run_checks(root: Path, inventory: Optional[Path], only: Optional[str] = None
     if service:
         checks += check_service(inventory, [n for n in names if n not in unreachable], service, target,
                                 inputs or {})
-    for level, what, detail in checks:
-        emit(f"{level:<5} {what:<18} {detail}")
+    return checks
+
+
+def format_checks(checks: Sequence[Check]) -> str:
+    return "\n".join(f"{level:<5} {what:<18} {detail}" for level, what, detail in checks)
+
+
+def run_checks(root: Path, inventory: Optional[Path], only: Optional[str] = None,
+               emit: Callable[[str], None] = print, *, service: Optional[str] = None, target: Optional[str] = None,
+               inputs: Optional[Mapping[str, Any]] = None) -> int:
+    """Print the checks, one line each; 1 when one FAILed."""
+    checks = gather_checks(root, inventory, only, service=service, target=target, inputs=inputs)
+    emit(format_checks(checks))
     return 1 if any(level == "FAIL" for level, _, _ in checks) else 0

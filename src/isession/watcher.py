@@ -24,6 +24,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import shutil
 import signal
 import sys
 import threading
@@ -33,7 +34,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from . import mu
+from ansible_collections.hpc.interactive.plugins.module_utils import (
+    _cmd,
+    _directives,
+    _ports,
+    _schedulers,
+    _service_file,
+    _state,
+)
+from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import _base, _runtime
+
 from .remote import RemoteError, RemoteServer, inventory_conn
 
 CONFIRM_ABSENT = 3
@@ -192,13 +202,13 @@ def walltime_text(value: Any) -> str:
     if value in (None, "") or isinstance(value, bool):
         return ""
     try:
-        seconds = mu.load("_directives").parse_walltime("session_walltime", value)
+        seconds = _directives.parse_walltime("session_walltime", value)
     except ValueError:
         return str(value)
     if not seconds:
         return ""
     days, rest = divmod(seconds, 86400)
-    hms = mu.load("_schedulers._base").format_hms(rest)
+    hms = _base.format_hms(rest)
     return f"{days}-{hms}" if days else hms
 
 
@@ -259,8 +269,7 @@ def teardown_workspace(record: Mapping[str, Any], session_id: str, log: Callable
                 except OSError:
                     pass
     try:
-        ports = mu.load("_ports")
-        rdir = ports.ReservationDir(reservation_dir) if reservation_dir else ports.ReservationDir()
+        rdir = _ports.ReservationDir(reservation_dir) if reservation_dir else _ports.ReservationDir()
         released = rdir.release(session_id) if rdir.exists() else []
         if released:
             log(f"{session_id}: released workspace ports {released}")
@@ -290,8 +299,8 @@ class Watcher:
         self.cancel_sent: Dict[str, float] = {}  # session -> when the watcher sent its cancel
         self.cancelling = False  # a live session carries the tombstone: poll fast
         self._lock = threading.Lock()
-        self.st = mu.load("_state")
-        self.sf = mu.load("_service_file")
+        self.st = _state
+        self.sf = _service_file
 
     # -- sessions
     def live_sessions(self) -> Dict[str, Dict[str, Any]]:
@@ -349,12 +358,8 @@ class Watcher:
     def query(self, key: Tuple[str, str], job_ids: List[str], inventory: Optional[Path]) -> Dict[str, Any]:
         resource, scheduler = key
         if not resource:
-            backends = mu.load("_schedulers")
-            runtime = mu.load("_schedulers._runtime")
-            import shutil  # noqa: PLC0415
-
-            res = backends.get_backend(scheduler).query(runtime.make_runner(shutil.which), job_ids=job_ids,
-                                                        timeout=self.query_timeout)
+            res = _schedulers.get_backend(scheduler).query(_runtime.make_runner(shutil.which), job_ids=job_ids,
+                                                           timeout=self.query_timeout)
             return {"jobs": {k: v.as_dict() for k, v in res.jobs.items()}, "reachable": res.reachable,
                     "error": res.error}
         server = self.server_for(resource, inventory)
@@ -368,7 +373,7 @@ class Watcher:
             server = self.servers.get(resource)
             if server is None:
                 conn = inventory_conn(inventory, resource)
-                mu_dir = Path(mu.load("_cmd").__file__).parent
+                mu_dir = Path(_cmd.__file__).parent
                 server = self.servers[resource] = RemoteServer(conn, mu_dir)
             return server
 
@@ -392,7 +397,7 @@ class Watcher:
         started = time.monotonic()
         try:
             if not key[0]:  # the workspace: a detached local agent, signalled from here (no-op once it ended)
-                answer = {"cancelled": bool(mu.load("_schedulers").get_backend("local").cancel(job_id=req["job_id"]))}
+                answer = {"cancelled": bool(_schedulers.get_backend("local").cancel(job_id=req["job_id"]))}
             else:
                 server = self.server_for(key[0], self.inventory_for(sid))
                 answer = server.ask(dict(req, **scheduler_setup_of(server.conn)), self.query_timeout + 3)
