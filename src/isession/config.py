@@ -27,8 +27,6 @@ from typing import Any, Dict, Mapping, Optional
 
 import yaml
 
-from . import mu
-
 TARGETS = ("workspace", "controller", "compute")
 SERVICE_RE = re.compile(r"[a-z][a-z0-9_]{0,62}\Z")
 VAR_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
@@ -38,13 +36,20 @@ SECRET_NAME_RE = re.compile(r"pass(word|wd)?|secret|token|api_?key|credential|pr
 RESERVED_INPUTS = ("session_id", "session_root")
 
 
+def vocabulary() -> Any:
+    """The collection's session vocabulary, imported when first used: this module also serves ``isession --help``
+    and shell completion, which work without the collection."""
+    from ansible_collections.hpc.interactive.plugins.module_utils import _vocabulary  # noqa: PLC0415
+
+    return _vocabulary
+
+
 def __getattr__(name: str) -> Any:
-    """``TERMINAL_STATUSES`` and ``SESSION_ID_RE``: the collection's session vocabulary, read when first used
-    (``isession --version`` and ``--help`` work without a collection)."""
+    """``TERMINAL_STATUSES`` and ``SESSION_ID_RE`` come from the collection's session vocabulary."""
     if name == "TERMINAL_STATUSES":
-        return mu.load("_vocabulary").TERMINAL_STATUSES
+        return vocabulary().TERMINAL_STATUSES
     if name == "SESSION_ID_RE":
-        return mu.load("_vocabulary").ID_RE
+        return vocabulary().ID_RE
     raise AttributeError(name)
 
 
@@ -228,8 +233,9 @@ def check_service(name: str) -> str:
 
 
 def check_session_id(value: str) -> str:
-    if not mu.load("_vocabulary").ID_RE.match(value or ""):
-        raise UsageError(f"--id: {value!r} is not a session id: it must be {mu.load('_vocabulary').ID_RULE}")
+    words = vocabulary()
+    if not words.ID_RE.match(value or ""):
+        raise UsageError(f"--id: {value!r} is not a session id: it must be {words.ID_RULE}")
     return value
 
 

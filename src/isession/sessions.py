@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from ansible_collections.hpc.interactive.plugins.module_utils import _service_file, _state
+from ansible_collections.hpc.interactive.plugins.module_utils import _service_file, _state, _vocabulary
 
 LOG_SUFFIXES = (".log", ".out", ".err", ".error")
 NEVER_SHOWN = ("secret",)  # file names never printed by `logs`
@@ -48,7 +48,7 @@ class Session:
 
 # What a record's step means when service.json is not written yet.
 def _step_status() -> Dict[str, str]:
-    return mu.load("_vocabulary").STATUS_OF_STEP
+    return _vocabulary.STATUS_OF_STEP
 
 
 def service_url(service: Dict[str, Any], host: str = "127.0.0.1") -> str:

@@ -37,10 +37,12 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from ansible_collections.hpc.interactive.plugins.module_utils import (
     _cmd,
     _directives,
+    _listeners,
     _ports,
     _schedulers,
     _service_file,
     _state,
+    _vocabulary,
 )
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import _base, _runtime
 
@@ -53,7 +55,7 @@ CANCEL_FAST_FOR = 30.0  # ... for at most this long after the watcher sent it
 PIDFILE = ".watcher.pid"
 WATCHFILE = "watch.json"  # written by the start play (roles/session/tasks/watcher.yml)
 LOGFILE = ".watcher.log"
-_WORDS = mu.load("_vocabulary")  # steps, statuses and the table between them
+_WORDS = _vocabulary  # steps, statuses and the table between them
 LIVE_STEPS = _WORDS.LIVE_STEPS
 TERMINAL_STEPS = _WORDS.TERMINAL_STEPS
 TERMINAL_STATUSES = _WORDS.TERMINAL_STATUSES
@@ -480,7 +482,7 @@ class Watcher:
                    and isinstance((rec.get("ports") or {}).get("workspace"), int)}
         if not running:
             return
-        lst = mu.load("_listeners")
+        lst = _listeners
         try:
             found = lst.read_listeners()
         except OSError as exc:

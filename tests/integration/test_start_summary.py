@@ -90,7 +90,7 @@ def test_workspace_start_says_its_id_file_url_and_a_cancel_that_works(bed):
 def test_check_mode_says_what_a_start_would_make_and_starts_nothing(bed):
     root = bed.user_tmpdir(WS_USER) / "sessions"
     sid = f"nginx-chk-{int(time.time())}"
-    res = bed.playbook_json(f"---\n- name: Run\n  ansible.builtin.import_playbook: hpc.interactive.start_nginx\n",
+    res = bed.playbook_json("---\n- name: Run\n  ansible.builtin.import_playbook: hpc.interactive.start_nginx\n",
                             user=WS_USER, check=True,
                             extra_vars={"session_id": sid, "session_root": str(root), "session_start_timeout": 5})
     assert res.rc == 0, failure_text(res)

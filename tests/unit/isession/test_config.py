@@ -164,8 +164,8 @@ services:
     assert (lab["resource"].value, lab["resource"].source) == ("other", "--resource")
     assert (lab["target"].value, lab["target"].source) == ("compute", where)
     got = {k: (s.value, s.source) for k, s in lab["inputs"].items()}
-    assert got == {"session_walltime": ("00:10:00", "-e"), "session_partition": ("gpu", f"{where} (services.jupyterlab)"),
-                   "session_gpus": (2, "--inputs")}
+    assert got == {"session_walltime": ("00:10:00", "-e"),
+                   "session_partition": ("gpu", f"{where} (services.jupyterlab)"), "session_gpus": (2, "--inputs")}
 
 
 @pytest.mark.parametrize(("text", "match"), [
@@ -222,9 +222,10 @@ def test_start_takes_its_defaults_from_the_config_file(tmp_path, monkeypatch):
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("ISESSION_INVENTORY", raising=False)
     monkeypatch.setenv("ISESSION_ROOT", str(tmp_path / "sessions"))
-    with pytest.raises(UsageError, match="--target compute needs an inventory"):
-        from isession import commands  # noqa: PLC0415
+    from isession import collection, commands  # noqa: PLC0415
 
+    monkeypatch.setattr(collection, "_active", None)  # this checkout (tests/conftest.py), not another test's copy
+    with pytest.raises(UsageError, match="--target compute needs an inventory"):
         commands.cmd_start(cli.build_parser().parse_args(["start", "nginx"]))
 
 
