@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers, also under --import-mode=importlib
-from sessions_common import WS_USER, failure_text, read_json, reservations, run_playbook  # noqa: E402
+from sessions_common import WS_USER, failure_text, read_json, reservations, run_playbook, wait_until  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLES = REPO / "examples"
@@ -102,4 +102,5 @@ def test_example_inventory_and_inputs_start_a_session_on_the_bed(bed, scheduler)
         done = run_playbook(bed, "hpc.interactive.cancel", common, inventory=inventory)
     assert done.rc == 0, failure_text(done)
     assert read_json(root / sid / "service.json")["JOB_STATUS"] == "Cancelled"
-    assert reservations(sid) == []
+    # the job's agent releases its node port (the bed's hosts share /tmp) as it ends, just after the cancel
+    assert wait_until(lambda: reservations(sid) == [], 20), reservations(sid)

@@ -109,7 +109,7 @@ def test_cli_collection_command(tmp_path, monkeypatch, capsys):
 
 def _run(env: dict, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "isession", *args], capture_output=True, text=True, check=False,
-                          env={**os.environ, "PYTHONPATH": str(REPO / "src"), **env})
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), *sys.path]), **env})
 
 
 def test_version_names_the_copy_in_use_and_the_others(tmp_path):
