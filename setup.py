@@ -16,7 +16,6 @@ COLLECTION_DATA = [
 ]
 
 
-
 class BuildPy(build_py):
     """The collection root's own ``*.py`` files are build scripts (setup.py, noxfile.py), not collection modules."""
 

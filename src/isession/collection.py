@@ -111,7 +111,7 @@ def candidates(env: Optional[Mapping[str, str]] = None, configured: Optional[Seq
             configured, scan_sys_path = ansible_search_path()
         where = [(p, "collections path") for p in _unique(Path(c) for c in configured)]
         if scan_sys_path:
-            seen = {p for p, _ in where}
+            seen = {p for p, _ignored in where}
             where += [(p, "Python path") for p in _unique(Path(s) for s in (sys.path if sys_path is None else sys_path)
                                                           if s) if p not in seen]
     found = []

@@ -361,7 +361,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         out.result({"pid": pid, "started": False}, f"a watcher already runs (pid {pid})")
         return EXIT_OK
     if args.daemon and not w.daemonize(root, fd):
-        for _ in range(50):
+        for _attempt in range(50):
             pid = w.running_pid(root)
             if pid and pid > 0:
                 out.result({"pid": pid, "started": True}, f"watcher started (pid {pid})")
@@ -400,7 +400,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     inventory = config.find_inventory(args.inventory, user_config=config.load_user_config())
     checks = gather_checks(config.session_root(), inventory, args.resource, service=service, target=args.target,
                            inputs=inputs)
-    failed = any(level == "FAIL" for level, _, _ in checks)
+    failed = any(level == "FAIL" for level, _ignored, _ignored in checks)
     Output(args.json).result({"ok": not failed, "checks": [{"level": lv, "what": what, "detail": detail}
                                                            for lv, what, detail in checks]}, format_checks(checks))
     return EXIT_FAIL if failed else EXIT_OK

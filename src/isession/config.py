@@ -222,7 +222,7 @@ def new_session_id(service: str, now: Optional[datetime] = None, rand: Optional[
     """``<service>-<UTC yyyymmddHHMMSS>-<6 random>`` (sessions.md); ``_`` becomes ``-`` for host-safe ids."""
     now = now or datetime.now(timezone.utc)
     alphabet = string.ascii_lowercase + string.digits
-    rand = rand or "".join(secrets.choice(alphabet) for _ in range(6))
+    rand = rand or "".join(secrets.choice(alphabet) for _attempt in range(6))
     return f"{service.replace('_', '-')}-{now.strftime('%Y%m%d%H%M%S')}-{rand}"
 
 

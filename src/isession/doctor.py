@@ -87,8 +87,8 @@ def resources(inventory: Path) -> List[str]:
     from ansible.parsing.dataloader import DataLoader  # noqa: PLC0415
 
     inv = InventoryManager(loader=DataLoader(), sources=[str(inventory)])
-    hosts = inv.get_groups_dict().get("cluster") or [h.name for h in inv.get_hosts()
-                                                      if "isession_scheduler" in h.get_vars()]
+    hosts = inv.get_groups_dict().get("cluster") or [
+        h.name for h in inv.get_hosts() if "isession_scheduler" in h.get_vars()]
     return list(hosts)
 
 
@@ -198,7 +198,7 @@ def _probe(argv: Sequence[str], timeout: float) -> Tuple[Optional[str], Dict[str
         return None, {}, str(exc)
     host, found = None, {}
     for line in cp.stdout.splitlines():
-        word, _, rest = line.partition(" ")
+        word, _ignored, rest = line.partition(" ")
         if word == "host":
             host = rest
         elif word in ("ok", "missing"):
@@ -247,8 +247,8 @@ def check_service_resource(inventory: Path, resource: str, service: str, wanted:
         srun = ["srun", f"--immediate={PROBE_WAIT}", "--quiet", "--job-name=isession-doctor", "--nodes=1",
                 "--ntasks=1", "--time=1"]
         srun += [f"{opt}={inputs[key]}" for key, opt in SRUN_OPTIONS if inputs.get(key)]
-        node, node_found, node_err = _probe(ssh_argv(conn, control_dir(), [*srun, "bash", "-c", PROBE, "bash",
-                                                                          *wanted]), timeout=PROBE_WAIT + 30)
+        probe = [*srun, "bash", "-c", PROBE, "bash", *wanted]
+        node, node_found, node_err = _probe(ssh_argv(conn, control_dir(), probe), timeout=PROBE_WAIT + 30)
         if node is not None:
             return out + _binary_checks(what, node, wanted, node_found)
         why = f"no probe step ran (srun: {node_err})"
@@ -322,4 +322,4 @@ def run_checks(root: Path, inventory: Optional[Path], only: Optional[str] = None
     """Print the checks, one line each; 1 when one FAILed."""
     checks = gather_checks(root, inventory, only, service=service, target=target, inputs=inputs)
     emit(format_checks(checks))
-    return 1 if any(level == "FAIL" for level, _, _ in checks) else 0
+    return 1 if any(level == "FAIL" for level, _ignored, _ignored in checks) else 0

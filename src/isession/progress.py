@@ -79,8 +79,8 @@ class QueueInfo:
         if self.start_time:
             now = time.time() if now is None else now
             when = datetime.fromtimestamp(self.start_time).strftime("%H:%M:%S")
-            bits.append(f"estimated start {when}" + (f" (in {duration(self.start_time - now)})"
-                                                       if self.start_time > now else ""))
+            wait = f" (in {duration(self.start_time - now)})" if self.start_time > now else ""
+            bits.append(f"estimated start {when}{wait}")
         return f"queued (job {self.job_id}): " + ", ".join(bits)
 
 

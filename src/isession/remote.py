@@ -247,7 +247,7 @@ class RemoteServer:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RemoteError(f"no answer from {self.conn.get('host')} within {timeout:.0f} s")
-            ready, _, _ = select.select([fd], [], [], left)
+            ready, _ignored, _ignored = select.select([fd], [], [], left)
             if ready:
                 chunk = os.read(fd, 65536)
                 if not chunk:

@@ -41,7 +41,7 @@ def test_example_inventory_parses_and_describes_a_resource(scheduler):
                          capture_output=True, text=True, check=False)
     assert out.returncode == 0 and not out.stderr.strip(), out.stderr
     inv = json.loads(out.stdout)
-    _, name, _ = example_host(scheduler)
+    _ignored, name, _ignored = example_host(scheduler)
     assert inv["cluster"]["hosts"] == [name]
     hv = inv["_meta"]["hostvars"][name]
     assert hv["isession_scheduler"] == scheduler

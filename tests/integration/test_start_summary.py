@@ -71,10 +71,10 @@ def test_workspace_start_says_its_id_file_url_and_a_cancel_that_works(bed):
     url = line(lines, "url")
     assert url == f"http://127.0.0.1:{service['PORT']}/me/{service['PORT']}/"
     secret = (root / sid / "secret").read_text().strip()
-    code, _ = http_get(bed, "workspace", url, f"Authorization: Bearer {secret}", bed.user_tmpdir(WS_USER))
+    code, _ignored = http_get(bed, "workspace", url, f"Authorization: Bearer {secret}", bed.user_tmpdir(WS_USER))
     assert code == 200
     cancel = line(lines, "cancel")
-    command, _, alternative = cancel.partition("  (or: ")
+    command, _ignored, alternative = cancel.partition("  (or: ")
     assert alternative == f"isession cancel {sid})"
     assert command == f"ansible-playbook hpc.interactive.cancel -e session_id={sid} -e session_root={root}"
     # the command as printed ends the session

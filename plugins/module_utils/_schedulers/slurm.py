@@ -288,7 +288,7 @@ class Slurm(Backend):
             mine = [r for r in rows if r[0] == str(job_id)]
             if not mine:
                 continue
-            _, partition, _, _, start = mine[0]
+            partition, start = mine[0][1], mine[0][4]
             waiting = sorted((r for r in rows if r[1] == partition),
                              key=lambda r: (-r[2], r[3], int(r[0].split("_")[0])))
             position = [r[0] for r in waiting].index(str(job_id)) + 1

@@ -45,4 +45,3 @@ def cli_env(tmp_path: Path, fake_collection: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.delenv("ISESSION_INVENTORY", raising=False)
     monkeypatch.delenv("XDG_STATE_HOME", raising=False)
     return env
-

@@ -113,7 +113,7 @@ def test_live_view_on_a_terminal_shows_the_step_and_the_time(cli_env):
         if not data:
             break
         chunks.append(data)
-    _, status = os.waitpid(pid, 0)
+    _ignored, status = os.waitpid(pid, 0)
     out = b"".join(chunks).decode(errors="replace")
     assert os.waitstatus_to_exitcode(status) == 0, out
     assert "Wait a while" in out  # the step the view showed while it ran
@@ -187,7 +187,7 @@ def _stop_watcher(root: Path) -> None:
     pid = running_pid(root)
     if pid and pid > 0:
         os.kill(pid, 15)
-        for _ in range(50):
+        for _attempt in range(50):
             if running_pid(root) is None:
                 break
             time.sleep(0.1)

@@ -157,8 +157,8 @@ services:
     where = str(tmp_path / "isession" / "config.yml")
     nginx = config.start_settings(cfg, "nginx")
     assert (nginx["target"].value, nginx["resource"].value) == ("compute", "big")
-    assert {k: s.value for k, s in nginx["inputs"].items()} == {"session_walltime": "01:00:00",
-                                                                  "session_partition": "debug"}
+    assert {k: s.value for k, s in nginx["inputs"].items()} == {
+        "session_walltime": "01:00:00", "session_partition": "debug"}
     lab = config.start_settings(cfg, "jupyterlab", resource="other", inputs_file={"session_gpus": 2},
                                 extra={"session_walltime": "00:10:00"})
     assert (lab["resource"].value, lab["resource"].source) == ("other", "--resource")

@@ -43,7 +43,7 @@ class Scripted(w.Watcher):
 
 
 def run_ticks(watch: w.Watcher, n: int) -> None:
-    for _ in range(n):
+    for _attempt in range(n):
         watch.tick()
         for fut in list(watch.busy.values()):
             fut.result(timeout=10)
@@ -282,12 +282,12 @@ def test_teardown_stops_the_workspace_listener_and_releases_ports(tmp_path):
     rdir = tmp_path / "ports"
     res = _ports.ReservationDir(str(rdir))
     res.ensure()
-    ports, _ = res.reserve("sess-a", 1, list(range(21000, 21100)))
+    ports, _ignored = res.reserve("sess-a", 1, list(range(21000, 21100)))
     port = ports[0]
     server = subprocess.Popen([sys.executable, "-c", "import socket,time; s=socket.socket(); "
                                f"s.bind(('127.0.0.1', {port})); s.listen(); time.sleep(60)"])
     try:
-        for _ in range(50):
+        for _attempt in range(50):
             if w.listeners(port, os.getuid()):
                 break
             time.sleep(0.05)

@@ -537,7 +537,7 @@ def test_cli_start_is_detached_and_stop_leaves_nothing(fake):
     fake.plan("up")
     out = subprocess.run([SYSTEM_PYTHON, str(SCRIPT), "start", "--state-dir", fake.state_dir, "--name", "d",
                           "--spec", fake.spec_file("d"), "--timeout", "30"], capture_output=True, text=True,
-                         timeout=60)
+                         timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     st = json.loads(out.stdout)
     assert st["state"] == "up"
@@ -550,12 +550,12 @@ def test_cli_start_is_detached_and_stop_leaves_nothing(fake):
     for f in Path(fake.state_dir).iterdir():
         assert f.stat().st_mode & 0o077 == 0, f
     stop = subprocess.run([SYSTEM_PYTHON, str(SCRIPT), "stop", "--state-dir", fake.state_dir, "--name", "d"],
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=30, check=False)
     assert json.loads(stop.stdout) == {"stopped": True}
     assert not T.is_alive(pid, st["token"]) and not T.is_alive(st["ssh_pid"], st["ssh_token"])
     assert fake_ssh_pids(fake) == []
     again = subprocess.run([SYSTEM_PYTHON, str(SCRIPT), "stop", "--state-dir", fake.state_dir, "--name", "d"],
-                           capture_output=True, text=True, timeout=30)
+                           capture_output=True, text=True, timeout=30, check=False)
     assert json.loads(again.stdout) == {"stopped": False}
 
 
@@ -563,7 +563,7 @@ def test_cli_start_failure_leaves_nothing(fake):
     fake.plan("busy")
     out = subprocess.run([SYSTEM_PYTHON, str(SCRIPT), "start", "--state-dir", fake.state_dir, "--name", "d",
                           "--spec", fake.spec_file("d"), "--timeout", "30"], capture_output=True, text=True,
-                         timeout=60)
+                         timeout=60, check=False)
     assert out.returncode == 1
     assert "remote port forwarding failed" in json.loads(out.stdout)["last_error"]
     assert not T.probe(fake.state_dir, "d")["running"] and fake_ssh_pids(fake) == []
@@ -612,6 +612,7 @@ def test_cli_refuses_bad_input(fake):
     for args in (["run", "--state-dir", fake.state_dir, "--name", "a;b", "--", "x"],
                  ["run", "--state-dir", fake.state_dir, "--name", "ok"],
                  ["run", "--state-dir", fake.state_dir, "--name", "ok", "--spec", "/nonexistent"]):
-        out = subprocess.run([SYSTEM_PYTHON, str(SCRIPT), *args], capture_output=True, text=True, timeout=30)
+        out = subprocess.run([SYSTEM_PYTHON, str(SCRIPT), *args], capture_output=True, text=True, timeout=30,
+                             check=False)
         assert out.returncode == 2, args
         assert "_tunnel.py:" in out.stderr
