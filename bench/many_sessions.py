@@ -57,7 +57,7 @@ def http_check(bed: bl.Bed, tmp: Path, cli: bl.Cli, sid: str, port: int) -> Dict
     with_secret = bed.run("workspace", [*base, "-H", f"@{hfile}", url]).stdout
     hfile.unlink()
     without = bed.run("workspace", [*base, url]).stdout
-    body, _, code = with_secret.rpartition("\n")
+    body, _ignored, code = with_secret.rpartition("\n")
     return {"code": int(code or 0), "own_page": sid in body,
             "code_without_secret": int(without.rpartition("\n")[2] or 0)}
 

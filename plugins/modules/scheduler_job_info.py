@@ -27,6 +27,14 @@ options:
   job_name: {description: Report the jobs with this name instead of O(job_ids)., type: str}
   user: {description: Owner of the jobs for O(job_name) (default the connecting user)., type: str}
   timeout: {description: Seconds before the scheduler counts as not answering., type: int, default: 10}
+  queue_details:
+    description:
+      - For the asked jobs that are queued, also ask where they wait (one more scheduler call) and return
+        C(queue_position), C(queue_pending) and C(start_time) of each queued job in RV(jobs).
+      - Slurm only (C(squeue --states=PENDING)); other schedulers return them as V(null).
+    type: bool
+    default: false
+    version_added: 0.1.0
 author: [hpc.interactive developers (@hpc-interactive)]
 """
 
@@ -44,12 +52,20 @@ EXAMPLES = r"""
 
 RETURN = r"""
 jobs:
-  description: Per job id.
+  description:
+    - Per job id - C(state), C(raw_state) (the scheduler's word), C(nodes), C(reason) (why it waits or ended),
+      C(exit_code), C(name), C(user), C(found).
+    - With O(queue_details), each queued job also has C(queue_position) (1 for the job that starts next among
+      the jobs waiting in its partition), C(queue_pending) (how many wait there) and C(start_time) (the
+      scheduler's estimated start, epoch seconds); each V(null) when the scheduler does not say.
   returned: always
   type: dict
   sample:
     "4711": {state: running, raw_state: RUNNING, nodes: [compute1], reason: "", exit_code: null,
              name: isession-abc, user: alice, found: true}
+    "4712": {state: queued, raw_state: PENDING, nodes: [], reason: Resources, exit_code: null,
+             name: isession-def, user: alice, found: true, queue_position: 1, queue_pending: 2,
+             start_time: 1796476800}
 reachable: {description: Whether the scheduler answered., returned: always, type: bool, sample: true}
 error: {description: Why the scheduler did not answer., returned: always, type: str, sample: ""}
 """
@@ -93,6 +109,12 @@ class SchedulerJobInfo:
         else:
             result = self.backend.query(self.runner, name=p["job_name"], user=user, timeout=p["timeout"])
         jobs = {job_id: info.as_dict() for job_id, info in result.jobs.items()}
+        queued = [job_id for job_id, info in result.jobs.items() if info.state == "queued"]
+        if p["queue_details"] and queued:
+            details = self.backend.queue_details(self.runner, queued, timeout=p["timeout"])
+            for job_id in queued:
+                jobs[job_id].update(details.get(job_id) or
+                                    {"queue_position": None, "queue_pending": None, "start_time": None})
         self.module.exit_json(changed=False, jobs=jobs, reachable=result.reachable, error=result.error)
 
 
@@ -104,6 +126,7 @@ def main():
             job_name=dict(type="str"),
             user=dict(type="str"),
             timeout=dict(type="int", default=10),
+            queue_details=dict(type="bool", default=False),
             scheduler_path=dict(type="list", elements="str", default=[]),
             scheduler_env=dict(type="dict", default={}),
         ),

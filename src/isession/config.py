@@ -1,4 +1,17 @@
-"""Paths, inventory resolution, session ids and user inputs (pure, standard library + PyYAML)."""
+"""Paths, inventory resolution, session ids, user inputs and the user's config file (pure, standard library + PyYAML).
+
+The config file (``$ISESSION_CONFIG``, else ``${XDG_CONFIG_HOME:-~/.config}/isession/config.yml``) holds defaults
+for ``isession start``; the command line always wins::
+
+    inventory: ~/hpc/inventory.yml      # default --inventory (after $ISESSION_INVENTORY)
+    resource: mycluster                 # default --resource
+    target: compute                     # default --target
+    inputs:                             # role inputs of every start
+      session_walltime: "01:00:00"
+    services:
+      jupyterlab:                       # per service: resource, target, inputs (over the ones above)
+        inputs: {session_partition: gpu}
+"""
 from __future__ import annotations
 
 import json
@@ -7,13 +20,12 @@ import re
 import secrets
 import string
 import sys
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional
 
 import yaml
-
-from . import mu
 
 TARGETS = ("workspace", "controller", "compute")
 SERVICE_RE = re.compile(r"[a-z][a-z0-9_]{0,62}\Z")
@@ -24,18 +36,29 @@ SECRET_NAME_RE = re.compile(r"pass(word|wd)?|secret|token|api_?key|credential|pr
 RESERVED_INPUTS = ("session_id", "session_root")
 
 
+def vocabulary() -> Any:
+    """The collection's session vocabulary, imported when first used: this module also serves ``isession --help``
+    and shell completion, which work without the collection."""
+    from ansible_collections.hpc.interactive.plugins.module_utils import _vocabulary  # noqa: PLC0415
+
+    return _vocabulary
+
+
 def __getattr__(name: str) -> Any:
-    """``TERMINAL_STATUSES`` and ``SESSION_ID_RE``: the collection's session vocabulary, read when first used
-    (``isession --version`` and ``--help`` work without a collection)."""
+    """``TERMINAL_STATUSES`` and ``SESSION_ID_RE`` come from the collection's session vocabulary."""
     if name == "TERMINAL_STATUSES":
-        return mu.load("_vocabulary").TERMINAL_STATUSES
+        return vocabulary().TERMINAL_STATUSES
     if name == "SESSION_ID_RE":
-        return mu.load("_vocabulary").ID_RE
+        return vocabulary().ID_RE
     raise AttributeError(name)
 
 
 class UsageError(ValueError):
     """A command line or input file the CLI refuses; the message names the culprit."""
+
+
+CONFIG_KEYS = ("inventory", "resource", "target", "inputs", "services")
+SERVICE_CONFIG_KEYS = ("resource", "target", "inputs")
 
 
 def session_root(env: Optional[Mapping[str, str]] = None) -> Path:
@@ -48,22 +71,143 @@ def session_root(env: Optional[Mapping[str, str]] = None) -> Path:
     return state / "isession" / "sessions"
 
 
-def find_inventory(explicit: Optional[str] = None, env: Optional[Mapping[str, str]] = None) -> Optional[Path]:
-    """``--inventory``, else ``$ISESSION_INVENTORY``, else ``~/.config/isession/inventory.yml`` if it exists.
+def find_inventory(explicit: Optional[str] = None, env: Optional[Mapping[str, str]] = None,
+                   user_config: Optional[UserConfig] = None) -> Optional[Path]:
+    """``--inventory``, else ``$ISESSION_INVENTORY``, else the config file's ``inventory``, else
+    ``~/.config/isession/inventory.yml`` if it exists.
 
     None means: no inventory, only the workspace target (the embedded localhost inventory).
-    An explicit path or variable that does not exist is an error, not a silent fallback.
+    An explicit path, variable or config setting that does not exist is an error, not a silent fallback.
     """
     env = os.environ if env is None else env
-    for source, value in (("--inventory", explicit), ("ISESSION_INVENTORY", env.get("ISESSION_INVENTORY"))):
+    cfg_inv = user_config.data.get("inventory") if user_config is not None else None
+    for source, value in (("--inventory", explicit), ("ISESSION_INVENTORY", env.get("ISESSION_INVENTORY")),
+                          (f"{user_config.path if user_config else ''}: inventory", cfg_inv)):
         if value:
             path = Path(value).expanduser()
+            if source.endswith(": inventory") and user_config is not None and not path.is_absolute():
+                path = user_config.path.parent / path
             if not path.exists():
                 raise UsageError(f"{source}: inventory {path} does not exist")
             return path.resolve()
     home = Path(env.get("HOME") or Path.home())
     default = home / ".config" / "isession" / "inventory.yml"
     return default if default.is_file() else None
+
+
+def config_path(env: Optional[Mapping[str, str]] = None) -> Path:
+    """``$ISESSION_CONFIG``, else ``${XDG_CONFIG_HOME:-~/.config}/isession/config.yml``."""
+    env = os.environ if env is None else env
+    if env.get("ISESSION_CONFIG"):
+        return Path(env["ISESSION_CONFIG"]).expanduser()
+    home = Path(env.get("HOME") or Path.home())
+    base = Path(env["XDG_CONFIG_HOME"]) if env.get("XDG_CONFIG_HOME") else home / ".config"
+    return base / "isession" / "config.yml"
+
+
+@dataclass
+class UserConfig:
+    """The user's config file, checked (``data`` is empty when the file does not exist)."""
+
+    path: Path
+    exists: bool = False
+    data: Dict[str, Any] = field(default_factory=dict)
+
+    def service(self, service: str) -> Dict[str, Any]:
+        return dict((self.data.get("services") or {}).get(service) or {})
+
+
+def _check_config(path: Path, data: Any) -> Dict[str, Any]:
+    where = str(path)
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UsageError(f"{where}: must hold a mapping of settings, not a {type(data).__name__}")
+
+    def check_section(section: Mapping[str, Any], keys: tuple, prefix: str) -> None:
+        for key, value in section.items():
+            name = f"{prefix}{key}"
+            if key not in keys:
+                raise UsageError(f"{where}: unknown setting {name!r} (settings: {', '.join(keys)})")
+            if key in ("inventory", "resource") and not isinstance(value, str):
+                raise UsageError(f"{where}: {name} must be a string")
+            if key == "target" and value not in TARGETS:
+                raise UsageError(f"{where}: {name} must be one of {', '.join(TARGETS)}, not {value!r}")
+            if key == "inputs":
+                if not isinstance(value, dict):
+                    raise UsageError(f"{where}: {name} must be a mapping of role inputs")
+                try:
+                    check_inputs(value)
+                except UsageError as exc:
+                    raise UsageError(f"{where}: {name}: {exc}") from None
+                for bad in ("session_target", "session_resource"):
+                    if bad in value:
+                        raise UsageError(f"{where}: {name}: use the target/resource settings, not {bad}")
+
+    check_section(data, CONFIG_KEYS, "")
+    services = data.get("services") or {}
+    if not isinstance(services, dict):
+        raise UsageError(f"{where}: services must be a mapping of service name -> settings")
+    for svc, section in services.items():
+        if not isinstance(svc, str) or not SERVICE_RE.match(svc):
+            raise UsageError(f"{where}: services: {svc!r} is not a service name")
+        if not isinstance(section, dict):
+            raise UsageError(f"{where}: services.{svc} must be a mapping (resource, target, inputs)")
+        check_section(section, SERVICE_CONFIG_KEYS, f"services.{svc}.")
+    return dict(data)
+
+
+def load_user_config(env: Optional[Mapping[str, str]] = None) -> UserConfig:
+    """The config file, checked; a missing file is an empty config, a broken one a UsageError naming it."""
+    path = config_path(env)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return UserConfig(path=path)
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the config file: {exc.strerror or exc}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise UsageError(f"{path}: not valid YAML: {exc}") from None
+    return UserConfig(path=path, exists=True, data=_check_config(path, data))
+
+
+@dataclass
+class Setting:
+    """An effective setting and where it came from."""
+
+    value: Any
+    source: str
+
+
+def start_settings(user_config: UserConfig, service: str, *, target: Optional[str] = None,
+                   resource: Optional[str] = None, inputs_file: Optional[Mapping[str, Any]] = None,
+                   extra: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+    """The target, resource and inputs of a start, and where each comes from.
+
+    Order (later wins): defaults, the config file's top level, its ``services.<service>`` section, ``--inputs``
+    FILE, the command line. Returns ``{"target": Setting, "resource": Setting, "inputs": {name: Setting}}``.
+    """
+    cfg, svc = user_config.data, user_config.service(service)
+    where = str(user_config.path)
+    out: Dict[str, Any] = {"target": Setting("workspace", "default"), "resource": Setting(None, "default")}
+    for key in ("target", "resource"):
+        if cfg.get(key) is not None:
+            out[key] = Setting(cfg[key], where)
+        if svc.get(key) is not None:
+            out[key] = Setting(svc[key], f"{where} (services.{service})")
+    if target is not None:
+        out["target"] = Setting(target, "--target")
+    if resource is not None:
+        out["resource"] = Setting(resource, "--resource")
+    inputs: Dict[str, Setting] = {}
+    for layer, source in ((cfg.get("inputs") or {}, where), (svc.get("inputs") or {}, f"{where} (services.{service})"),
+                          (inputs_file or {}, "--inputs"), (extra or {}, "-e")):
+        for key, value in layer.items():
+            inputs[key] = Setting(value, source)
+    out["inputs"] = inputs
+    return out
 
 
 def embedded_inventory() -> str:
@@ -78,7 +222,7 @@ def new_session_id(service: str, now: Optional[datetime] = None, rand: Optional[
     """``<service>-<UTC yyyymmddHHMMSS>-<6 random>`` (sessions.md); ``_`` becomes ``-`` for host-safe ids."""
     now = now or datetime.now(timezone.utc)
     alphabet = string.ascii_lowercase + string.digits
-    rand = rand or "".join(secrets.choice(alphabet) for _ in range(6))
+    rand = rand or "".join(secrets.choice(alphabet) for _attempt in range(6))
     return f"{service.replace('_', '-')}-{now.strftime('%Y%m%d%H%M%S')}-{rand}"
 
 
@@ -89,8 +233,9 @@ def check_service(name: str) -> str:
 
 
 def check_session_id(value: str) -> str:
-    if not mu.load("_vocabulary").ID_RE.match(value or ""):
-        raise UsageError(f"--id: {value!r} is not a session id: it must be {mu.load('_vocabulary').ID_RULE}")
+    words = vocabulary()
+    if not words.ID_RE.match(value or ""):
+        raise UsageError(f"--id: {value!r} is not a session id: it must be {words.ID_RULE}")
     return value
 
 

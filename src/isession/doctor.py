@@ -25,7 +25,7 @@ import subprocess
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
-from .collection import find_collection
+from .collection import active, find_collection
 from .remote import control_dir, inventory_conn, ssh_argv
 
 SCHEDULER_COMMANDS = {"slurm": ("sbatch", "squeue", "scancel"), "pbs": ("qsub", "qstat", "qdel"),
@@ -45,7 +45,7 @@ ENV_INPUTS = ("session_modules", "session_venv", "session_conda_env", "session_s
 def check_local(root: Path) -> List[Check]:
     out: List[Check] = []
     try:
-        col = find_collection()
+        col = active() or find_collection()
         plays = sorted(p.stem for p in (col.path / "playbooks").glob("start_*.yml"))
         out.append(("ok", "collection", f"hpc.interactive {col.version} at {col.path}"))
         out.append(("ok" if plays else "FAIL", "services", ", ".join(p[6:] for p in plays) or "no start playbooks"))
@@ -87,8 +87,8 @@ def resources(inventory: Path) -> List[str]:
     from ansible.parsing.dataloader import DataLoader  # noqa: PLC0415
 
     inv = InventoryManager(loader=DataLoader(), sources=[str(inventory)])
-    hosts = inv.get_groups_dict().get("cluster") or [h.name for h in inv.get_hosts()
-                                                      if "isession_scheduler" in h.get_vars()]
+    hosts = inv.get_groups_dict().get("cluster") or [
+        h.name for h in inv.get_hosts() if "isession_scheduler" in h.get_vars()]
     return list(hosts)
 
 
@@ -198,7 +198,7 @@ def _probe(argv: Sequence[str], timeout: float) -> Tuple[Optional[str], Dict[str
         return None, {}, str(exc)
     host, found = None, {}
     for line in cp.stdout.splitlines():
-        word, _, rest = line.partition(" ")
+        word, _ignored, rest = line.partition(" ")
         if word == "host":
             host = rest
         elif word in ("ok", "missing"):
@@ -247,8 +247,8 @@ def check_service_resource(inventory: Path, resource: str, service: str, wanted:
         srun = ["srun", f"--immediate={PROBE_WAIT}", "--quiet", "--job-name=isession-doctor", "--nodes=1",
                 "--ntasks=1", "--time=1"]
         srun += [f"{opt}={inputs[key]}" for key, opt in SRUN_OPTIONS if inputs.get(key)]
-        node, node_found, node_err = _probe(ssh_argv(conn, control_dir(), [*srun, "bash", "-c", PROBE, "bash",
-                                                                          *wanted]), timeout=PROBE_WAIT + 30)
+        probe = [*srun, "bash", "-c", PROBE, "bash", *wanted]
+        node, node_found, node_err = _probe(ssh_argv(conn, control_dir(), probe), timeout=PROBE_WAIT + 30)
         if node is not None:
             return out + _binary_checks(what, node, wanted, node_found)
         why = f"no probe step ran (srun: {node_err})"
@@ -262,7 +262,7 @@ def check_service(inventory: Optional[Path], names: Sequence[str], service: str,
                   inputs: Mapping[str, Any]) -> List[Check]:
     """``doctor --service``: the service's binaries on every target asked for (default: all that exist)."""
     try:
-        wanted = service_binaries(find_collection().path, service, inputs)
+        wanted = service_binaries((active() or find_collection()).path, service, inputs)
     except LookupError as exc:
         return [("FAIL", service, str(exc))]
     out: List[Check] = []
@@ -285,9 +285,10 @@ def check_service(inventory: Optional[Path], names: Sequence[str], service: str,
     return out
 
 
-def run_checks(root: Path, inventory: Optional[Path], only: Optional[str] = None,
-               emit: Callable[[str], None] = print, *, service: Optional[str] = None, target: Optional[str] = None,
-               inputs: Optional[Mapping[str, Any]] = None) -> int:
+def gather_checks(root: Path, inventory: Optional[Path], only: Optional[str] = None, *,
+                  service: Optional[str] = None, target: Optional[str] = None,
+                  inputs: Optional[Mapping[str, Any]] = None) -> List[Check]:
+    """Every check ``isession doctor`` makes, in order: the workspace, each resource, the service's binaries."""
     checks = check_local(root)
     names: List[str] = []
     unreachable = set()
@@ -308,6 +309,17 @@ def run_checks(root: Path, inventory: Optional[Path], only: Optional[str] = None
     if service:
         checks += check_service(inventory, [n for n in names if n not in unreachable], service, target,
                                 inputs or {})
-    for level, what, detail in checks:
-        emit(f"{level:<5} {what:<18} {detail}")
-    return 1 if any(level == "FAIL" for level, _, _ in checks) else 0
+    return checks
+
+
+def format_checks(checks: Sequence[Check]) -> str:
+    return "\n".join(f"{level:<5} {what:<18} {detail}" for level, what, detail in checks)
+
+
+def run_checks(root: Path, inventory: Optional[Path], only: Optional[str] = None,
+               emit: Callable[[str], None] = print, *, service: Optional[str] = None, target: Optional[str] = None,
+               inputs: Optional[Mapping[str, Any]] = None) -> int:
+    """Print the checks, one line each; 1 when one FAILed."""
+    checks = gather_checks(root, inventory, only, service=service, target=target, inputs=inputs)
+    emit(format_checks(checks))
+    return 1 if any(level == "FAIL" for level, _ignored, _ignored in checks) else 0

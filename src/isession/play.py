@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional
 
-from . import mu
+from ansible_collections.hpc.interactive.plugins.module_utils import _proc
+
 from .collection import Collection
 from .config import embedded_inventory
 from .progress import Progress
@@ -72,9 +73,12 @@ def write_pidfile(path: Path, playbook_pid: Optional[int]) -> None:
 
 
 def run_playbook(col: Collection, session_dir: Path, playbook: str, extravars: Mapping[str, Any], *,
-                 inventory: Optional[Path], ident: str, emit: Callable[[str], None],
-                 verbose: bool = False, cancel: Optional[threading.Event] = None) -> PlayResult:
-    """Run ``playbooks/<playbook>.yml`` with ansible_runner.run_async; ``emit`` gets one line per task."""
+                 inventory: Optional[Path], ident: str, progress: Optional[Progress] = None,
+                 emit: Optional[Callable[[str], None]] = None, cancel: Optional[threading.Event] = None) -> PlayResult:
+    """Run ``playbooks/<playbook>.yml`` with ansible_runner.run_async.
+
+    Every event goes to ``progress`` (what a live view draws); ``emit``, when given, gets its plain line per task.
+    """
     import ansible_runner  # noqa: PLC0415 - heavy import, only for commands that run playbooks
 
     pdd = runner_dir(session_dir)
@@ -84,7 +88,7 @@ def run_playbook(col: Collection, session_dir: Path, playbook: str, extravars: M
         inv_file.chmod(0o600)
         inventory = inv_file
     pidfile = pdd / f"{ident}.pid"
-    progress = Progress(verbose=verbose)
+    progress = progress if progress is not None else Progress()
     cancel = cancel or threading.Event()
 
     def on_event(event: Dict[str, Any]) -> bool:
@@ -92,7 +96,7 @@ def run_playbook(col: Collection, session_dir: Path, playbook: str, extravars: M
         line = progress.line(event)
         if first and progress.playbook_pid is not None:
             write_pidfile(pidfile, progress.playbook_pid)
-        if line:
+        if line and emit is not None:
             emit(line)
         return True
 
@@ -161,7 +165,7 @@ def _ours(pid: int, needle: bytes) -> bool:
 
 
 def _alive(pid: int) -> bool:
-    return bool(mu.load("_proc").alive(pid))
+    return bool(_proc.alive(pid))
 
 
 def _signal(pid: int, sig: int) -> None:

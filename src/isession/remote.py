@@ -18,12 +18,12 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from . import mu
+from ansible_collections.hpc.interactive.plugins.module_utils import _remote_server
 
 
 def payload(mu_dir: Path) -> bytes:
     """What the server's BOOT reads: the shipped module_utils of ``mu_dir`` and the server itself."""
-    return mu.load("_remote_server").payload(str(mu_dir))
+    return _remote_server.payload(str(mu_dir))
 
 
 def control_dir(base: str = "/tmp") -> Optional[Path]:  # noqa: S108 - a private 0700 dir, checked below
@@ -79,7 +79,7 @@ class RemoteServer:
 
     def start(self) -> None:
         python = str(self.conn.get("python") or "/usr/bin/python3")
-        command = [python, "-c", mu.load("_remote_server").BOOT]
+        command = [python, "-c", _remote_server.BOOT]
         argv = command if self.local else ssh_argv(self.conn, control_dir(), command)
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=subprocess.DEVNULL, start_new_session=True,
@@ -124,7 +124,7 @@ class RemoteServer:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RemoteError(f"no answer from {self.conn.get('host')} within {timeout:.0f} s")
-            ready, _, _ = select.select([fd], [], [], left)
+            ready, _ignored, _ignored = select.select([fd], [], [], left)
             if ready:
                 chunk = os.read(fd, 65536)
                 if not chunk:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from . import mu
+from ansible_collections.hpc.interactive.plugins.module_utils import _service_file, _state, _vocabulary
 
 LOG_SUFFIXES = (".log", ".out", ".err", ".error")
 NEVER_SHOWN = ("secret",)  # file names never printed by `logs`
@@ -48,7 +48,7 @@ class Session:
 
 # What a record's step means when service.json is not written yet.
 def _step_status() -> Dict[str, str]:
-    return mu.load("_vocabulary").STATUS_OF_STEP
+    return _vocabulary.STATUS_OF_STEP
 
 
 def service_url(service: Dict[str, Any], host: str = "127.0.0.1") -> str:
@@ -66,11 +66,11 @@ def load(root: Path, session_id: str) -> Optional[Session]:
         return None
     sess = Session(id=session_id, dir=directory)
     try:
-        sess.record = mu.load("_state").read_record(str(directory / "state.json")) or {}
+        sess.record = _state.read_record(str(directory / "state.json")) or {}
     except (ValueError, OSError) as exc:
         sess.problem = f"state.json: {exc}"
     try:
-        sess.service = mu.load("_service_file").read_service_file(str(sess.service_json)) or {}
+        sess.service = _service_file.read_service_file(str(sess.service_json)) or {}
     except (ValueError, OSError) as exc:
         sess.problem = (sess.problem + "; " if sess.problem else "") + f"service.json: {exc}"
     if not sess.record and not sess.service and not sess.problem:

@@ -24,6 +24,7 @@ import dataclasses
 import fcntl
 import json
 import os
+import shutil
 import sys
 import threading
 import time
@@ -32,7 +33,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
-from . import mu
+from ansible_collections.hpc.interactive.plugins.module_utils import (
+    _cmd,
+    _directives,
+    _listeners,
+    _schedulers,
+    _service_file,
+    _state,
+    _teardown,
+    _vocabulary,
+)
+from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import _base, _runtime
+
 from .remote import RemoteError, RemoteServer, inventory_conn
 
 CONFIRM_ABSENT = 3
@@ -42,7 +54,7 @@ CANCEL_FAST_FOR = 30.0  # ... for at most this long after the watcher sent it
 PIDFILE = ".watcher.pid"
 WATCHFILE = "watch.json"  # written by the start play (roles/session/tasks/watcher.yml)
 LOGFILE = ".watcher.log"
-_WORDS = mu.load("_vocabulary")  # steps, statuses and the table between them
+_WORDS = _vocabulary  # steps, statuses and the table between them
 LIVE_STEPS = _WORDS.LIVE_STEPS
 TERMINAL_STEPS = _WORDS.TERMINAL_STEPS
 TERMINAL_STATUSES = _WORDS.TERMINAL_STATUSES
@@ -191,13 +203,13 @@ def walltime_text(value: Any) -> str:
     if value in (None, "") or isinstance(value, bool):
         return ""
     try:
-        seconds = mu.load("_directives").parse_walltime("session_walltime", value)
+        seconds = _directives.parse_walltime("session_walltime", value)
     except ValueError:
         return str(value)
     if not seconds:
         return ""
     days, rest = divmod(seconds, 86400)
-    hms = mu.load("_schedulers._base").format_hms(rest)
+    hms = _base.format_hms(rest)
     return f"{days}-{hms}" if days else hms
 
 
@@ -221,7 +233,7 @@ def scheduler_setup_of(conn: Mapping[str, Any]) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------- teardown
 def holding_of(sid: str, record: Mapping[str, Any]) -> Any:
     """What the session holds, for the one teardown (``_teardown.Holding``)."""
-    return mu.load("_teardown").Holding.from_record(record, sid)
+    return _teardown.Holding.from_record(record, sid)
 
 
 def summary(outcomes: List[Any]) -> str:
@@ -252,8 +264,8 @@ class Watcher:
         self.undone: Dict[str, set] = {}  # session -> kinds this watcher's teardown already undid
         self.cancelling = False  # a live session carries the tombstone: poll fast
         self._lock = threading.Lock()
-        self.st = mu.load("_state")
-        self.sf = mu.load("_service_file")
+        self.st = _state
+        self.sf = _service_file
 
     # -- sessions
     def live_sessions(self) -> Dict[str, Dict[str, Any]]:
@@ -311,12 +323,8 @@ class Watcher:
     def query(self, key: Tuple[str, str], job_ids: List[str], inventory: Optional[Path]) -> Dict[str, Any]:
         resource, scheduler = key
         if not resource:
-            backends = mu.load("_schedulers")
-            runtime = mu.load("_schedulers._runtime")
-            import shutil  # noqa: PLC0415
-
-            res = backends.get_backend(scheduler).query(runtime.make_runner(shutil.which), job_ids=job_ids,
-                                                        timeout=self.query_timeout)
+            res = _schedulers.get_backend(scheduler).query(_runtime.make_runner(shutil.which), job_ids=job_ids,
+                                                           timeout=self.query_timeout)
             return {"jobs": {k: v.as_dict() for k, v in res.jobs.items()}, "reachable": res.reachable,
                     "error": res.error}
         server = self.server_for(resource, inventory)
@@ -330,7 +338,7 @@ class Watcher:
             server = self.servers.get(resource)
             if server is None:
                 conn = inventory_conn(inventory, resource)
-                mu_dir = Path(mu.load("_cmd").__file__).parent
+                mu_dir = Path(_cmd.__file__).parent
                 server = self.servers[resource] = RemoteServer(conn, mu_dir)
             return server
 
@@ -342,7 +350,7 @@ class Watcher:
         already undid are skipped too. Returns (what was undone in words, what could not be done); raises nothing:
         the cancel playbook still confirms every kind.
         """
-        td = mu.load("_teardown")
+        td = _teardown
         held = holding_of(sid, rec)
         done = self.undone.setdefault(sid, set())
         skip_now = tuple(sorted(set(skip) | done))
@@ -454,7 +462,7 @@ class Watcher:
                    and isinstance((rec.get("ports") or {}).get("workspace"), int)}
         if not running:
             return
-        lst = mu.load("_listeners")
+        lst = _listeners
         try:
             found = lst.read_listeners()
         except OSError as exc:

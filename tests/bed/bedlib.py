@@ -648,7 +648,7 @@ class Bed:
         cp = _sh(["dpkg-query", "-W", "-f=${Package}\t${Status}\n", *PACKAGES], check=False)
         installed = set()
         for line in cp.stdout.splitlines():
-            name, _, status = line.partition("\t")
+            name, _ignored, status = line.partition("\t")
             if status.endswith("install ok installed"):
                 installed.add(name.split(":")[0])
         return [pkg for pkg in PACKAGES if pkg not in installed]
@@ -1081,9 +1081,9 @@ scheduler_threads       1
             put(conf / "adminhosts" / host, f"hostname {host}\n")
             put(conf / "submithosts" / host, f"hostname {host}\n")
         for i, node in enumerate(SGE_EXEC_HOSTS):
-            put(conf / "exechosts" / node, f"hostname {node}\n" + "".join(
-                f"{k} NONE\n" for k in ("load_scaling", "complex_values", "user_lists", "xuser_lists", "projects",
-                                         "xprojects", "usage_scaling", "report_variables")))
+            unset = ("load_scaling", "complex_values", "user_lists", "xuser_lists", "projects", "xprojects",
+                     "usage_scaling", "report_variables")
+            put(conf / "exechosts" / node, f"hostname {node}\n" + "".join(f"{k} NONE\n" for k in unset))
             lo = SGE_GID_BASE + 100 * i
             put(conf / "lconf" / node, f"mailer /bin/true\nxterm /usr/bin/xterm\ngid_range {lo}-{lo + 99}\n")
         admin = pwd.getpwnam(SGE_ADMIN)
@@ -1312,7 +1312,7 @@ scheduler_threads       1
             return sorted(seen)
 
         for sig, rounds in ((signal.SIGTERM, 20), (signal.SIGKILL, 30)):
-            for _ in range(rounds):
+            for _attempt in range(rounds):
                 pids = alive()
                 if not pids:
                     return []
@@ -1380,11 +1380,11 @@ class Health:
         self.items.setdefault(part, []).append((check, bool(ok), detail))
 
     def part_ok(self, part: str, ignore: Iterable[str] = ()) -> bool:
-        return all(ok for check, ok, _ in self.items.get(part, []) if check not in ignore) and part in self.items
+        return all(ok for check, ok, _ignored in self.items.get(part, []) if check not in ignore) and part in self.items
 
     @property
     def ok(self) -> bool:
-        return bool(self.items) and all(ok for checks in self.items.values() for _, ok, _ in checks) \
+        return bool(self.items) and all(ok for checks in self.items.values() for _ignored, ok, _ignored in checks) \
             and all(h in self.items for h in HOSTS)
 
     def report(self) -> str:

@@ -137,7 +137,7 @@ def http_get(bed, host: str, url: str, secret_header: Optional[str], tmpdir: Pat
         hfile = bed.write_user_file(user, tmpdir / f"h-{time.monotonic_ns()}", secret_header + "\n")
         argv += ["-H", f"@{hfile}"]
     out = bed.run(host, argv + [url], user=user, check=True).stdout
-    body, _, code = out.rpartition("\n")
+    body, _ignored, code = out.rpartition("\n")
     return int(code), body
 
 

@@ -56,7 +56,7 @@ def test_start_nginx_on_the_workspace_then_cancel(bed):
         assert cli.service("nginx-cli-1")["JOB_STATUS"] == "Cancelled"
         assert cli.json("status", "nginx-cli-1")["status"] == "Cancelled"
         assert files_containing(runner, secret) == []
-        for _ in range(20):
+        for _attempt in range(20):
             if http_status(bed, url) == 0:
                 break
             time.sleep(0.25)

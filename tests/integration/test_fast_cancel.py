@@ -35,7 +35,8 @@ from sessions_common import (  # noqa: E402
 
 pytestmark = pytest.mark.bed
 
-FAST_CANCEL = ("import sys; from pathlib import Path; from isession.cli import request_fast_cancel; "
+FAST_CANCEL = ("import sys; from pathlib import Path; from isession.collection import activate; activate(); "
+               "from isession.commands import request_fast_cancel; "
                "sys.exit(0 if request_fast_cancel(Path(sys.argv[1]), sys.argv[2]) else 3)")
 
 

@@ -136,11 +136,11 @@ def test_fifty_concurrent_ansible_calls_from_two_users_get_distinct_ports(bed, r
     assert len(set(ports.values())) == 2 * CALLS_PER_USER, f"a port was handed out twice: {ports}"
     assert all(window[0] <= p <= window[1] for p in ports.values())
     on_disk = records(resdir)
-    assert {p: rec["owner"] for p, (_, rec) in on_disk.items()} == {p: o for o, p in ports.items()}
+    assert {p: rec["owner"] for p, (_ignored, rec) in on_disk.items()} == {p: o for o, p in ports.items()}
     for _port, (file_uid, rec) in on_disk.items():
         assert file_uid == uid(rec["owner"].split("-")[0]) and rec["host"] == HOST
     # the two users' module runs overlapped in time: this was a race, not a queue
-    spans = {u: [rec["created"] for _, (file_uid, rec) in on_disk.items() if file_uid == uid(u)] for u in USERS}
+    spans = {u: [rec["created"] for _ignored, (file_uid, rec) in on_disk.items() if file_uid == uid(u)] for u in USERS}
     assert min(spans["cluser"]) < max(spans["cluser2"]) and min(spans["cluser2"]) < max(spans["cluser"]), spans
     st = os.lstat(resdir)
     assert stat.S_IMODE(st.st_mode) == 0o1777 and not stat.S_ISLNK(st.st_mode)

@@ -97,20 +97,20 @@ def curl(bed, url: str, *args: str) -> Tuple[int, str, str]:
     """(status, redirect URL, body) of one request from the workspace as wsuser; secrets only via files."""
     argv = ["curl", "-sS", "--max-time", "20", *args, "-w", "\n%{http_code} %{redirect_url}", url]
     out = bed.run("workspace", argv, user=WS_USER, timeout=40).stdout
-    body, _, tail = out.rpartition("\n")
-    code, _, redirect = tail.partition(" ")
+    body, _ignored, tail = out.rpartition("\n")
+    code, _ignored, redirect = tail.partition(" ")
     return int(code or 0), redirect, body
 
 
 def check_jupyter(bed, service: str, port: int, slug: str, *, secret: str, tmp: Path) -> None:
     base = f"http://127.0.0.1:{port}/me/{port}/"
     header = bed.write_user_file(WS_USER, tmp / "auth-header", f"Authorization: token {secret}\n")
-    code, _, body = curl(bed, base + slug, "-H", f"@{header}")
+    code, _ignored, body = curl(bed, base + slug, "-H", f"@{header}")
     assert code == 200 and JUPYTER_PAGE_MARK[service] in body, (code, body[:400])
     assert f'"baseUrl": "/me/{port}/"' in body, "the app does not serve under the session's base path"
     code, redirect, body = curl(bed, base + slug)
     assert code == 302 and "/login" in redirect, (code, redirect, body[:300])
-    code, _, body = curl(bed, base + "login")
+    code, _ignored, body = curl(bed, base + "login")
     assert code == 200 and 'type="password"' in body, (code, body[:300])
     assert curl(bed, base + "api/status", "-H", "Authorization: token not-the-secret")[0] == 403
 
@@ -119,7 +119,7 @@ def check_code_server(bed, port: int, slug: str, secret: str, tmp: Path) -> None
     base = f"http://127.0.0.1:{port}/me/{port}/"
     code, redirect, body = curl(bed, base + slug)
     assert code == 302 and "login" in redirect, (code, redirect, body[:300])
-    code, _, body = curl(bed, base + "login")
+    code, _ignored, body = curl(bed, base + "login")
     assert code == 200 and 'name="password"' in body, (code, body[:300])
     bad_jar = tmp / "bad.jar"
     curl(bed, base + "login", "-c", str(bad_jar), "-X", "POST", "--data-urlencode", "password=not-the-secret")
@@ -127,10 +127,10 @@ def check_code_server(bed, port: int, slug: str, secret: str, tmp: Path) -> None
     # the password travels from a 0600 file (no trailing newline) into the POST body: not in argv
     pw = bed.write_user_file(WS_USER, tmp / "password", secret)
     jar = tmp / "cookies.jar"
-    code, _, body = curl(bed, base + "login", "-c", str(jar), "-X", "POST", "--data-urlencode", f"password@{pw}")
+    code, _ignored, body = curl(bed, base + "login", "-c", str(jar), "-X", "POST", "--data-urlencode", f"password@{pw}")
     assert code == 302, (code, body[:300])
     assert "code-server-session" in jar.read_text()
-    code, _, body = curl(bed, base + slug, "-b", str(jar))
+    code, _ignored, body = curl(bed, base + slug, "-b", str(jar))
     assert code == 200 and "vscode-workbench-web-configuration" in body, (code, body[:400])
     # the anonymous request is still refused after someone else logged in
     assert curl(bed, base + slug)[0] == 302

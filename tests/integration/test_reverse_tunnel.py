@@ -40,7 +40,7 @@ def _ws_listening(bed, port: int) -> bool:
 
 
 def _pick_port(bed) -> int:
-    for _ in range(50):
+    for _attempt in range(50):
         port = random.randint(21000, 29999)  # noqa: S311
         if not _ws_listening(bed, port):
             return port
@@ -96,8 +96,8 @@ class Tunnels:
         try:
             return dict(res.task("tunnel", "localhost"), rc=res.rc)
         except KeyError:
-            raise AssertionError("no task result: rc=%s\n%s\n%s" % (res.rc, res.stdout[-3000:],
-                                                                     res.stderr[-3000:])) from None
+            raise AssertionError("no task result: rc=%s\n%s\n%s"
+                                 % (res.rc, res.stdout[-3000:], res.stderr[-3000:])) from None
 
     def status(self, name: str = "t1") -> dict:
         return json.loads((self.state_dir / ("%s.status.json" % name)).read_text())

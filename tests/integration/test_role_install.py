@@ -4,7 +4,7 @@ Each install runs through real ansible-playbook as root on the machine itself (i
 package registries, which the bed's namespaces cannot reach; the bed's hosts share its filesystem, so the
 software is then on every host). A second run reports
 ``changed=0``, a check-mode run too, and the installed command runs as a cluster user on a compute host.
-The jupyterlab install also runs as a molecule scenario (default driver, testinfra verifier).
+Each install entry point also runs as a molecule scenario on a host of its own (tests/integration/test_molecule.py).
 The install playbook (``hpc.interactive.install``) leaves the host's port reservation directory root-owned,
 mode 1777, as ``plugins/module_utils/_ports.py`` expects it, and a second run changes nothing.
 """
@@ -14,10 +14,7 @@ import ast
 import json
 import os
 import pwd
-import re
-import shutil
 import stat
-import subprocess
 import time
 from pathlib import Path
 
@@ -60,33 +57,6 @@ def test_install_twice_then_check_mode_changes_nothing(bed, service):
     home = bed.user_tmpdir("cluser")
     run = bed.run("compute1", argv, user="cluser", env={"HOME": str(home)}, timeout=120)
     assert run.returncode == 0 and run.stdout.strip().startswith(prefix), run.stdout + run.stderr
-
-
-def test_molecule_jupyterlab_install(bed):
-    """molecule test -s jupyterlab_install: converge, idempotence and the testinfra verifier."""
-    venv_bin = str(bed.venv / "bin")
-    if not shutil.which("molecule", path=venv_bin):
-        pytest.fail(f"molecule is not installed in {venv_bin}")
-    env = dict(os.environ)
-    env.update({
-        "PATH": f"{venv_bin}:{env.get('PATH', '/usr/bin:/bin')}",
-        "ANSIBLE_COLLECTIONS_PATH": str(bed.collections_path),
-        "ANSIBLE_COLLECTIONS_SCAN_SYS_PATH": "False",
-        "ANSIBLE_NOCOLOR": "1",
-        "ANSIBLE_FORCE_COLOR": "0",
-        "PY_COLORS": "0",
-        "NO_COLOR": "1",
-    })
-    cp = subprocess.run([f"{venv_bin}/molecule", "test", "-s", "jupyterlab_install"], cwd=REPO, env=env,
-                        capture_output=True, text=True, timeout=1800)
-    out = cp.stdout + cp.stderr
-    assert cp.returncode == 0, out[-6000:]
-    assert re.search(r"jupyterlab_install > idempotence\] Executed: Successful", out), out[-3000:]
-    verified = re.search(r"^=+ (\d+) passed in [\d.]+s =+$", out, re.MULTILINE)
-    assert verified and int(verified.group(1)) >= 4, out[-3000:]
-    assert "Molecule executed 1 scenario (1 successful)" in out, out[-3000:]
-    # the scenario used the bed's installed copy of the collection, not one molecule installed itself
-    assert "Another version of 'hpc.interactive'" not in out, out[-3000:]
 
 
 # ---------------------------------------------------------------- the port reservation directory

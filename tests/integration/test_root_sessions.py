@@ -39,10 +39,11 @@ def test_session_started_as_root_runs_and_cancels(bed, apps, service):
     secret = (cli.root / sid / "secret").read_text().strip()
     path, header, denied = CHECKS[service]
     url = f"http://127.0.0.1:{port}{svc['URL']}/{port}/{path}"
-    status, _ = http_get(bed, "workspace", url, header.format(secret=secret) if header else None, cli.tmp, user="root")
+    status, _ignored = http_get(bed, "workspace", url, header.format(secret=secret) if header else None, cli.tmp,
+                                user="root")
     assert status == 200, (service, status)
     if denied is not None:
-        status, _ = http_get(bed, "workspace", url, None, cli.tmp, user="root")
+        status, _ignored = http_get(bed, "workspace", url, None, cli.tmp, user="root")
         assert status == denied, (service, status)
     cancel = cli.run("cancel", sid, timeout=120)
     assert cancel.returncode == 0, cancel.stdout + cancel.stderr

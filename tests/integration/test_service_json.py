@@ -38,9 +38,9 @@ def _writer(path: str, reads, done, reader_gone, out) -> None:
     try:
         for seq in range(REWRITES):
             want = expected_content(seq)
-            did, _ = sf.update_service_file(path, url=want["URL"], port=int(want["PORT"]), slug=want["SLUG"],
-                                            job_status=want["JOB_STATUS"], error_message=want["ERROR_MESSAGE"],
-                                            extra={"SEQ": seq})
+            did, _ignored = sf.update_service_file(path, url=want["URL"], port=int(want["PORT"]),
+                                                   slug=want["SLUG"], job_status=want["JOB_STATUS"],
+                                                   error_message=want["ERROR_MESSAGE"], extra={"SEQ": seq})
             changed += int(did)
             if seq % HANDSHAKE_EVERY == 0:
                 # two more completed reads => at least one read began after this write and saw it

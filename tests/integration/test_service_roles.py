@@ -95,7 +95,7 @@ def _listening(bed, host: str, port: int) -> bool:
 
 
 def _free_port(bed, host: str) -> int:
-    for _ in range(50):
+    for _attempt in range(50):
         port = random.randint(20000, 29999)
         if not _listening(bed, host, port):
             return port

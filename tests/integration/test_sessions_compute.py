@@ -107,7 +107,7 @@ def test_bad_partition_is_failed_with_slurms_words(bed, root):
 def test_cancel_while_queued(bed, root):
     inv = cluster_inventory(bed, "slurm")
     blockers = []
-    for _ in range(2):  # partition small: MaxCPUsPerNode=2, two 1-CPU jobs fill it
+    for _attempt in range(2):  # partition small: MaxCPUsPerNode=2, two 1-CPU jobs fill it
         out = bed.slurm(["sbatch", "--parsable", "-p", "small", "-c", "1", "-J", "isession-test-blocker",
                          "--wrap", "sleep 300"], user=CLUSTER_USER).stdout.strip()
         blockers.append(out.split(";")[0])

@@ -92,7 +92,7 @@ class Attacker:
         """(port, epoch) once it holds a port."""
         for line in self.lines():
             if line.startswith("BOUND "):
-                _, port, at = line.split()
+                _ignored, port, at = line.split()
                 return int(port), float(at)
         return None
 
@@ -195,8 +195,8 @@ def test_tunnel_drop_while_another_user_waits_for_the_port_ends_the_session(bed,
         assert wait_until(lambda: waiter.bound() is not None, 10), "the other user never got the port"
         bound_at = waiter.bound()[1]
         # the watcher's next tick: no longer Running, but ended, naming the other user
-        assert wait_until(lambda: cli.service(sid)["JOB_STATUS"] == "Failed", 10), (cli.service(sid),
-                                                                                   cli.watcher_log()[-3000:])
+        assert wait_until(lambda: cli.service(sid)["JOB_STATUS"] == "Failed", 10), \
+            (cli.service(sid), cli.watcher_log()[-3000:])
         svc = cli.service(sid)
         written = (cli.root / sid / "service.json").stat().st_mtime
         print(f"service.json Failed {written - bound_at:.2f} s after the other user bound port {port}")

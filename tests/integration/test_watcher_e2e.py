@@ -238,9 +238,12 @@ def test_node_down_is_failed_node_fail_and_never_requeued(bed, cli):
         assert read_json(rdir / "agent.json")["host"] == NODE
         watch = Watch(bed, cli.root / sid, int(svc["PORT"]))
         assert watch.poll()["JOB_STATUS"] == "Running" and listening(bed, watch.port)
+
         # other people's jobs on the node would die too: give them a minute to end (best effort)
-        others = lambda: [j for j in bed.slurm(["squeue", "-h", "-w", NODE, "-t", "R,CG", "-o", "%i"],  # noqa: E731
-                                               check=False).stdout.split() if j != job]
+        def others():
+            return [j for j in bed.slurm(["squeue", "-h", "-w", NODE, "-t", "R,CG", "-o", "%i"],
+                                         check=False).stdout.split() if j != job]
+
         if not wait_until(lambda: not others(), 60, step=1):
             print(f"node loss: jobs {others()} of other tests also run on {NODE}")
         downed = True

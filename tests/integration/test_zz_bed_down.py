@@ -56,7 +56,7 @@ def test_down_leaves_nothing_behind_and_up_comes_back(bed: Bed) -> None:
                   user="cluser", check=True).stdout.strip()
     assert job.isdigit()
     stray = bed.popen("workspace", ["sleep", "300"], user="wsuser")
-    cp = subprocess.run([str(BED_SCRIPT), "down"], capture_output=True, text=True, timeout=120)
+    cp = subprocess.run([str(BED_SCRIPT), "down"], capture_output=True, text=True, timeout=120, check=False)
     assert cp.returncode == 0, cp.stdout + cp.stderr
     stray.wait(10)
 
@@ -75,16 +75,16 @@ def test_down_leaves_nothing_behind_and_up_comes_back(bed: Bed) -> None:
     assert "hpcbed" not in links and "v-workspace" not in links
 
     # down is idempotent
-    cp = subprocess.run([str(BED_SCRIPT), "down"], capture_output=True, text=True, timeout=120)
+    cp = subprocess.run([str(BED_SCRIPT), "down"], capture_output=True, text=True, timeout=120, check=False)
     assert cp.returncode == 0, cp.stderr
 
     # status says not healthy while down
-    cp = subprocess.run([str(BED_SCRIPT), "status"], capture_output=True, text=True, timeout=60)
+    cp = subprocess.run([str(BED_SCRIPT), "status"], capture_output=True, text=True, timeout=60, check=False)
     assert cp.returncode != 0
 
     # and up comes back within the budget, healthy, ready for any test after this one
     t0 = time.monotonic()
-    cp = subprocess.run([str(BED_SCRIPT), "up"], capture_output=True, text=True, timeout=120)
+    cp = subprocess.run([str(BED_SCRIPT), "up"], capture_output=True, text=True, timeout=120, check=False)
     took = time.monotonic() - t0
     assert cp.returncode == 0, cp.stdout + cp.stderr
     assert took <= 60, took

@@ -175,6 +175,16 @@ class Backend:
         }
         return QueryResult(alive, result.reachable, result.error)
 
+    def queue_details(self, runner: Runner, job_ids: Sequence[str],
+                      timeout: float = DEFAULT_QUERY_TIMEOUT) -> Dict[str, Dict[str, Optional[int]]]:
+        """Where queued jobs wait: ``{job id: {queue_position, queue_pending, start_time}}``.
+
+        ``queue_position`` is 1 for the job that starts next among the jobs waiting in its partition (queue),
+        ``queue_pending`` how many wait there, ``start_time`` the scheduler's estimated start (epoch seconds).
+        Any of them is None when the scheduler does not say; backends without such a query return ``{}``.
+        """
+        return {}
+
     def cancel(self, runner: Runner, job_id: str, timeout: float = 30.0) -> CommandResult:
         return runner(self.cancel_argv(job_id), timeout)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import time
 from typing import Any, Dict, List, Optional, Sequence
 
 from ansible_collections.hpc.interactive.plugins.module_utils._cmd import Runner
@@ -56,6 +57,8 @@ CONFLICT_GROUPS = ({"mem", "mem-per-cpu", "mem-per-gpu"}, {"gpus", "gpus-per-nod
 LIMIT_KEYS = {"time": "time", "partition": "queue", "nodes": "nodes", "cpus-per-task": "cpus_per_task",
               "mem": "memory", "gpus": "gpus"}
 SQUEUE_FORMAT = "%i|%T|%u|%N|%r|%j"  # name last: a '|' in a foreign job's name cannot shift columns
+# every waiting job: id, partition(s), priority, submit time, the backfill scheduler's expected start (or N/A)
+PENDING_FORMAT = "%i|%P|%Q|%V|%S"
 
 
 class SchedulerUnreachable(Exception):
@@ -261,6 +264,47 @@ class Slurm(Backend):
             if missing:
                 jobs.update(self._final_states(runner, missing, timeout))
         return QueryResult(jobs)
+
+    def pending_argv(self) -> List[str]:
+        return ["squeue", "-h", "--states=PENDING", "-o", PENDING_FORMAT]
+
+    @staticmethod
+    def parse_pending(stdout: str, job_ids: Sequence[str]) -> Dict[str, Dict[str, Optional[int]]]:
+        """Position, count and expected start of ``job_ids`` among all waiting jobs of their partitions.
+
+        Slurm starts waiting jobs of a partition by priority, then by submit time (then id); that order is the
+        position. ``%S`` is the controller's local time, which ``time.mktime`` reads as this host's local time (the
+        module runs on the controller).
+        """
+        rows = []
+        for line in (stdout or "").splitlines():
+            parts = line.strip().split("|")
+            if len(parts) != 5 or not re.match(r"^\d+(_\d+)?$", parts[0]):
+                continue
+            job_id, partition, priority, submitted, start = parts
+            rows.append((job_id, partition, int(priority) if priority.isdigit() else 0, submitted, start))
+        out: Dict[str, Dict[str, Optional[int]]] = {}
+        for job_id in job_ids:
+            mine = [r for r in rows if r[0] == str(job_id)]
+            if not mine:
+                continue
+            partition, start = mine[0][1], mine[0][4]
+            waiting = sorted((r for r in rows if r[1] == partition),
+                             key=lambda r: (-r[2], r[3], int(r[0].split("_")[0])))
+            position = [r[0] for r in waiting].index(str(job_id)) + 1
+            try:
+                start_time: Optional[int] = int(time.mktime(time.strptime(start, "%Y-%m-%dT%H:%M:%S")))
+            except ValueError:  # N/A, Unknown: no estimate yet
+                start_time = None
+            out[str(job_id)] = {"queue_position": position, "queue_pending": len(waiting), "start_time": start_time}
+        return out
+
+    def queue_details(self, runner: Runner, job_ids: Sequence[str],
+                      timeout: float = DEFAULT_QUERY_TIMEOUT) -> Dict[str, Dict[str, Optional[int]]]:
+        result = runner(self.pending_argv(), timeout)
+        if result.rc != 0 or looks_unreachable(result):
+            return {}
+        return self.parse_pending(result.stdout, job_ids)
 
     def _final_states(self, runner: Runner, ids: List[str], timeout: float) -> Dict[str, JobInfo]:
         """Jobs squeue no longer knows: ask sacct (needs accounting); otherwise absent."""

@@ -35,7 +35,8 @@ def cli_env(tmp_path: Path, fake_collection: Path, monkeypatch: pytest.MonkeyPat
         "ISESSION_COLLECTIONS": str(fake_collection),
         "ISESSION_ROOT": str(tmp_path / "sessions"),
         "HOME": str(tmp_path / "home"),
-        "PYTHONPATH": str(REPO / "src"),
+        # the CLI's process imports what this one does (ansible-test units puts ansible-core on sys.path only)
+        "PYTHONPATH": os.pathsep.join([str(REPO / "src"), *sys.path]),
         "PATH": f"{Path(sys.executable).parent}:{os.environ.get('PATH', '/usr/bin:/bin')}",
     }
     (tmp_path / "home").mkdir()
@@ -44,4 +45,3 @@ def cli_env(tmp_path: Path, fake_collection: Path, monkeypatch: pytest.MonkeyPat
     monkeypatch.delenv("ISESSION_INVENTORY", raising=False)
     monkeypatch.delenv("XDG_STATE_HOME", raising=False)
     return env
-

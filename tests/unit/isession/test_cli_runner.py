@@ -35,10 +35,10 @@ def test_start_status_list_cancel(cli_env, tmp_path):
     assert cp.returncode == 0, cp.stdout + cp.stderr
     out = cp.stdout
     assert "Starting fake session fake-1 on workspace" in out
-    assert "changed Write service.json" in out  # live progress: one line per task
-    assert "Wait a while" not in out  # skipped tasks stay quiet
+    assert "Write service.json" not in out  # not a terminal: no progress, only the result
     assert "url       http://127.0.0.1:12345/me/12345/lab" in out
     assert f"file      {root}/fake-1/service.json" in out
+    assert "cancel    isession cancel fake-1" in out
     # the private data dir of the run lives in the session dir and is private
     art = root / "fake-1" / "logs" / "runner" / "artifacts" / "start"
     assert (art / "job_events").is_dir() and (art / "stdout").is_file()
@@ -72,17 +72,56 @@ def test_start_status_list_cancel(cli_env, tmp_path):
 def test_start_json_output(cli_env):
     cp = run_cli(cli_env, "start", "fake", "--id", "fake-j", "--json")
     assert cp.returncode == 0, cp.stderr
-    doc = json.loads(cp.stdout)  # only the JSON document on stdout; progress went to stderr
+    doc = json.loads(cp.stdout)  # only the JSON document on stdout; messages went to stderr
     assert doc["id"] == "fake-j" and doc["status"] == "Running" and doc["url"].endswith("/me/12345/lab")
-    assert "Write service.json" in cp.stderr
+    assert doc["cancel"] == "isession cancel fake-j"
+    assert "Starting fake session fake-j" in cp.stderr and "Write service.json" not in cp.stderr
+    _stop_watcher(Path(cli_env["ISESSION_ROOT"]))
+
+
+def test_verbose_prints_one_line_per_finished_task(cli_env):
+    cp = run_cli(cli_env, "start", "fake", "--id", "fake-v", "-v")
+    assert cp.returncode == 0, cp.stdout + cp.stderr
+    assert "changed Write service.json" in cp.stdout
+    assert "Wait a while" in cp.stdout  # -v: skipped tasks too
     _stop_watcher(Path(cli_env["ISESSION_ROOT"]))
 
 
 def test_failed_start_exits_1_with_the_message(cli_env):
     cp = run_cli(cli_env, "start", "fake", "--id", "fake-f", "-e", "fake_fail=true")
     assert cp.returncode == 1
-    assert re.search(r"failed  Fail when asked \([0-9.]+s\): fake failure for the test", cp.stdout), cp.stdout
     assert "status    Failed" in cp.stdout and "message   fake failure for the test" in cp.stdout
+    assert "cancel    " not in cp.stdout  # nothing left to cancel
+    cp = run_cli(cli_env, "start", "fake", "--id", "fake-f2", "-e", "fake_fail=true", "-v")
+    assert re.search(r"failed  Fail when asked \([0-9.]+s\): fake failure for the test", cp.stdout), cp.stdout
+
+
+def test_live_view_on_a_terminal_shows_the_step_and_the_time(cli_env):
+    """On a terminal the start draws a live view (the step under way, its time) and then prints the result."""
+    import pty  # noqa: PLC0415
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: isession on the pty
+        os.environ.update(cli_env, TERM="xterm", COLUMNS="120", LINES="40")
+        argv = [sys.executable, "-m", "isession", "start", "fake", "--id", "fake-tty", "-e", "fake_sleep=2"]
+        os.execv(argv[0], argv)  # noqa: S606 - a fixed argv, no shell
+    chunks = []
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        chunks.append(data)
+    _ignored, status = os.waitpid(pid, 0)
+    out = b"".join(chunks).decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, out
+    assert "Wait a while" in out  # the step the view showed while it ran
+    assert re.search(r"fake session fake-tty · \d+s elapsed", out), out
+    assert "\x1b[" in out  # drawn with terminal control sequences ...
+    assert "status    Running" in out  # ... then the result, as off a terminal
+    _stop_watcher(Path(cli_env["ISESSION_ROOT"]))
 
 
 @pytest.mark.parametrize(("args", "match"), [
@@ -149,7 +188,7 @@ def _stop_watcher(root: Path) -> None:
     pid = running_pid(root)
     if pid and pid > 0:
         os.kill(pid, 15)
-        for _ in range(50):
+        for _attempt in range(50):
             if running_pid(root) is None:
                 break
             time.sleep(0.1)

@@ -1,6 +1,8 @@
+"""Which copy of the collection isession uses: the pin, newest wins, ties go to ansible-playbook's own order."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -10,56 +12,124 @@ import pytest
 REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "src"))
 
-from isession import cli  # noqa: E402
-from isession.collection import find_collection, search_roots  # noqa: E402
+from isession import __version__, cli  # noqa: E402
+from isession.collection import INSTALL_HINT, Collection, candidates, choose, find_collection, read_version  # noqa: E402
 
 
-def _install(root: Path, version: str) -> Path:
+def _install(root: Path, version: str, built: bool = True) -> Path:
     path = root / "ansible_collections" / "hpc" / "interactive"
     path.mkdir(parents=True)
-    (path / "MANIFEST.json").write_text(json.dumps({"collection_info": {"version": version}}))
+    if built:
+        (path / "MANIFEST.json").write_text(json.dumps({"collection_info": {"version": version}}))
+    else:
+        (path / "galaxy.yml").write_text(f"namespace: hpc\nname: interactive\nversion: {version}  # the version\n")
     return path
 
 
-def test_first_root_with_the_collection_wins(tmp_path):
+def test_pinned_roots_first_with_the_collection_wins(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     _install(b, "9.9.9")
     env = {"ISESSION_COLLECTIONS": f"{a}:{b}", "HOME": str(tmp_path)}
     col = find_collection(env)
-    assert col.root == b and col.version == "9.9.9"
+    assert col.root == b and col.version == "9.9.9" and col.source == "$ISESSION_COLLECTIONS"
     _install(a, "1.2.3")
-    assert find_collection(env).version == "1.2.3"
+    assert find_collection(env).version == "1.2.3"  # pinned: order, not version
 
 
-def test_missing_collection_names_where_it_looked(tmp_path):
-    env = {"ISESSION_COLLECTIONS": str(tmp_path / "none"), "HOME": str(tmp_path)}
-    with pytest.raises(LookupError, match=str(tmp_path / "none")):
-        find_collection(env, prefix=str(tmp_path / "venv"))
+def test_newest_wins_across_configured_paths_and_the_python_path(tmp_path):
+    galaxy, site = tmp_path / "galaxy", tmp_path / "site-packages"
+    _install(galaxy, "1.0.0")
+    _install(site, "1.10.0", built=False)  # a pip install ships galaxy.yml, not MANIFEST.json
+    kw = {"configured": [str(galaxy)], "sys_path": [str(site)]}
+    col = find_collection({}, **kw)
+    assert (col.root, col.version, col.source) == (site, "1.10.0", "Python path")  # 1.10 > 1.0, not as text
+    # a newer galaxy install wins over the pip package's copy
+    _install(tmp_path / "home", "2.0.0")
+    col = find_collection({}, configured=[str(galaxy), str(tmp_path / "home")], sys_path=[str(site)])
+    assert (col.root, col.version, col.source) == (tmp_path / "home", "2.0.0", "collections path")
 
 
-def test_search_roots_are_unique(tmp_path):
-    env = {"ISESSION_COLLECTIONS": str(tmp_path), "ANSIBLE_COLLECTIONS_PATH": str(tmp_path), "HOME": str(tmp_path)}
-    roots = search_roots(env)
-    assert roots.count(tmp_path) == 1
+def test_equal_versions_go_to_the_copy_ansible_playbook_loads_first(tmp_path):
+    galaxy, site = tmp_path / "galaxy", tmp_path / "site"
+    _install(galaxy, "1.0.0")
+    _install(site, "1.0.0")
+    assert find_collection({}, configured=[str(galaxy)], sys_path=[str(site)]).root == galaxy
+    # ansible-core with collections_scan_sys_path off does not see site-packages: neither does isession
+    assert [c.root for c in candidates({}, configured=[str(tmp_path / "x")], scan_sys_path=False,
+                                       sys_path=[str(site)])] == []
+
+
+def test_paths_given_as_their_ansible_collections_dir_count_once(tmp_path):
+    _install(tmp_path, "1.0.0")
+    found = candidates({}, configured=[str(tmp_path), str(tmp_path / "ansible_collections")],
+                       sys_path=[str(tmp_path)])
+    assert [c.root for c in found] == [tmp_path]
+
+
+def test_choose_prefers_real_versions_over_unparsable_ones():
+    odd = Collection(Path("/a"), "devel")
+    real = Collection(Path("/b"), "0.0.1")
+    assert choose([odd, real]) == real
+    assert choose([odd, real], pinned=True) == odd
+    with pytest.raises(LookupError):
+        choose([])
+
+
+def test_missing_collection_names_where_it_looked_and_real_commands(tmp_path):
+    with pytest.raises(LookupError) as exc:
+        find_collection({}, configured=[str(tmp_path / "none")], sys_path=[])
+    msg = str(exc.value)
+    assert str(tmp_path / "none") in msg and INSTALL_HINT in msg
+    assert "pip install hpc-interactive" in msg and "ansible-galaxy collection install hpc.interactive" in msg
+    assert "scripts/setup" not in msg  # a script the wheel does not ship
+    with pytest.raises(LookupError, match="ISESSION_COLLECTIONS="):
+        find_collection({"ISESSION_COLLECTIONS": str(tmp_path / "none")})
 
 
 def test_checkout_is_found_through_its_galaxy_yml():
     # tests/conftest.py keeps .cache/collections/ansible_collections/hpc/interactive -> the checkout
-    env = {"ISESSION_COLLECTIONS": str(REPO / ".cache" / "collections"), "HOME": "/nonexistent"}
-    col = find_collection(env)
-    galaxy = (REPO / "galaxy.yml").read_text()
-    assert f"version: {col.version}" in galaxy
+    col = find_collection({"ISESSION_COLLECTIONS": str(REPO / ".cache" / "collections")})
+    assert f"version: {col.version}\n" in (REPO / "galaxy.yml").read_text()
+    assert read_version(REPO) == col.version
+
+
+def test_isession_and_the_collection_have_one_version():
+    assert read_version(REPO) == __version__
 
 
 def test_cli_collection_command(tmp_path, monkeypatch, capsys):
     _install(tmp_path, "0.0.7")
     monkeypatch.setenv("ISESSION_COLLECTIONS", str(tmp_path))
     assert cli.main(["collection"]) == 0
-    assert "hpc.interactive 0.0.7" in capsys.readouterr().out
+    assert "hpc.interactive 0.0.7 at" in capsys.readouterr().out
+    assert cli.main(["collection", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["used"]["version"] == "0.0.7" and doc["used"]["root"] == str(tmp_path)
 
 
-def test_cli_version():
-    out = subprocess.run([sys.executable, "-c", "import sys; sys.path.insert(0, sys.argv[1]); "
-                          "from isession import cli; cli.main(['--version'])", str(REPO / "src")],
-                         capture_output=True, text=True)
-    assert out.stdout.strip() == "isession 0.1.0"
+def _run(env: dict, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "isession", *args], capture_output=True, text=True, check=False,
+                          env={**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "src"), *sys.path]), **env})
+
+
+def test_version_names_the_copy_in_use_and_the_others(tmp_path):
+    old, new = tmp_path / "old", tmp_path / "new"
+    _install(old, "99.0.1")  # newer than any real copy (the venv's pip package ships one)
+    _install(new, "99.0.2")
+    out = _run({"ANSIBLE_COLLECTIONS_PATH": f"{old}:{new}", "ISESSION_COLLECTIONS": ""}, "--version")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0] == f"isession {__version__}"
+    assert lines[1] == f"collection: hpc.interactive 99.0.2 at {new}/ansible_collections/hpc/interactive " \
+                       "(collections path)"
+    assert f"also found: hpc.interactive 99.0.1 at {old}/ansible_collections/hpc/interactive" in out.stdout
+    assert lines[-1].startswith("ansible-core 2.")
+
+
+def test_commands_without_the_collection_exit_3_naming_real_commands(tmp_path):
+    out = _run({"ISESSION_COLLECTIONS": str(tmp_path / "nothing")}, "list")
+    assert out.returncode == 3, out.stdout + out.stderr
+    assert "pip install hpc-interactive" in out.stderr and "Traceback" not in out.stderr
+    # --help, --version and config still work
+    assert _run({"ISESSION_COLLECTIONS": str(tmp_path / "nothing")}, "--help").returncode == 0
+    assert _run({"ISESSION_COLLECTIONS": str(tmp_path / "nothing"), "HOME": str(tmp_path)}, "config").returncode == 0

@@ -1,7 +1,9 @@
-"""Runner events -> one progress line per task."""
+"""Runner events -> one progress line per task, and the state the live view draws."""
 from __future__ import annotations
 
-from isession.progress import Progress
+import pytest
+
+from isession.progress import Progress, QueueInfo, duration
 
 
 def ev(kind, created, pid=4242, **data):
@@ -57,3 +59,64 @@ def test_other_events_print_nothing():
     p = Progress()
     for kind in ("playbook_on_play_start", "runner_on_start", "verbose", "playbook_on_stats"):
         assert p.line(ev(kind, "x")) is None
+
+
+# ---------------------------------------------------------------- what the live view draws
+class Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_current_step_skips_bookkeeping_tasks_and_keeps_its_start():
+    clock = Clock()
+    p = Progress(clock=clock)
+    p.line(ev("playbook_on_task_start", "x", task="session : Reserve the workspace port", role="session",
+              task_action="hpc.interactive.free_port"))
+    assert p.step == "Reserve the workspace port" and p.step_elapsed() == 0
+    clock.now += 2.5
+    for action in ("ansible.builtin.validate_argument_spec", "ansible.builtin.set_fact", "ansible.builtin.assert"):
+        p.line(ev("playbook_on_task_start", "x", task=f"session : {action}", role="session", task_action=action))
+    assert p.step == "Reserve the workspace port" and p.step_elapsed() == 2.5
+    assert p.elapsed() == 2.5
+    # a bookkeeping task is no plain line either, unless it fails
+    ok = ev("runner_on_ok", "x", task="Validating arguments against arg spec main",
+            task_action="ansible.builtin.validate_argument_spec", res={})
+    assert p.line(ok) is None
+    bad = ev("runner_on_failed", "x", task="Check the inputs", task_action="ansible.builtin.assert",
+             res={"msg": "Bad session inputs: session_id"})
+    assert p.line(bad).endswith("Bad session inputs: session_id")
+    assert p.failed == ["Check the inputs: Bad session inputs: session_id"]
+
+
+def test_queue_wait_retries_carry_the_reason_position_and_estimated_start():
+    p = Progress()
+    queued = {"jobs": {"42": {"state": "queued", "reason": "Resources", "queue_position": 2, "queue_pending": 3,
+                              "start_time": 1_900_000_000}}}
+    p.line(ev("runner_retry", "x", task="Wait until the job runs", res=queued))
+    assert p.queue == QueueInfo("42", "Resources", 2, 3, 1_900_000_000.0)
+    text = p.queue.describe(now=1_900_000_000 - 190)
+    assert text.startswith("queued (job 42): Resources, position 2 of 3, estimated start ")
+    assert text.endswith("(in 3m 10s)")
+    # the scheduler gives no estimate and no position: only the reason
+    p.line(ev("runner_retry", "x", res={"jobs": {"42": {"state": "queued", "reason": "Priority",
+                                                        "queue_position": None, "start_time": 0}}}))
+    assert p.queue.describe() == "queued (job 42): Priority"
+    # the job runs: the queue line goes
+    p.line(ev("runner_on_ok", "x", task="Wait until the job runs", res={"jobs": {"42": {"state": "running"}}}))
+    assert p.queue is None
+
+
+def test_results_without_jobs_leave_the_queue_alone():
+    p = Progress()
+    p.line(ev("runner_retry", "x", res={"jobs": {"7": {"state": "queued", "reason": "Resources"}}}))
+    p.line(ev("runner_on_ok", "x", task="Write service.json", res={"changed": True}))
+    assert p.queue is not None and p.queue.reason == "Resources"
+
+
+@pytest.mark.parametrize(("seconds", "text"), [(0, "0s"), (59.9, "59s"), (60, "1m 00s"), (3725, "1h 02m"),
+                                               (-5, "0s")])
+def test_duration(seconds, text):
+    assert duration(seconds) == text

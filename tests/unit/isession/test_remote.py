@@ -61,7 +61,7 @@ def test_query_many_jobs_in_one_call(tmp_path, fake_bin):
         assert jobs["999"]["found"] is False  # absent: the scheduler answered and does not know it
         pid = srv.proc.pid
         # the same process answers the next poll: one connection, one python, many polls
-        for _ in range(5):
+        for _attempt in range(5):
             assert srv.ask({"op": "query", "scheduler": "slurm", "job_ids": ["1"]}, 10)["jobs"]["1"]["state"] \
                 == "running"
         assert srv.proc.pid == pid
@@ -78,7 +78,7 @@ def test_threads_sharing_one_connection_each_get_their_own_answer(tmp_path, fake
     mixups = []
 
     def poll(job_id: str) -> None:
-        for _ in range(25):
+        for _attempt in range(25):
             jobs = srv.ask({"op": "query", "scheduler": "slurm", "job_ids": [job_id]}, 20)["jobs"]
             if set(jobs) != {job_id}:
                 mixups.append((job_id, sorted(jobs)))
@@ -170,7 +170,7 @@ def test_teardown_stops_a_local_job_and_releases_the_owners_ports(tmp_path):
     job = local_job(state_dir, tmp_path, f"isession-{sid}")
     rdir = _ports.ReservationDir()
     rdir.ensure()
-    ports, _ = rdir.reserve(sid, 1, _ports.build_candidates())
+    ports, _ignored = rdir.reserve(sid, 1, _ports.build_candidates())
     srv = server(tmp_path)
     try:
         assert group_alive(job)

@@ -43,7 +43,7 @@ class Scripted(w.Watcher):
 
 
 def run_ticks(watch: w.Watcher, n: int) -> None:
-    for _ in range(n):
+    for _attempt in range(n):
         watch.tick()
         for fut in list(watch.busy.values()):
             fut.result(timeout=10)

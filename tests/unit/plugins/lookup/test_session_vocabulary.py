@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -72,8 +73,11 @@ def _play(tmp_path: Path, playbook: str, extra: dict) -> subprocess.CompletedPro
     ev.chmod(0o600)
     env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(COLLECTIONS), ANSIBLE_COLLECTIONS_SCAN_SYS_PATH="False",
                ANSIBLE_NOCOLOR="1", ANSIBLE_LOCALHOST_WARNING="0", ANSIBLE_INVENTORY_UNPARSED_WARNING="0")
-    bindir = Path(sys.executable).parent
-    return subprocess.run([str(bindir / "ansible-playbook"), "-i", "localhost,", "-c", "local", playbook,
+    # next to this python, else on PATH (ansible-test units puts ansible-core's commands on PATH, not in its venv)
+    playbook_cmd = Path(sys.executable).with_name("ansible-playbook")
+    if not playbook_cmd.exists():
+        playbook_cmd = Path(shutil.which("ansible-playbook") or playbook_cmd)
+    return subprocess.run([str(playbook_cmd), "-i", "localhost,", "-c", "local", playbook,
                            "-e", f"@{ev}", "-e", "ansible_python_interpreter=" + sys.executable],
                           capture_output=True, text=True, env=env, timeout=180, cwd=tmp_path, check=False)
 

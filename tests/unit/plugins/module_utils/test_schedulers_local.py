@@ -150,8 +150,8 @@ def test_query_all_and_by_name(backend, submit):
 
 def test_wrapper_takes_data_as_arguments_only(backend):
     argv = backend.submit_argv("/tmp/x;id.sh", "/tmp/$(id).out", "/tmp/e", "/tmp/s")
-    assert argv[:3] == ["/bin/sh", "-c", local.WRAPPER] and argv[-4:] == ["/tmp/s", "/tmp/$(id).out", "/tmp/e",
-                                                                         "/tmp/x;id.sh"]
+    assert argv[:3] == ["/bin/sh", "-c", local.WRAPPER]
+    assert argv[-4:] == ["/tmp/s", "/tmp/$(id).out", "/tmp/e", "/tmp/x;id.sh"]
     assert "$(id)" not in local.WRAPPER and "x;id" not in local.WRAPPER
 
 

@@ -140,3 +140,35 @@ def test_sge_refuses_what_needs_a_parallel_environment_naming_it(opts, named):
 def test_ending_tells_a_job_on_its_way_out(backend, raw, state, ending):
     """A refused cancel of such a job needs no retry (another cancel got there first)."""
     assert backend.ending(JobInfo(job_id="1", state=state, raw_state=raw)) is ending
+
+
+# ---------------------------------------------------------------- where queued jobs wait (Slurm)
+def _local_epoch(text):
+    import time  # noqa: PLC0415
+
+    return int(time.mktime(time.strptime(text, "%Y-%m-%dT%H:%M:%S")))
+
+
+def test_slurm_pending_position_count_and_expected_start_recorded():
+    text = (RECORDED / "slurm" / "squeue_pending_start.txt").read_text()
+    got = slurm.Slurm.parse_pending(text, ["25", "26", "404"])
+    assert got == {"25": {"queue_position": 1, "queue_pending": 2, "start_time": _local_epoch("2026-12-05T07:39:36")},
+                   "26": {"queue_position": 2, "queue_pending": 2, "start_time": _local_epoch("2026-12-05T07:42:00")}}
+
+
+def test_slurm_pending_without_an_estimate_recorded():
+    text = (RECORDED / "slurm" / "squeue_pending_na.txt").read_text()
+    got = slurm.Slurm.parse_pending(text, ["19"])
+    assert got == {"19": {"queue_position": 2, "queue_pending": 2, "start_time": None}}
+
+
+def test_slurm_pending_order_is_priority_then_submit_time_per_partition():
+    text = ("10|gpu|50|2026-01-01T10:00:00|N/A\n11|gpu|90|2026-01-01T11:00:00|N/A\n"
+            "12|debug|99|2026-01-01T09:00:00|N/A\n13|gpu|50|2026-01-01T09:30:00|N/A\nnoise line\n")
+    got = slurm.Slurm.parse_pending(text, ["10", "11", "12", "13"])
+    assert {k: v["queue_position"] for k, v in got.items()} == {"11": 1, "13": 2, "10": 3, "12": 1}
+    assert got["10"]["queue_pending"] == 3 and got["12"]["queue_pending"] == 1
+
+
+def test_other_schedulers_give_no_queue_details():
+    assert pbs.Pbs().queue_details(lambda argv, timeout: None, ["1"]) == {}

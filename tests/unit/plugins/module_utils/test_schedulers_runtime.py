@@ -109,7 +109,7 @@ FS = {
 def fake_lstat(path):
     if path not in FS:
         raise FileNotFoundError(path)
-    mode, uid, _ = FS[path]
+    mode, uid, _ignored = FS[path]
     return os.stat_result((mode, 1, 1, 1, uid, 0, 0, 0, 0, 0))
 
 

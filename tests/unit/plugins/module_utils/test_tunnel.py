@@ -352,6 +352,22 @@ def test_supervisor_source_is_this_file():
     assert T.supervisor_source() == SCRIPT.read_text()
 
 
+class _BytesLoader:
+    """What ansible-core's collection loader does: ``get_source`` returns the file's bytes."""
+
+    def get_source(self, _name):
+        return SCRIPT.read_bytes()
+
+
+def test_supervisor_source_is_text_under_a_loader_that_gives_bytes(tmp_path, monkeypatch):
+    monkeypatch.setitem(T.supervisor_source.__globals__, "__loader__", _BytesLoader())
+    src = T.supervisor_source()
+    assert isinstance(src, str) and src == SCRIPT.read_text()
+    # the tunnel's script file is written from it (write_private wants text)
+    assert T.write_private(str(tmp_path / "_tunnel.py"), src) is True
+    assert (tmp_path / "_tunnel.py").read_text() == SCRIPT.read_text()
+
+
 # ---------------------------------------------------------------- the supervisor, run for real
 
 @pytest.fixture
@@ -527,7 +543,7 @@ def test_cli_start_is_detached_and_stop_leaves_nothing(fake):
     fake.plan("up")
     out = subprocess.run([SYSTEM_PYTHON, str(SCRIPT), "start", "--state-dir", fake.state_dir, "--name", "d",
                           "--spec", fake.spec_file("d"), "--timeout", "30"], capture_output=True, text=True,
-                         timeout=60)
+                         timeout=60, check=False)
     assert out.returncode == 0, out.stderr
     st = json.loads(out.stdout)
     assert st["state"] == "up"
@@ -541,12 +557,12 @@ def test_cli_start_is_detached_and_stop_leaves_nothing(fake):
     for f in Path(fake.state_dir).iterdir():
         assert f.stat().st_mode & 0o077 == 0, f
     stop = subprocess.run([SYSTEM_PYTHON, str(SCRIPT), "stop", "--state-dir", fake.state_dir, "--name", "d"],
-                          capture_output=True, text=True, timeout=30)
+                          capture_output=True, text=True, timeout=30, check=False)
     assert json.loads(stop.stdout) == {"stopped": True}
     assert not T.is_alive(pid, st["token"]) and not T.is_alive(st["ssh_pid"], st["ssh_token"])
     assert fake_ssh_pids(fake) == []
     again = subprocess.run([SYSTEM_PYTHON, str(SCRIPT), "stop", "--state-dir", fake.state_dir, "--name", "d"],
-                           capture_output=True, text=True, timeout=30)
+                           capture_output=True, text=True, timeout=30, check=False)
     assert json.loads(again.stdout) == {"stopped": False}
 
 
@@ -554,7 +570,7 @@ def test_cli_start_failure_leaves_nothing(fake):
     fake.plan("busy")
     out = subprocess.run([SYSTEM_PYTHON, str(SCRIPT), "start", "--state-dir", fake.state_dir, "--name", "d",
                           "--spec", fake.spec_file("d"), "--timeout", "30"], capture_output=True, text=True,
-                         timeout=60)
+                         timeout=60, check=False)
     assert out.returncode == 1
     assert "remote port forwarding failed" in json.loads(out.stdout)["last_error"]
     assert not T.probe(fake.state_dir, "d")["running"] and fake_ssh_pids(fake) == []
@@ -603,6 +619,7 @@ def test_cli_refuses_bad_input(fake):
     for args in (["run", "--state-dir", fake.state_dir, "--name", "a;b", "--", "x"],
                  ["run", "--state-dir", fake.state_dir, "--name", "ok"],
                  ["run", "--state-dir", fake.state_dir, "--name", "ok", "--spec", "/nonexistent"]):
-        out = subprocess.run([SYSTEM_PYTHON, str(SCRIPT), *args], capture_output=True, text=True, timeout=30)
+        out = subprocess.run([SYSTEM_PYTHON, str(SCRIPT), *args], capture_output=True, text=True, timeout=30,
+                             check=False)
         assert out.returncode == 2, args
         assert "_tunnel.py:" in out.stderr

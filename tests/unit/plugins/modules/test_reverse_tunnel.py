@@ -131,14 +131,14 @@ def run_module(tmp_path):
         path = tmp_path / ("args%d.json" % counter[0])
         full = dict(args, _ansible_check_mode=check, _ansible_diff=diff)
         path.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": full}))
-        env = dict(os.environ, PYTHONPATH=str(COLLECTIONS))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(COLLECTIONS), *sys.path]))
         out = subprocess.run([sys.executable, "-m", MODULE, str(path)], capture_output=True, text=True, env=env,
-                             timeout=timeout, cwd=str(tmp_path))
+                             timeout=timeout, cwd=str(tmp_path), check=False)
         try:
             return json.loads(out.stdout)
         except ValueError:
-            raise AssertionError("module printed no JSON: rc=%s out=%r err=%r" % (out.returncode, out.stdout,
-                                                                                out.stderr)) from None
+            raise AssertionError("module printed no JSON: rc=%s out=%r err=%r"
+                                 % (out.returncode, out.stdout, out.stderr)) from None
 
     return run
 

@@ -21,9 +21,9 @@ def run_module(tmp_path: Path, args: dict, check: bool = False, diff: bool = Tru
     module_args["_ansible_diff"] = diff
     args_file = tmp_path / "args.json"
     args_file.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": module_args}))
-    env = dict(os.environ, PYTHONPATH=str(COLLECTIONS))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(COLLECTIONS), *sys.path]))
     proc = subprocess.run([sys.executable, "-m", MODULE, str(args_file)], capture_output=True, text=True, env=env,
-                          timeout=60, cwd=str(tmp_path))
+                          timeout=60, cwd=str(tmp_path), check=False)
     try:
         result = json.loads(proc.stdout)
     except ValueError:

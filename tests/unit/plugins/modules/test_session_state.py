@@ -21,9 +21,9 @@ def run_module(tmp_path: Path, args: dict, check: bool = False, diff: bool = Fal
     payload = dict(args, _ansible_check_mode=check, _ansible_diff=diff)
     argsfile = tmp_path / f"args-{random.randrange(1 << 30)}.json"
     argsfile.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": payload}))
-    full_env = dict(os.environ, PYTHONPATH=str(COLLECTIONS), LC_ALL="C", **(env or {}))
+    full_env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(COLLECTIONS), *sys.path]), LC_ALL="C", **(env or {}))
     proc = subprocess.run([sys.executable, "-m", MODULE, str(argsfile)], capture_output=True, text=True,
-                          cwd=tmp_path, env=full_env, timeout=60)
+                          cwd=tmp_path, env=full_env, timeout=60, check=False)
     try:
         return json.loads(proc.stdout)
     except ValueError:

@@ -78,9 +78,10 @@ def reference(tmp_path: Path, argument_spec: dict, params: dict, plan: dict, *, 
     argsfile.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": dict(params, _ansible_check_mode=check,
                                                                 _ansible_module_name=NAME)}))
     specfile.write_text(json.dumps({"argument_spec": argument_spec, "options": options or {}, "plan": plan}))
-    env = dict(os.environ, PYTHONPATH=COLLECTIONS, LC_ALL="C", INPROCESS_REFERENCE_SPEC=str(specfile))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([COLLECTIONS, *sys.path]), LC_ALL="C",
+               INPROCESS_REFERENCE_SPEC=str(specfile))
     proc = subprocess.run([sys.executable, "-c", REFERENCE, str(argsfile)], capture_output=True, text=True,
-                          cwd=tmp_path, env=env, timeout=60)
+                          cwd=tmp_path, env=env, timeout=60, check=False)
     try:
         return json.loads(proc.stdout)
     except ValueError:
@@ -124,7 +125,8 @@ OPTIONS = dict(required_together=[["token", "token_path"]], supports_check_mode=
     ({"mode": "fast"}, "missing required arguments: name"),
     ({"name": "a", "mode": "medium"}, "value of mode must be one of: fast, slow, got: medium"),
     ({"name": "a", "token": SECRET}, "parameters are required together: token, token_path"),
-    ({"name": "a", "count": "many"}, "argument 'count' is of type str and we were unable to convert to int"),
+    # the words after "of type" differ between ansible-core lines (2.18 and older: <class 'str'>); got == ref above
+    ({"name": "a", "count": "many"}, "argument 'count' is of type "),
 ], ids=["unsupported", "missing-required", "bad-choice", "required-together", "bad-type"])
 @pytest.mark.parametrize("check", [False, True], ids=["run", "check"])
 def test_validation_failures_are_the_ones_ansiblemodule_gives(tmp_path, params, expect_msg, check):
@@ -270,14 +272,11 @@ def test_real_modules_refuse_bad_input_the_same_way_in_process(tmp_path, module_
     for params in ({"hpc_no_such_option": 1}, {}):
         shipped = harness.run_module(module_name, dict(params, _ansible_module_name=full_name))
         shipped.pop("_rc")
-        try:
+        with pytest.raises(_ModuleExit) as done:  # run_module must not return without a result
             module = InProcessModule(full_name, mod.ARGUMENT_SPEC, dict(params), check_mode=False, diff=False,
                                      **mod.MODULE_OPTIONS)
             mod.run_module(module)
-            pytest.fail("run_module returned without a result")
-        except _ModuleExit as done:
-            got = done.result
+        got = done.value.result
         assert normalise(got) == normalise(shipped)
         assert got["failed"] is True
     assert harness.calls() == []
-

@@ -1,0 +1,57 @@
+"""The live progress view of a running playbook (rich), drawn only on a terminal.
+
+One transient block, redrawn four times a second from a :class:`~isession.progress.Progress`: a spinner with the
+current step and how long it has run, the time since the command began, and while the job waits in the queue the
+scheduler's reason, the queue position and its estimated start. The block disappears when the run ends; the
+command then prints its result as usual. Off a terminal nothing is drawn (scripts read the result, or ``--json``).
+"""
+from __future__ import annotations
+
+from typing import Any, Optional, TextIO
+
+from rich.console import Console, Group
+from rich.live import Live
+from rich.spinner import Spinner
+from rich.text import Text
+
+from .progress import Progress, duration
+
+
+def wanted(stream: TextIO) -> bool:
+    """Whether a live view belongs on ``stream``: a terminal that is not ``TERM=dumb``."""
+    try:
+        return stream.isatty() and Console(file=stream).is_terminal and not Console(file=stream).is_dumb_terminal
+    except (AttributeError, ValueError):
+        return False
+
+
+class LiveView:
+    """``with LiveView(progress, title, stream):`` draws ``progress`` on ``stream`` while the block runs."""
+
+    def __init__(self, progress: Progress, title: str, stream: TextIO) -> None:
+        self.progress = progress
+        self.title = title
+        self.console = Console(file=stream, highlight=False)
+        self.spinner = Spinner("dots", style="cyan")
+        self.live: Optional[Live] = None
+
+    def render(self) -> Group:
+        p = self.progress
+        step = p.step or "starting ansible-playbook"
+        line = Text.assemble((step, "bold"), (f"  {duration(p.step_elapsed())}", "dim"))
+        self.spinner.update(text=line)
+        rows: list = [self.spinner, Text(f"  {self.title} · {duration(p.elapsed())} elapsed", style="dim")]
+        if p.queue is not None:
+            rows.append(Text("  " + p.queue.describe(), style="yellow"))
+        return Group(*rows)
+
+    def __enter__(self) -> LiveView:
+        self.live = Live(get_renderable=self.render, console=self.console, refresh_per_second=4, transient=True,
+                         redirect_stdout=False, redirect_stderr=False)
+        self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.live is not None:
+            self.live.__exit__(*exc)
+            self.live = None
