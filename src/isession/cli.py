@@ -1,4 +1,4 @@
-"""The isession command line: start, status, list, logs, cancel, describe, watch, doctor."""
+"""The isession command line: start, status, list, logs, cancel, describe, watch, doctor, gateway."""
 from __future__ import annotations
 
 import argparse
@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-e", "--extra", action="append", default=[], metavar="KEY=VALUE",
                    help="with --service: a role input as for start (e.g. jupyterlab_executable=PATH, "
                    "session_partition=P); repeatable")
+    from .gateway import add_parser as add_gateway_parser  # noqa: PLC0415 - aiohttp is imported only when it runs
+
+    add_gateway_parser(sub)
     return parser
 
 
@@ -422,6 +425,12 @@ def cmd_doctor(args: argparse.Namespace) -> int:
                       service=service, target=args.target, inputs=inputs)
 
 
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from .gateway import cmd_gateway as run  # noqa: PLC0415
+
+    return run(args)
+
+
 def cmd_collection() -> int:
     try:
         col = find_collection()
@@ -434,7 +443,7 @@ def cmd_collection() -> int:
 
 COMMANDS: Dict[str, Callable[[argparse.Namespace], int]] = {
     "start": cmd_start, "status": cmd_status, "list": cmd_list, "logs": cmd_logs, "cancel": cmd_cancel,
-    "describe": cmd_describe, "watch": cmd_watch, "doctor": cmd_doctor,
+    "describe": cmd_describe, "watch": cmd_watch, "doctor": cmd_doctor, "gateway": cmd_gateway,
 }
 
 
