@@ -62,7 +62,7 @@ def response_headers(resp: aiohttp.ClientResponse, cookie_name: str) -> CIMultiD
     return out
 
 
-async def http(request: web.Request, client: aiohttp.ClientSession, url: str, headers: CIMultiDict, *, ssl,
+async def http(request: web.Request, client: aiohttp.ClientSession, url, headers: CIMultiDict, *, ssl,
                on_traffic: Callable[[], None], cookie_name: str) -> web.StreamResponse:
     body = request.content.iter_any() if request.body_exists else None
     async with client.request(request.method, url, headers=headers, data=body, allow_redirects=False, ssl=ssl,
@@ -81,7 +81,7 @@ async def http(request: web.Request, client: aiohttp.ClientSession, url: str, he
         return out
 
 
-async def websocket(request: web.Request, client: aiohttp.ClientSession, url: str, headers: CIMultiDict, *, ssl,
+async def websocket(request: web.Request, client: aiohttp.ClientSession, url, headers: CIMultiDict, *, ssl,
                     on_traffic: Callable[[], None]) -> web.StreamResponse:
     """Connect to the backend first (its refusal is the browser's answer), then pump frames both ways."""
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import aiohttp
+import yarl
 from aiohttp import web
 
 from .. import config, mu
@@ -400,7 +401,7 @@ class Gateway:
         drop = self.appauth.drop_headers(service) + ((self.s.trusted_header,) if self.s.trusted_header else ())
         headers = proxy.request_headers(request, cookie_name=auth.COOKIE, drop=drop, ws=ws, add=add,
                                         extra_cookie=extra_cookie)
-        url = backend + request.raw_path
+        url = yarl.URL(backend + request.raw_path, encoded=True)  # the path and query exactly as the browser sent them
 
         def traffic() -> None:
             self.activity.note(user, sess.id)
