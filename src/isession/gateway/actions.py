@@ -98,7 +98,7 @@ def resources(inventory: Optional[Path]) -> List[str]:
     try:
         cp = subprocess.run([str(exe) if exe.exists() else "ansible-inventory", "-i", str(inventory), "--list"],
                             capture_output=True, text=True, timeout=60, check=False,
-                            env={**os.environ, "LC_ALL": "C", "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False"})
+                            env={**os.environ, "LC_ALL": "C.UTF-8", "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False"})
         data = yaml.safe_load(cp.stdout) if cp.returncode == 0 else {}
     except (OSError, subprocess.SubprocessError, yaml.YAMLError):
         return []

@@ -26,14 +26,23 @@ def strip_cookie(value: str, name: str) -> str:
     return "; ".join(kept)
 
 
-def request_headers(request: web.Request, *, cookie_name: str, drop: Iterable[str] = (), ws: bool = False,
-                    add: Optional[dict] = None, extra_cookie: Optional[str] = None) -> CIMultiDict:
-    """Headers for the backend request made from the browser's ``request``."""
+def request_headers(request: web.Request, *, backend: str, cookie_name: str, drop: Iterable[str] = (),
+                    ws: bool = False, add: Optional[dict] = None, extra_cookie: Optional[str] = None) -> CIMultiDict:
+    """Headers for the backend request made from the browser's ``request``.
+
+    ``backend`` is ``scheme://127.0.0.1:PORT``. The app sees itself addressed as that, like a browser on the
+    workspace would: ``Host`` is the backend's, and an ``Origin`` (the gateway checked it is its own before
+    calling this) becomes the backend's origin. Apps that guard against DNS rebinding or cross-origin WebSockets
+    (Jupyter, code-server) then accept the request whatever name the gateway is reached by.
+    """
     named = {h.strip().lower() for h in request.headers.get("Connection", "").split(",")}
     skip = HOP_BY_HOP | named | {d.lower() for d in drop} | (WS_HANDSHAKE if ws else frozenset()) | {"cookie"}
     out = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in skip)
-    # the app sees the host the browser used (Jupyter and code-server compare a WebSocket's Origin with it)
-    out["Host"] = request.host
+    out["Host"] = backend.split("://", 1)[1]
+    if "Origin" in out:
+        out["Origin"] = backend
+    out["X-Forwarded-Host"] = request.host
+    out["X-Forwarded-Proto"] = request.scheme
     cookies = [strip_cookie(v, cookie_name) for v in request.headers.getall("Cookie", [])]
     if extra_cookie:
         cookies.append(extra_cookie)
@@ -48,8 +57,9 @@ def request_headers(request: web.Request, *, cookie_name: str, drop: Iterable[st
     return out
 
 
-def response_headers(resp: aiohttp.ClientResponse, cookie_name: str) -> CIMultiDict:
-    """The backend's headers for the browser: no hop-by-hop ones, no cookie that would overwrite the gateway's."""
+def response_headers(resp: aiohttp.ClientResponse, cookie_name: str, backend: str = "") -> CIMultiDict:
+    """The backend's headers for the browser: no hop-by-hop ones, no cookie that would overwrite the gateway's,
+    a ``Location`` on the backend's own origin made relative (the browser cannot reach that origin)."""
     named = {h.strip().lower() for h in resp.headers.get("Connection", "").split(",")}
     out = CIMultiDict()
     for key, value in resp.headers.items():
@@ -57,6 +67,9 @@ def response_headers(resp: aiohttp.ClientResponse, cookie_name: str) -> CIMultiD
         if low in HOP_BY_HOP or low in named:
             continue
         if low == "set-cookie" and value.split("=", 1)[0].strip() == cookie_name:
+            continue
+        if low == "location" and backend and value.startswith(backend + "/"):
+            out.add(key, value[len(backend):])
             continue
         out.add(key, value)
     return out
@@ -67,7 +80,7 @@ async def http(request: web.Request, client: aiohttp.ClientSession, url, headers
     body = request.content.iter_any() if request.body_exists else None
     async with client.request(request.method, url, headers=headers, data=body, allow_redirects=False, ssl=ssl,
                               auto_decompress=False) as resp:
-        out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=response_headers(resp, cookie_name))
+        out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=response_headers(resp, cookie_name, backend=f"{url.scheme}://{url.raw_authority}"))
         await out.prepare(request)
         try:
             async for chunk in resp.content.iter_any():

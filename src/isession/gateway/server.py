@@ -399,7 +399,7 @@ class Gateway:
             extra_cookie = await self.appauth.form_cookie(
                 self.client, sess.dir, f"{backend}{scheme_url}/{port}/", service=service, secret=secret, ssl=ssl_arg)
         drop = self.appauth.drop_headers(service) + ((self.s.trusted_header,) if self.s.trusted_header else ())
-        headers = proxy.request_headers(request, cookie_name=auth.COOKIE, drop=drop, ws=ws, add=add,
+        headers = proxy.request_headers(request, backend=backend, cookie_name=auth.COOKIE, drop=drop, ws=ws, add=add,
                                         extra_cookie=extra_cookie)
         url = yarl.URL(backend + request.raw_path, encoded=True)  # the path and query exactly as the browser sent them
 
