@@ -23,7 +23,8 @@ JUPYTERLAB = Path("/opt/hpc-interactive/apps/jupyterlab/bin/jupyter-lab")
 XSS = "<script>window.__xss = 1</script><img src=x onerror=\"window.__xss = 2\"><b>bold</b>"
 
 
-def run_browser(cli: Cli, cfg: dict, timeout: float = 600) -> dict:
+def run_browser(cli: Cli, cfg: dict, name: str, timeout: float = 600) -> dict:
+    """Run gateway_tools/browser.py as the user; its screenshots go to tests/output/gateway/<name>/."""
     shots = cli.tmp / "shots"
     shots.mkdir(exist_ok=True)
     cfg = dict(cfg, shots=str(shots))
@@ -31,10 +32,12 @@ def run_browser(cli: Cli, cfg: dict, timeout: float = 600) -> dict:
     chown_tree(shots, cli.user)
     cp = cli.bed.run("workspace", [str(cli.bed.venv / "bin" / "python"), str(cli.tmp / "tools" / "browser.py"),
                                    str(path)], user=cli.user, env=cli.env, timeout=timeout)
-    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    dest = ARTIFACTS / name
+    shutil.rmtree(dest, ignore_errors=True)
+    dest.mkdir(parents=True)
     for png in shots.glob("*.png"):
-        shutil.copy(png, ARTIFACTS / png.name)
-    assert cp.returncode == 0, f"browser failed ({cp.returncode}); screenshots in {ARTIFACTS}\n{cp.stderr[-4000:]}"
+        shutil.copy(png, dest / png.name)
+    assert cp.returncode == 0, f"browser failed ({cp.returncode}); screenshots in {dest}\n{cp.stderr[-4000:]}"
     return json.loads(cp.stdout.strip().splitlines()[-1])
 
 
@@ -48,7 +51,7 @@ def test_browser_logs_in_starts_jupyterlab_on_slurm_runs_a_cell_and_cancels(bed)
     gw = GatewayRun(cli, 9191).start()
     try:
         seen = run_browser(cli, {"base": gw.base, "secret": gw.secret, "resource": "controller",
-                                 "jupyterlab": True, "xss": ["gw-xss-message", "gw-xss-status"]})
+                                 "jupyterlab": True, "xss": ["gw-xss-message", "gw-xss-status"]}, "jupyterlab")
     finally:
         gw.stop()
         for sess in cli.json("list", "--live"):  # a failed run leaves no job behind
@@ -71,7 +74,7 @@ def test_browser_logs_in_starts_jupyterlab_on_slurm_runs_a_cell_and_cancels(bed)
     assert cli.service(sid)["JOB_STATUS"] == "Cancelled"
     assert queue(bed, state["job_name"]) == "" or "COMPLETING" in queue(bed, state["job_name"])
     assert not seen["errors"], seen["errors"]
-    assert (ARTIFACTS / "07-notebook-cell.png").stat().st_size > 10_000
+    assert (ARTIFACTS / "jupyterlab" / "07-notebook-cell.png").stat().st_size > 10_000
 
 
 @pytest.mark.skipif(not (REPO / "playbooks" / "start_vnc.yml").exists(),
@@ -81,7 +84,7 @@ def test_browser_sees_the_xfce_desktop_through_novnc(bed):
     install_tools(cli)
     gw = GatewayRun(cli, 9192).start()
     try:
-        seen = run_browser(cli, {"base": gw.base, "secret": gw.secret, "resource": "controller", "vnc": True})
+        seen = run_browser(cli, {"base": gw.base, "secret": gw.secret, "resource": "controller", "vnc": True}, "vnc")
     finally:
         gw.stop()
     assert seen["steps"] == ["login", "vnc"], seen

@@ -102,8 +102,15 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     print(f"isession gateway on http://{settings.host}:{settings.port}/ "
           f"({'users: ' + ', '.join(settings.users) if settings.multi else 'user ' + next(iter(settings.users))})",
           flush=True)
+    loop = None
+    try:  # uvloop (libuv, as node uses) when installed: ~1.5x the requests per second of asyncio's own loop
+        import uvloop  # noqa: PLC0415
+
+        loop = uvloop.new_event_loop()
+    except ImportError:
+        pass
     web.run_app(gw.app(), host=settings.host, port=settings.port, print=None, access_log=None,
-                handle_signals=True, shutdown_timeout=5)
+                handle_signals=True, shutdown_timeout=5, loop=loop)
     return 0
 
 

@@ -13,15 +13,15 @@ read of two small files, with no walk over ``/proc/<pid>/fd``.
 from __future__ import annotations
 
 import time
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, List, Optional, Tuple
 
 LISTEN = "0A"
 TABLES = ("net/tcp", "net/tcp6")
 
 
-def listening_uids(port: int, proc: str = "/proc") -> Tuple[int, ...]:
-    """Owner uids of the TCP sockets LISTENing on ``port`` (any local address) in this network namespace."""
-    uids = []
+def listeners(proc: str = "/proc") -> Dict[int, Tuple[int, ...]]:
+    """``{port: owner uids}`` of every TCP socket LISTENing (any local address) in this network namespace."""
+    out: Dict[int, List[int]] = {}
     for table in TABLES:
         try:
             with open(f"{proc}/{table}", encoding="ascii") as fh:
@@ -29,10 +29,15 @@ def listening_uids(port: int, proc: str = "/proc") -> Tuple[int, ...]:
         except OSError:
             continue
         for row in rows:
-            f = row.split()
-            if len(f) > 7 and f[3] == LISTEN and int(f[1].rsplit(":", 1)[1], 16) == port:
-                uids.append(int(f[7]))
-    return tuple(uids)
+            f = row.split(None, 8)
+            if len(f) > 7 and f[3] == LISTEN:
+                out.setdefault(int(f[1].rsplit(":", 1)[1], 16), []).append(int(f[7]))
+    return {port: tuple(uids) for port, uids in out.items()}
+
+
+def listening_uids(port: int, proc: str = "/proc") -> Tuple[int, ...]:
+    """Owner uids of the TCP sockets LISTENing on ``port`` (any local address) in this network namespace."""
+    return listeners(proc).get(port, ())
 
 
 def listener_belongs_to_user(port: int, uid: int, proc: str = "/proc") -> bool:
@@ -40,34 +45,33 @@ def listener_belongs_to_user(port: int, uid: int, proc: str = "/proc") -> bool:
 
     No listener is False as well: the gateway then answers without connecting (the app is not up).
     """
-    uids = listening_uids(port, proc)
+    return owned(listening_uids(port, proc), uid)
+
+
+def owned(uids: Tuple[int, ...], uid: int) -> bool:
     return bool(uids) and all(u == uid for u in uids)
 
 
 class OwnershipCache:
-    """:func:`listener_belongs_to_user` remembered for ``ttl`` seconds per (port, uid).
+    """The listening sockets' owners, read once per ``ttl`` seconds for every port at once.
 
-    A page load makes dozens of requests to one port; one check a second per port keeps the check off the hot
-    path. A positive answer is what is cached; the window in which a port could change hands unnoticed is ``ttl``.
+    A page load makes dozens of requests to one port and a busy gateway serves many ports; one read of the socket
+    tables a second keeps the check off the hot path. A port found owned is trusted for at most ``ttl``; a port
+    not owned (or not listening) is looked up again at once when the last read is older than ``recheck``, so a
+    listener that just came up is seen.
     """
 
-    def __init__(self, ttl: float = 1.0, check=listener_belongs_to_user) -> None:
-        self.ttl = ttl
-        self.check = check
-        self._ok: Dict[Tuple[int, int], float] = {}
+    def __init__(self, ttl: float = 1.0, recheck: float = 0.1, read=listeners) -> None:
+        self.ttl, self.recheck, self.read = ttl, recheck, read
+        self._table: Dict[int, Tuple[int, ...]] = {}
+        self._at = float("-inf")
 
     def ok(self, port: int, uid: int, now: Optional[float] = None) -> bool:
         now = time.monotonic() if now is None else now
-        key = (port, uid)
-        until = self._ok.get(key)
-        if until is not None and until > now:
-            return True
-        if self.check(port, uid):
-            self._ok[key] = now + self.ttl
-            return True
-        self._ok.pop(key, None)
-        return False
+        age = now - self._at
+        if age > self.ttl or (age > self.recheck and not owned(self._table.get(port, ()), uid)):
+            self._table, self._at = self.read(), now
+        return owned(self._table.get(port, ()), uid)
 
     def forget(self, port: int) -> None:
-        for key in [k for k in self._ok if k[0] == port]:
-            del self._ok[key]
+        self._at = float("-inf")

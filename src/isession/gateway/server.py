@@ -115,7 +115,7 @@ class Gateway:
         app["idle"].cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await app["idle"]
-        self.activity.flush(self.s.users)
+        self.activity.flush(self.s.users, force=True)
         if self.client:
             await self.client.close()
 

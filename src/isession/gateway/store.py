@@ -117,19 +117,15 @@ def set_session_prefs(user: User, sid: str, **values: Any) -> None:
 
 
 class Activity:
-    """Last traffic per session: noted in memory on every request or frame, flushed to disk now and then."""
+    """Last traffic per session: noted in memory on every request or frame (a dict write, nothing else on the
+    proxy's path), written to disk by :meth:`flush` from the idle loop's thread (an fsync'd file per session)."""
 
     def __init__(self) -> None:
         self._seen: Dict[Tuple[str, str], float] = {}
         self._flushed: Dict[Tuple[str, str], float] = {}
 
     def note(self, user: User, sid: str, now: Optional[float] = None) -> None:
-        now = time.time() if now is None else now
-        key = (user.name, sid)
-        self._seen[key] = now
-        if now - self._flushed.get(key, 0.0) >= FLUSH_EVERY:
-            self._flushed[key] = now
-            self._write(user, sid, now)
+        self._seen[(user.name, sid)] = time.time() if now is None else now
 
     @staticmethod
     def _write(user: User, sid: str, at: float) -> None:
@@ -144,9 +140,11 @@ class Activity:
         times = [t for t in (mem, disk) if isinstance(t, (int, float))]
         return max(times) if times else None
 
-    def flush(self, users: Dict[str, User]) -> None:
+    def flush(self, users: Dict[str, User], *, force: bool = False) -> None:
+        """Write each session's last traffic when it moved by ``FLUSH_EVERY`` s or more since the last write."""
+        every = 0.0 if force else FLUSH_EVERY
         for (name, sid), at in list(self._seen.items()):
-            if self._flushed.get((name, sid), 0.0) < at and name in users:
+            if at - self._flushed.get((name, sid), 0.0) > every and name in users:
                 self._flushed[(name, sid)] = at
                 self._write(users[name], sid, at)
 
