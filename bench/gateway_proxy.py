@@ -12,7 +12,9 @@ with one route per session. Measured in the same run, interleaved, ``--rounds`` 
   as a proxy-less client would): requests/s and p50/p99 latency;
 * WebSocket echo round-trip: one connection, ``--ws-messages`` sequential 64-byte messages to an aiohttp echo
   backend (median and p99);
-* the gateway's memory (RSS and PSS from ``/proc/PID/smaps_rollup``) after the load.
+* the gateway's memory (RSS and PSS from ``/proc/PID/smaps_rollup``, workers included) after the load.
+
+The gateway is measured with 1 worker process (the default) and with ``--workers 2`` (``--gateway-workers``).
 
 Results: ``bench/results/gateway-<UTC>.json`` and ``.txt``.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
@@ -148,10 +151,10 @@ def wrk(port: int, script: Path, duration: float, connections: int, cookie: str 
             "socket_errors": sock.group(1) if sock else ""}
 
 
-async def ws_rtt(url: str, n: int, cookie: str = "") -> dict:
+async def ws_rtt(url: str, n: int, cookie: str = "", origin: str = "http://127.0.0.1") -> dict:
     import aiohttp  # noqa: PLC0415
 
-    headers = {"Origin": f"http://127.0.0.1:{GW_PORT}"}
+    headers = {"Origin": origin}
     if cookie:
         headers["Cookie"] = f"isession_gateway={cookie}"
     times = []
@@ -169,10 +172,15 @@ async def ws_rtt(url: str, n: int, cookie: str = "") -> dict:
     return {"median_ms": statistics.median(times), "p99_ms": times[int(len(times) * 0.99) - 1]}
 
 
-def memory(pid: int) -> dict:
-    text = Path(f"/proc/{pid}/smaps_rollup").read_text()
-    get = lambda key: int(re.search(rf"^{key}:\s+(\d+) kB", text, re.M).group(1)) / 1024  # noqa: E731
-    return {"rss_mib": round(get("Rss"), 1), "pss_mib": round(get("Pss"), 1)}
+def tree_memory(pid: int) -> dict:
+    """RSS and PSS of ``pid`` and its worker children (PSS counts pages shared after fork once)."""
+    pids = [pid] + [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    rss = pss = 0.0
+    for p in pids:
+        text = Path(f"/proc/{p}/smaps_rollup").read_text()
+        rss += int(re.search(r"^Rss:\s+(\d+) kB", text, re.M).group(1)) / 1024
+        pss += int(re.search(r"^Pss:\s+(\d+) kB", text, re.M).group(1)) / 1024
+    return {"processes": len(pids), "rss_mib": round(rss, 1), "pss_mib": round(pss, 1)}
 
 
 def main() -> int:  # noqa: PLR0915
@@ -181,6 +189,8 @@ def main() -> int:  # noqa: PLR0915
     ap.add_argument("--duration", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--ws-messages", type=int, default=2000)
+    ap.add_argument("--gateway-workers", default="1,2",
+                    help="gateway configurations to measure, as worker counts (default 1,2)")
     ap.add_argument("--chp-dir", default="/var/tmp/isession-bench/chp")  # noqa: S108 - root's bench-only cache
     ap.add_argument("--out", help="results file stem (default bench/results/gateway-<UTC>)")
     args = ap.parse_args()
@@ -201,38 +211,50 @@ def main() -> int:  # noqa: PLR0915
                                        str(work / "nginx.err"), "-g", "daemon off;"], start_new_session=True))
         procs.append(subprocess.Popen([sys.executable, "-c", WS_BACKEND], start_new_session=True))
         env = dict(os.environ, ISESSION_ROOT=str(root), ISESSION_COLLECTIONS=str(collections))
-        gw = subprocess.Popen([str(venv / "isession"), "gateway", "--listen", f"127.0.0.1:{GW_PORT}",
-                               "--secret-file", str(secret)], env=env, start_new_session=True,
-                              stdout=open(work / "gateway.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
-        procs.append(gw)
+        gateways = {}  # name -> (port, process)
+        for i, workers in enumerate(int(w) for w in args.gateway_workers.split(",")):
+            name = "gateway" if workers == 1 else f"gateway-{workers}w"
+            port = GW_PORT + 10 * i
+            gw = subprocess.Popen([str(venv / "isession"), "gateway", "--listen", f"127.0.0.1:{port}", "--workers",
+                                   str(workers), "--secret-file", str(secret)], env=env, start_new_session=True,
+                                  stdout=open(work / f"{name}.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115
+            procs.append(gw)
+            gateways[name] = (port, gw)
         token = "bench-chp-api-token"  # noqa: S105
         procs.append(subprocess.Popen([str(chp), "--ip", "127.0.0.1", "--port", str(CHP_PORT), "--api-ip",
                                        "127.0.0.1", "--api-port", str(CHP_API), "--log-level", "error"],
                                       env=dict(os.environ, CONFIGPROXY_AUTH_TOKEN=token), start_new_session=True))
-        for port in (ports[0], WS_PORT, GW_PORT, CHP_PORT, CHP_API):
+        for port in (ports[0], WS_PORT, CHP_PORT, CHP_API, *(p for p, _ in gateways.values())):
             wait_port(port)
         for port in ports + [WS_PORT]:
             req = urllib.request.Request(f"http://127.0.0.1:{CHP_API}/api/routes/me/{port}", method="POST",
                                          data=json.dumps({"target": f"http://127.0.0.1:{port}"}).encode(),
                                          headers={"Authorization": f"token {token}"})
             urllib.request.urlopen(req, timeout=10).close()  # noqa: S310 - loopback
-        cookie = login(GW_PORT)
+        cookies = {name: login(port) for name, (port, _) in gateways.items()}
         script = work / "random.lua"
         script.write_text(WRK_LUA % (42, BASE_PORT, args.sessions - 1))
         one = work / "one.lua"
         one.write_text(WRK_LUA % (42, BASE_PORT, 0))
-        targets = {"direct": (ports[0], one, ""), "gateway": (GW_PORT, script, cookie), "chp": (CHP_PORT, script, "")}
+        targets = {"direct": (ports[0], one, ""), "chp": (CHP_PORT, script, "")}
+        targets.update({name: (port, script, cookies[name]) for name, (port, _) in gateways.items()})
         for port, scr, ck in targets.values():  # warm-up
             wrk(port, scr, 2, args.sessions, ck)
         http = {name: [] for name in targets}
         for _ in range(args.rounds):
             for name, (port, scr, ck) in targets.items():
                 http[name].append(wrk(port, scr, args.duration, args.sessions, ck))
-        mem = memory(gw.pid)
+        mem = {name: tree_memory(proc.pid) for name, (_, proc) in gateways.items()}
         ws = {"direct": asyncio.run(ws_rtt(f"ws://127.0.0.1:{WS_PORT}/me/{WS_PORT}/ws", args.ws_messages)),
-              "gateway": asyncio.run(ws_rtt(f"ws://127.0.0.1:{GW_PORT}/me/{WS_PORT}/ws", args.ws_messages, cookie)),
               "chp": asyncio.run(ws_rtt(f"ws://127.0.0.1:{CHP_PORT}/me/{WS_PORT}/ws", args.ws_messages))}
+        for name, (port, _) in gateways.items():
+            ws[name] = asyncio.run(ws_rtt(f"ws://127.0.0.1:{port}/me/{WS_PORT}/ws", args.ws_messages, cookies[name],
+                                          origin=f"http://127.0.0.1:{port}"))
     finally:
+        watcher = work / "sessions" / ".watcher.pid"  # the watcher the gateway started for the bench's root
+        if watcher.exists() and watcher.read_text().strip().isdigit():
+            with contextlib.suppress(OSError):
+                os.kill(int(watcher.read_text().strip()), signal.SIGTERM)
         for p in procs:
             if p.poll() is None:
                 os.killpg(p.pid, signal.SIGTERM)
@@ -242,6 +264,7 @@ def main() -> int:  # noqa: PLR0915
     def med(name, key):
         return statistics.median(r[key] for r in http[name])
 
+    gateways_seen = [name for name in http if name.startswith("gateway")]
     summary = {name: {"rps": round(med(name, "rps")), "p50_ms": round(med(name, "p50_ms"), 2),
                       "p99_ms": round(med(name, "p99_ms"), 2)} for name in http}
     result = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "sessions": args.sessions,
@@ -250,16 +273,18 @@ def main() -> int:  # noqa: PLR0915
               "ws_echo": ws, "gateway_memory": mem, "chp_version": CHP_VERSION}
     lines = [f"isession gateway benchmark {result['when']} ({args.sessions} sessions, {args.rounds} rounds x "
              f"{args.duration:g} s, wrk -t2 -c{args.sessions}; medians)", "",
-             f"{'path':<10}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'ws echo med ms':>16}{'ws p99 ms':>11}"]
-    for name in ("direct", "gateway", "chp"):
-        s, w = summary[name], ws[name]
-        lines.append(f"{name:<10}{s['rps']:>10}{s['p50_ms']:>10}{s['p99_ms']:>10}{w['median_ms']:>16.3f}"
+             f"{'path':<14}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'ws echo med ms':>16}{'ws p99 ms':>11}"]
+    for name, s in summary.items():
+        w = ws[name]
+        lines.append(f"{name:<14}{s['rps']:>10}{s['p50_ms']:>10}{s['p99_ms']:>10}{w['median_ms']:>16.3f}"
                      f"{w['p99_ms']:>11.3f}")
-    lines += ["", f"gateway memory after the load: RSS {mem['rss_mib']} MiB, PSS {mem['pss_mib']} MiB",
-              f"target: gateway req/s >= chp ({summary['gateway']['rps']} vs {summary['chp']['rps']}: "
-              f"{'met' if summary['gateway']['rps'] >= summary['chp']['rps'] else 'NOT met'}), "
-              f"p99 <= chp ({summary['gateway']['p99_ms']} vs {summary['chp']['p99_ms']}: "
-              f"{'met' if summary['gateway']['p99_ms'] <= summary['chp']['p99_ms'] else 'NOT met'})"]
+    lines.append("")
+    for name in gateways_seen:
+        m, s, c = mem[name], summary[name], summary["chp"]
+        lines += [f"{name}: memory after the load RSS {m['rss_mib']} MiB, PSS {m['pss_mib']} MiB "
+                  f"({m['processes']} processes); target req/s >= chp ({s['rps']} vs {c['rps']}: "
+                  f"{'met' if s['rps'] >= c['rps'] else 'NOT met'}), p99 <= chp ({s['p99_ms']} vs {c['p99_ms']}: "
+                  f"{'met' if s['p99_ms'] <= c['p99_ms'] else 'NOT met'})"]
     stem = Path(args.out) if args.out else REPO / "bench" / "results" / \
         f"gateway-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
     stem.parent.mkdir(parents=True, exist_ok=True)

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Optional, Tuple
@@ -39,6 +41,9 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="how long a login lasts (default 720)")
     p.add_argument("--cookie-secure", choices=("auto", "yes", "no"), default="auto",
                    help="mark the login cookie Secure (auto: when the request came over https)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="serve from N processes sharing the port (SO_REUSEPORT; default 1). All state is in files, "
+                        "so any worker serves any request; the first also runs idle auto-cancel")
     return p
 
 
@@ -55,6 +60,8 @@ def settings_from_args(args: argparse.Namespace):
     from .server import Settings  # noqa: PLC0415
 
     host, port = parse_listen(args.listen)
+    if not 1 <= args.workers <= 64:
+        raise config.UsageError("--workers: between 1 and 64")
     inventory = config.find_inventory(args.inventory)
     if args.trusted_header and not args.users:
         raise config.UsageError("--trusted-header needs --users (it is multi-user mode)")
@@ -86,22 +93,54 @@ def settings_from_args(args: argparse.Namespace):
                     trusted_header=args.trusted_header, trusted_proxies=tuple(args.trusted_proxy),
                     public_origin=args.public_origin, login_ttl=args.login_ttl * 60,
                     idle_timeout=max(0.0, args.idle_timeout) * 60, inventory=inventory,
-                    cookie_secure={"auto": None, "yes": True, "no": False}[args.cookie_secure])
+                    cookie_secure={"auto": None, "yes": True, "no": False}[args.cookie_secure],
+                    workers=args.workers)
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
-    from aiohttp import web  # noqa: PLC0415
-
-    from .server import Gateway  # noqa: PLC0415
-
     settings = settings_from_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     os.umask(0o077)
-    gw = Gateway(settings)
-    print(f"isession gateway on http://{settings.host}:{settings.port}/ "
-          f"({'users: ' + ', '.join(settings.users) if settings.multi else 'user ' + next(iter(settings.users))})",
+    who = "users: " + ", ".join(settings.users) if settings.multi else "user " + next(iter(settings.users))
+    if settings.workers == 1:
+        print(f"isession gateway on http://{settings.host}:{settings.port}/ ({who})", flush=True)
+        return serve(settings)
+    children = []
+    for index in range(settings.workers):
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - a worker process
+            settings.primary = index == 0
+            code = 1
+            try:
+                code = serve(settings, reuse_port=True)
+            finally:
+                os._exit(code)
+        children.append(pid)
+    print(f"isession gateway on http://{settings.host}:{settings.port}/ ({who}; {settings.workers} workers)",
           flush=True)
+
+    def stop(signum: int, _frame) -> None:
+        for pid in children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    code = 0
+    for pid in children:  # one worker's end ends the gateway: the others are told to stop too
+        _, status = os.waitpid(pid, 0)
+        code = code or os.waitstatus_to_exitcode(status)
+        stop(signal.SIGTERM, None)
+    return 0 if code in (0, -signal.SIGTERM) else 1
+
+
+def serve(settings, *, reuse_port: bool = False) -> int:
+    from aiohttp import web  # noqa: PLC0415
+
+    from .server import Gateway  # noqa: PLC0415
+
+    gw = Gateway(settings)
     loop = None
     try:  # uvloop (libuv, as node uses) when installed: ~1.5x the requests per second of asyncio's own loop
         import uvloop  # noqa: PLC0415
@@ -110,7 +149,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     except ImportError:
         pass
     web.run_app(gw.app(), host=settings.host, port=settings.port, print=None, access_log=None,
-                handle_signals=True, shutdown_timeout=5, loop=loop)
+                handle_signals=True, shutdown_timeout=5, loop=loop, reuse_port=reuse_port or None)
     return 0
 
 

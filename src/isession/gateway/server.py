@@ -62,6 +62,8 @@ class Settings:
     inventory: Optional[Path] = None
     cookie_secure: Optional[bool] = None  # None: when the request came over https
     ownership_ttl: float = 1.0
+    workers: int = 1
+    primary: bool = True  # the worker that runs idle auto-cancel and starts watchers (the others flush activity)
 
 
 class Gateway:
@@ -106,9 +108,8 @@ class Gateway:
             cookie_jar=aiohttp.DummyCookieJar(), auto_decompress=False,
             skip_auto_headers=("User-Agent", "Accept-Encoding", "Accept"),
             timeout=aiohttp.ClientTimeout(total=None, sock_connect=10))
-        self.logins.sweep()
-        for user in self.s.users.values():
-            self._spawned(actions.ensure_watcher(user, self.s.inventory))
+        if self.s.primary:
+            self.logins.sweep()  # the idle loop's first round starts the watcher of every user with live sessions
         app["idle"] = asyncio.ensure_future(self.idle_loop())
 
     async def _cleanup(self, app: web.Application) -> None:
@@ -444,7 +445,10 @@ class Gateway:
     async def idle_loop(self) -> None:
         while True:
             try:
-                await asyncio.to_thread(self.idle_round)
+                if self.s.primary:
+                    await asyncio.to_thread(self.idle_round)
+                else:
+                    await asyncio.to_thread(self.activity.flush, self.s.users)
             except Exception:  # noqa: BLE001 - the loop must outlive one bad session directory
                 log.exception("idle round failed")
             await asyncio.sleep(IDLE_TICK)

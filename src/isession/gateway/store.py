@@ -129,8 +129,12 @@ class Activity:
 
     @staticmethod
     def _write(user: User, sid: str, at: float) -> None:
+        path = user.state / "activity" / f"{sid}.json"
+        on_disk = _read_json(path).get("last")
+        if isinstance(on_disk, (int, float)) and on_disk >= at:
+            return  # another worker saw later traffic
         try:
-            _write_json(user.state / "activity" / f"{sid}.json", {"last": at})
+            _write_json(path, {"last": at})
         except OSError:
             pass  # a full disk must not break the proxy; the in-memory time still counts
 
