@@ -115,6 +115,20 @@ def test_forged_tampered_and_logged_out_cookies_are_refused(gw):
     assert g.http("GET", "/me/9501/echo", cookie)["status"] == 401
 
 
+def test_a_restarted_gateway_keeps_logins_and_sessions(gw):
+    cli = gw["cli"]
+    first = GatewayRun(cli, 9188).start()
+    cookie = first.login()
+    assert first.http("GET", "/me/9501/echo", cookie)["status"] == 200
+    first.stop()
+    again = GatewayRun(cli, 9188).start()  # nothing but the session root and its .gateway directory carried over
+    try:
+        assert again.http("GET", "/me/9501/echo", cookie)["status"] == 200
+        assert "gw-own" in again.http("GET", "/", cookie)["body"]
+    finally:
+        again.stop()
+
+
 def test_expired_cookie_is_refused(gw):
     cli = gw["cli"]
     short = GatewayRun(cli, 9183, "--login-ttl", "0.05").start()  # 3 s
