@@ -138,11 +138,12 @@ class Backend:
 
 
 def fake_session(cli: Cli, sid: str, port: int, status: str = "Running", message: str = "", *,
-                 root: Optional[Path] = None, url: str = "/me", raw_status: Optional[str] = None) -> Path:
+                 root: Optional[Path] = None, url: str = "/me", raw_status: Optional[str] = None,
+                 service: str = "nginx") -> Path:
     """A session record + service.json written as ``cli.user`` through the collection's own module_utils."""
     root = root or cli.root
     args = [str(cli.bed.venv / "bin" / "python"), str(cli.tmp / "tools" / "session.py"), str(root), sid, str(port),
-            status, message, "--url", url]
+            status, message, "--url", url, "--service", service]
     if raw_status:
         args += ["--raw-status", raw_status]
     env = dict(cli.env, PYTHONPATH=f"{cli.env['PYTHONPATH']}:{cli.bed.collections_path}")

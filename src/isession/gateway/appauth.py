@@ -5,6 +5,8 @@ How an app wants its secret is the ``auth`` entry of the service's spec (``roles
 
 * ``type: header`` (the default; Jupyter, nginx): every backend request and WebSocket upgrade carries
   ``<header>: <format with {secret}>``; whatever the browser sent in that header is dropped.
+* ``type: vnc`` (desktops): the gateway answers the VNC server's password challenge inside the RFB stream on the
+  WebSocket (:mod:`.rfb`) and offers the browser no authentication, so noVNC connects without asking.
 * ``type: form`` (code-server): the gateway posts ``<field>=<secret>`` to ``<base><path>`` once, keeps the
   session cookie the app answers with (in memory only; it is re-made after a restart or when it stops working)
   and adds it to the ``Cookie`` header of every backend request.
@@ -64,6 +66,19 @@ class AppAuth:
         if spec.get("type", "header") != "header" or not spec.get("header"):
             return None
         return str(spec["header"]), str(spec.get("format", "{secret}")).replace("{secret}", secret)
+
+    def vnc_password(self, service: Optional[str], secret: str) -> Optional[str]:
+        """For a ``type: vnc`` app: the VNC password the gateway answers the server's challenge with.
+
+        ``password: derived`` (the desktop roles): derived from the session secret by the collection's own
+        ``_desktop.vnc_password``; otherwise the secret's first 8 characters (VNC reads no more).
+        """
+        spec = self.spec(service)
+        if spec.get("type") != "vnc":
+            return None
+        if spec.get("password") == "derived":
+            return mu.load("_desktop").vnc_password(secret)
+        return secret[:8]
 
     def drop_headers(self, service: Optional[str]) -> Tuple[str, ...]:
         """Headers of the browser's request that must not reach the app (the secret's own)."""

@@ -8,12 +8,14 @@ is added by the caller. The path and query go unchanged.
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Callable, Iterable, Optional
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+log = logging.getLogger("isession.gateway")
 HOP_BY_HOP = frozenset(("connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
                         "trailers", "transfer-encoding", "upgrade", "proxy-connection", "host"))
 WS_HANDSHAKE = frozenset(("sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions",
@@ -95,8 +97,12 @@ async def http(request: web.Request, client: aiohttp.ClientSession, url, headers
 
 
 async def websocket(request: web.Request, client: aiohttp.ClientSession, url, headers: CIMultiDict, *, ssl,
-                    on_traffic: Callable[[], None]) -> web.StreamResponse:
-    """Connect to the backend first (its refusal is the browser's answer), then pump frames both ways."""
+                    on_traffic: Callable[[], None], handshake=None) -> web.StreamResponse:
+    """Connect to the backend first (its refusal is the browser's answer), then pump frames both ways.
+
+    ``handshake`` (an :class:`~.rfb.Handshake`) sees the binary frames until it is done, and may answer either side
+    (the VNC password); from then on frames pass unchanged.
+    """
     protocols = [p.strip() for p in request.headers.get("Sec-WebSocket-Protocol", "").split(",") if p.strip()]
     try:
         back = await client.ws_connect(url, headers=headers, protocols=protocols, ssl=ssl, autoping=False,
@@ -108,13 +114,25 @@ async def websocket(request: web.Request, client: aiohttp.ClientSession, url, he
                                   max_msg_size=0, autoclose=False)
     await front.prepare(request)
 
+    async def binary(src, data: bytes) -> None:
+        if handshake is None or handshake.done:
+            await (back if src is front else front).send_bytes(data)
+            return
+        to_front, to_back = handshake.from_client(data) if src is front else handshake.from_server(data)
+        if to_front:
+            await front.send_bytes(to_front)
+        if to_back:
+            await back.send_bytes(to_back)
+        if handshake.failed:
+            raise ConnectionAbortedError(handshake.failed)
+
     async def pump(src, dst) -> None:
         async for msg in src:
             on_traffic()
             if msg.type == aiohttp.WSMsgType.TEXT:
                 await dst.send_str(msg.data)
             elif msg.type == aiohttp.WSMsgType.BINARY:
-                await dst.send_bytes(msg.data)
+                await binary(src, msg.data)
             elif msg.type == aiohttp.WSMsgType.PING:
                 await dst.ping(msg.data)
             elif msg.type == aiohttp.WSMsgType.PONG:
@@ -126,6 +144,9 @@ async def websocket(request: web.Request, client: aiohttp.ClientSession, url, he
     tasks = [asyncio.ensure_future(pump(front, back)), asyncio.ensure_future(pump(back, front))]
     try:
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:  # a refused VNC password ends the relay; the browser has been told why
+            if task.done() and isinstance(task.exception(), ConnectionAbortedError):
+                log.warning("WebSocket to %s closed: %s", url, task.exception())
     finally:
         for task in tasks:
             task.cancel()

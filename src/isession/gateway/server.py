@@ -31,7 +31,7 @@ from aiohttp import web
 
 from .. import config, mu
 from ..describe import describe, services
-from . import actions, appauth, auth, ownership, pages, proxy, store
+from . import actions, appauth, auth, ownership, pages, proxy, rfb, store
 
 log = logging.getLogger("isession.gateway")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -410,7 +410,9 @@ class Gateway:
         traffic()
         try:
             if ws:
-                return await proxy.websocket(request, self.client, url, headers, ssl=ssl_arg, on_traffic=traffic)
+                password = self.appauth.vnc_password(service, secret) if secret else None
+                return await proxy.websocket(request, self.client, url, headers, ssl=ssl_arg, on_traffic=traffic,
+                                             handshake=rfb.Handshake(password) if password else None)
             return await proxy.http(request, self.client, url, headers, ssl=ssl_arg, on_traffic=traffic,
                                     cookie_name=auth.COOKIE)
         except aiohttp.ServerFingerprintMismatch:

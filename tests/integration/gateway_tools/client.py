@@ -3,6 +3,7 @@
     client.py http METHOD URL [--cookie VALUE] [--header NAME:VALUE]... [--data FORM] [--source ADDR]
     client.py ws URL [--cookie VALUE] [--origin ORIGIN]
     client.py login BASE SECRET [--user NAME]       -> {"cookie": ...}
+    client.py rfb URL [--cookie VALUE] [--origin ORIGIN]   -> the RFB handshake as noVNC does it, no password
 """
 import argparse
 import asyncio
@@ -51,6 +52,36 @@ async def main(a):
                     return {"status": 101, "echo": msg.data}
             except aiohttp.WSServerHandshakeError as exc:
                 return {"status": exc.status}
+        if a.kind == "rfb":
+            (url,) = a.rest
+            headers["Origin"] = a.origin or ""
+            async with s.ws_connect(url, headers=headers, protocols=["binary"]) as ws:
+                buf = b""
+
+                async def need(n):
+                    nonlocal buf
+                    while len(buf) < n:
+                        msg = await ws.receive(timeout=10)
+                        if msg.type != aiohttp.WSMsgType.BINARY:
+                            raise SystemExit(f"unexpected {msg.type}: {msg.data!r} after {buf!r}")
+                        buf += msg.data
+                    out, buf = buf[:n], buf[n:]
+                    return out
+
+                version = await need(12)
+                await ws.send_bytes(b"RFB 003.008\n")
+                count = (await need(1))[0]
+                types = list(await need(count)) if count else []
+                result = {"version": version.decode(), "types": types}
+                if 1 in types:
+                    await ws.send_bytes(bytes([1]))
+                    result["result"] = int.from_bytes(await need(4), "big")
+                    await ws.send_bytes(bytes([1]))  # ClientInit: shared
+                    init = await need(24)
+                    name = await need(int.from_bytes(init[20:24], "big"))
+                    result.update(width=int.from_bytes(init[0:2], "big"), height=int.from_bytes(init[2:4], "big"),
+                                  name=name.decode(errors="replace"))
+                return result
         if a.kind == "login":
             base, secret = a.rest
             form = {"secret": secret, "next": "/"}

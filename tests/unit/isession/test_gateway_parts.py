@@ -154,3 +154,63 @@ def test_logins_sweep_removes_only_expired(tmp_path):
     new = logins.issue("b")
     assert logins.sweep() == 1
     assert logins.lookup(new) is not None and logins.lookup(old) is None
+
+
+def rfb_exchange(password: str, chunk: int):
+    """Drive rfb.Handshake with a scripted VNC server and browser, the bytes cut into ``chunk``-sized frames."""
+    from isession.gateway import rfb  # noqa: PLC0415
+
+    hs = rfb.Handshake(password)
+    challenge = bytes(range(16))
+    to_client, to_server = b"", b""
+
+    def feed(side: str, data: bytes) -> None:
+        nonlocal to_client, to_server
+        for i in range(0, len(data), chunk):
+            a, b = (hs.from_server if side == "server" else hs.from_client)(data[i:i + chunk])
+            to_client, to_server = to_client + a, to_server + b
+
+    feed("server", b"RFB 003.008\n")
+    feed("client", b"RFB 003.008\n")
+    feed("server", bytes([2, 16, 2]) + challenge)  # types Tight(16) and VncAuth(2), then the challenge
+    assert to_server == b"RFB 003.008\n" + bytes([2]) + rfb.vnc_response(password, challenge)
+    feed("server", b"\0\0\0\0")  # SecurityResult OK
+    feed("client", bytes([1, 1]))  # the browser picks None, then ClientInit (shared)
+    assert hs.done and not hs.failed
+    return to_client, to_server, hs
+
+
+@pytest.mark.parametrize("chunk", [1, 5, 1000])
+def test_rfb_handshake_answers_the_password_and_offers_the_browser_none(chunk):
+    to_client, to_server, _ = rfb_exchange("pa55word", chunk)
+    assert to_client == b"RFB 003.008\n" + bytes([1, 1]) + b"\0\0\0\0"
+    assert to_server.endswith(bytes([1]))  # the ClientInit went on to the server
+
+
+def test_rfb_response_depends_on_the_password_and_is_des():
+    from isession.gateway import rfb  # noqa: PLC0415
+
+    challenge = bytes(range(16))
+    one, two = rfb.vnc_response("secret12", challenge), rfb.vnc_response("secret13", challenge)
+    assert len(one) == 16 and one != two and one[:8] != one[8:]
+    assert rfb.vnc_response("secret12" + "ignored", challenge) == one  # VNC reads 8 characters
+
+
+def test_rfb_refused_password_is_told_to_the_browser():
+    from isession.gateway import rfb  # noqa: PLC0415
+
+    hs = rfb.Handshake("wrong")
+    hs.from_server(b"RFB 003.008\n")
+    hs.from_client(b"RFB 003.008\n")
+    hs.from_server(bytes([1, 2]) + bytes(16))
+    to_client, _ = hs.from_server(b"\0\0\0\1")
+    assert hs.failed and to_client[0] == 0 and b"refused" in to_client
+
+
+def test_rfb_server_without_vnc_auth_is_passed_through():
+    from isession.gateway import rfb  # noqa: PLC0415
+
+    hs = rfb.Handshake("x")
+    assert hs.from_server(b"RFB 003.008\n") == (b"RFB 003.008\n", b"")
+    assert hs.from_client(b"RFB 003.008\n") == (b"", b"RFB 003.008\n")
+    assert hs.from_server(bytes([1, 1])) == (bytes([1, 1]), b"") and hs.done
