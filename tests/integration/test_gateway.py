@@ -64,6 +64,29 @@ def test_owner_reaches_own_session_with_the_app_secret_and_without_the_gateway_c
     assert ws == {"status": 101, "echo": "ping-through-gateway"}
 
 
+def peak_rss_kib(pid: int) -> int:
+    status = open(f"/proc/{pid}/status").read()
+    return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1))
+
+
+def test_bodies_stream_through_without_being_held_whole(gw):
+    """256 MiB down and 64 MiB up through the gateway: its peak memory grows by far less than either body."""
+    g, cli = gw["gw"], gw["cli"]
+    cookie = g.login()
+    before = peak_rss_kib(g.proc.pid)  # nsenter and setpriv exec: the popen's pid is the gateway's
+    size = 256 * 1024 * 1024
+    down = cli.bed.run("workspace", ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code} %{size_download}", "-H",
+                                     f"Cookie: isession_gateway={cookie}", f"{g.base}/me/9501/big?n={size}"],
+                       user=cli.user, timeout=120)
+    assert down.stdout.split() == ["200", str(size)], down.stdout + down.stderr
+    up = cli.bed.run("workspace", ["bash", "-c", f"head -c {64 * 1024 * 1024} /dev/zero | curl -sf -H "
+                                   f"'Cookie: isession_gateway={cookie}' -H 'Content-Type: application/octet-stream' "
+                                   f"-T - {g.base}/me/9501/echo"], user=cli.user, timeout=120)
+    assert up.returncode == 0 and json.loads(up.stdout)["received"] == 64 * 1024 * 1024, up.stdout + up.stderr
+    grown = peak_rss_kib(g.proc.pid) - before
+    assert grown < 32 * 1024, f"the gateway's peak memory grew by {grown} KiB"
+
+
 def test_websocket_from_another_origin_is_refused_without_contacting_the_backend(gw):
     g, own = gw["gw"], gw["own"]
     cookie = g.login()

@@ -14,7 +14,10 @@ from aiohttp import web
 
 
 async def echo(request):
-    return web.json_response({"path": request.path, "raw_path": request.raw_path,
+    received = 0
+    async for chunk in request.content.iter_any():  # a body, read as it comes
+        received += len(chunk)
+    return web.json_response({"path": request.path, "raw_path": request.raw_path, "received": received,
                               "headers": {k: v for k, v in request.headers.items()}})
 
 
@@ -46,6 +49,7 @@ async def main(port, log_path, prefix, tls):
     base = f"{prefix}/{port}"
     app.router.add_get(f"{base}/echo", echo)
     app.router.add_post(f"{base}/echo", echo)
+    app.router.add_put(f"{base}/echo", echo)
     app.router.add_get(f"{base}/big", big)
     app.router.add_get(f"{base}/ws", ws)
     runner = web.AppRunner(app)
