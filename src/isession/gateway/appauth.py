@@ -80,6 +80,15 @@ class AppAuth:
             return mu.load("_desktop").vnc_password(secret)
         return secret[:8]
 
+    def check_answer(self, sess_dir: Path, service: Optional[str], status: int, location: str) -> None:
+        """A ``type: form`` app that answers 401 or sends the browser to its login page no longer takes the
+        gateway's cookie (the app restarted, the cookie expired): forget it, so the next request logs in again."""
+        if self.spec(service).get("type") != "form":
+            return
+        path = str(self.spec(service).get("path", "login"))
+        if status == 401 or (300 <= status < 400 and location.split("?", 1)[0].endswith("/" + path)):
+            self._form_cookies = {k: v for k, v in self._form_cookies.items() if k[0] != str(sess_dir)}
+
     def drop_headers(self, service: Optional[str]) -> Tuple[str, ...]:
         """Headers of the browser's request that must not reach the app (the secret's own)."""
         spec = self.spec(service)

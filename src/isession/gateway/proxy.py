@@ -78,10 +78,13 @@ def response_headers(resp: aiohttp.ClientResponse, cookie_name: str, backend: st
 
 
 async def http(request: web.Request, client: aiohttp.ClientSession, url, headers: CIMultiDict, *, ssl,
-               on_traffic: Callable[[], None], cookie_name: str) -> web.StreamResponse:
+               on_traffic: Callable[[], None], cookie_name: str,
+               on_answer: Optional[Callable[[aiohttp.ClientResponse], None]] = None) -> web.StreamResponse:
     body = request.content.iter_any() if request.body_exists else None
     async with client.request(request.method, url, headers=headers, data=body, allow_redirects=False, ssl=ssl,
                               auto_decompress=False) as resp:
+        if on_answer is not None:
+            on_answer(resp)
         out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=response_headers(resp, cookie_name, backend=f"{url.scheme}://{url.raw_authority}"))
         await out.prepare(request)
         try:

@@ -414,7 +414,9 @@ class Gateway:
                 return await proxy.websocket(request, self.client, url, headers, ssl=ssl_arg, on_traffic=traffic,
                                              handshake=rfb.Handshake(password) if password else None)
             return await proxy.http(request, self.client, url, headers, ssl=ssl_arg, on_traffic=traffic,
-                                    cookie_name=auth.COOKIE)
+                                    cookie_name=auth.COOKIE,
+                                    on_answer=lambda r: self.appauth.check_answer(
+                                        sess.dir, service, r.status, r.headers.get("Location", "")))
         except aiohttp.ServerFingerprintMismatch:
             raise web.HTTPBadGateway(text="the backend's certificate is not the one the session pinned\n") from None
         except (aiohttp.ClientConnectionError, asyncio.TimeoutError) as exc:

@@ -214,3 +214,14 @@ def test_rfb_server_without_vnc_auth_is_passed_through():
     assert hs.from_server(b"RFB 003.008\n") == (b"RFB 003.008\n", b"")
     assert hs.from_client(b"RFB 003.008\n") == (b"", b"RFB 003.008\n")
     assert hs.from_server(bytes([1, 1])) == (bytes([1, 1]), b"") and hs.done
+
+
+def test_form_login_cookie_is_forgotten_when_the_app_asks_for_a_login_again(tmp_path):
+    app = AppAuth(load_auth_specs(REPO))
+    key = (str(tmp_path), "S")
+    app._form_cookies[key] = "code-server-session=abc"
+    app.check_answer(tmp_path, "code_server", 200, "")
+    app.check_answer(tmp_path, "code_server", 302, "./?folder=x")
+    assert key in app._form_cookies
+    app.check_answer(tmp_path, "code_server", 302, "/me/1234/login?to=%2F")
+    assert key not in app._form_cookies
