@@ -1,7 +1,7 @@
 """The gateway hands each app its per-session secret, so the user never sees or copies it.
 
-How an app wants its secret is the ``auth`` entry of the service's spec (``roles/<service>/tasks/spec.yml``,
-``session_service_spec.auth``), the same entry the tests use:
+How an app wants its secret is the ``auth`` entry of the service's spec (``session_service_spec.auth``, set by the
+service role's ``main`` entry point; the gateway runs it once per service to read it), the same entry the tests use:
 
 * ``type: header`` (the default; Jupyter, nginx): every backend request and WebSocket upgrade carries
   ``<header>: <format with {secret}>``; whatever the browser sent in that header is dropped.
@@ -16,30 +16,55 @@ The secret is read from the session's 0600 ``secret`` file, never logged, never 
 from __future__ import annotations
 
 import asyncio
+import json
+import os
+import subprocess
+import sys
+import tempfile
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
-
-import yaml
 
 from .. import mu
 
 SECRET_FILE = "secret"  # noqa: S105 - the file's name
 
 
-def load_auth_specs(col_path: Path) -> Dict[str, Dict[str, Any]]:
-    """``{service: auth}`` from every role's ``tasks/spec.yml`` (their Jinja is in values the gateway ignores)."""
-    specs: Dict[str, Dict[str, Any]] = {}
-    for path in sorted((col_path / "roles").glob("*/tasks/spec.yml")):
+SPEC_PLAY = """- name: The service's auth entry
+  hosts: localhost
+  connection: local
+  gather_facts: false
+  roles:
+    - role: hpc.interactive.{service}
+  tasks:
+    - name: Write session_service_spec.auth
+      ansible.builtin.copy:
+        content: "{{{{ session_service_spec.auth | default({{}}) | to_json }}}}"
+        dest: "{dest}"
+        mode: "0600"
+"""
+
+
+def resolve_auth(col_root: Path, service: str, timeout: float = 120) -> Optional[Dict[str, Any]]:
+    """The service's ``session_service_spec.auth`` as its role sets it (its ``main`` entry point has no side effects).
+
+    Running the role is the one reading that follows the role wherever it takes its spec from (a shared role, a
+    templated name, an included role): ~2 s, once per service and gateway. None when the play fails.
+    """
+    exe = Path(sys.executable).with_name("ansible-playbook")
+    with tempfile.TemporaryDirectory(prefix="isession-gateway-") as tmp:
+        play, out = Path(tmp) / "spec.yml", Path(tmp) / "auth.json"
+        play.write_text(SPEC_PLAY.format(service=service, dest=out), encoding="utf-8")
+        env = {**os.environ, "ANSIBLE_COLLECTIONS_PATH": str(col_root), "LC_ALL": "C.UTF-8",
+               "ANSIBLE_LOCALHOST_WARNING": "False", "ANSIBLE_INVENTORY_UNPARSED_WARNING": "False",
+               "ANSIBLE_PYTHON_INTERPRETER": sys.executable, "ANSIBLE_NOCOLOR": "1"}
         try:
-            tasks = yaml.safe_load(path.read_text(encoding="utf-8")) or []
-        except (OSError, yaml.YAMLError):
-            continue
-        for task in tasks if isinstance(tasks, list) else []:
-            spec = ((task or {}).get("ansible.builtin.set_fact") or {}).get("session_service_spec") or {}
-            if isinstance(spec, dict) and spec.get("name") and isinstance(spec.get("auth"), dict):
-                specs[str(spec["name"])] = dict(spec["auth"])
-    return specs
+            cp = subprocess.run([str(exe) if exe.exists() else "ansible-playbook", "-i", "localhost,", str(play)],
+                                capture_output=True, text=True, timeout=timeout, check=False, env=env, cwd=tmp)
+            data = json.loads(out.read_text(encoding="utf-8")) if cp.returncode == 0 else None
+        except (OSError, ValueError, subprocess.SubprocessError):
+            return None
+    return data if isinstance(data, dict) else None
 
 
 def read_session_secret(session_dir: Path) -> Optional[str]:
@@ -53,10 +78,29 @@ def read_session_secret(session_dir: Path) -> Optional[str]:
 class AppAuth:
     """Adds the app's secret to backend requests, per session."""
 
-    def __init__(self, specs: Dict[str, Dict[str, Any]]) -> None:
-        self.specs = specs
+    def __init__(self, col_root: Optional[Path], specs: Optional[Dict[str, Dict[str, Any]]] = None) -> None:
+        self.col_root = col_root
+        self.specs: Dict[str, Dict[str, Any]] = dict(specs or {})
         self._form_cookies: Dict[Tuple[str, str], str] = {}  # (session dir, secret) -> "name=value"
         self._locks: Dict[str, asyncio.Lock] = {}
+
+    def known(self, service: Optional[str]) -> bool:
+        return (service or "") in self.specs
+
+    def load(self, service: str) -> Dict[str, Any]:
+        """Resolve (once) and return the service's auth entry; {} when the role cannot tell."""
+        if service not in self.specs:
+            found = resolve_auth(self.col_root, service) if self.col_root else None
+            self.specs[service] = found or {}
+        return self.specs[service]
+
+    async def ensure(self, service: Optional[str]) -> None:
+        """:meth:`load` off the event loop, one resolution per service however many requests wait for it."""
+        if not service or service in self.specs:
+            return
+        async with self._locks.setdefault("spec:" + service, asyncio.Lock()):
+            if service not in self.specs:
+                await asyncio.to_thread(self.load, service)
 
     def spec(self, service: Optional[str]) -> Dict[str, Any]:
         return self.specs.get(service or "", {})

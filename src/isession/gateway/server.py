@@ -74,7 +74,7 @@ class Gateway:
         self.activity = store.Activity()
         self.owned = ownership.OwnershipCache(settings.ownership_ttl)
         self.col = mu.collection()
-        self.appauth = appauth.AppAuth(appauth.load_auth_specs(self.col.path))
+        self.appauth = appauth.AppAuth(self.col.root)
         self.children: List[subprocess.Popen] = []
         self.idle_cancelled: Dict[Tuple[str, str], float] = {}
         self._secrets: Dict[str, Tuple[int, str]] = {}
@@ -391,6 +391,7 @@ class Gateway:
         backend = f"{'https' if scheme_url == '/sme' else 'http'}://127.0.0.1:{port}"
         secret = self._secret(sess)
         service = sess.record.get("service")
+        await self.appauth.ensure(service)
         add: Dict[str, str] = {}
         extra_cookie = None
         if secret:
@@ -429,6 +430,10 @@ class Gateway:
         now = time.time() if now is None else now
         done = []
         self.children = [p for p in self.children if p.poll() is None]
+        for service in services(self.col.path):  # read each service's auth entry before a request waits for it
+            if not self.appauth.known(service):
+                self.appauth.load(service)
+                break  # one per round: the first rounds stay short
         for user in self.s.users.values():
             live = [s for s in self.index[user.name].all() if store.is_live(s)]
             if live:

@@ -9,8 +9,10 @@ import pytest
 
 from isession import config
 from isession.gateway import auth, ownership, parse_listen, proxy
-from isession.gateway.appauth import AppAuth, load_auth_specs
+from isession.gateway.appauth import AppAuth
 from isession.gateway.server import form_inputs
+
+from ansible_collections.hpc.interactive.plugins.module_utils import _listeners
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -71,27 +73,34 @@ def test_listener_owners_come_from_the_socket_tables(tmp_path):
     (tmp_path / "net" / "tcp").write_text(TCP)
     (tmp_path / "net" / "tcp6").write_text(TCP6)
     proc = str(tmp_path)
-    assert ownership.listeners(proc) == {8080: (1000,), 8081: (1001, 2000)}
     assert ownership.listener_belongs_to_user(8080, 1000, proc)
     assert not ownership.listener_belongs_to_user(8080, 2000, proc)  # an established socket is no listener
-    assert not ownership.listener_belongs_to_user(8081, 1001, proc)  # another user listens too (IPv6)
     assert not ownership.listener_belongs_to_user(9999, 1000, proc)  # nothing listens
+    cache = ownership.OwnershipCache(read=lambda: _listeners.read_listeners(proc))
+    assert cache.ok(8080, 1000) and not cache.ok(8080, 2000)
 
 
 def test_ownership_cache_reads_once_per_ttl_and_rechecks_a_refusal():
     reads = []
-    table = {8080: (1000,)}
+    table = {8080: 1000}
 
     def read():
         reads.append(1)
-        return dict(table)
+        return [_listeners.Listener("127.0.0.1", port, uid, 1) for port, uid in table.items()]
 
     cache = ownership.OwnershipCache(ttl=1.0, recheck=0.1, read=read)
     assert cache.ok(8080, 1000, now=10.0) and cache.ok(8080, 1000, now=10.5) and len(reads) == 1
-    table[8080] = (2000,)  # the port changed hands: seen at the next read, at most ttl later
+    table[8080] = 2000  # the port changed hands: seen at the next read, at most ttl later
     assert cache.ok(8080, 1000, now=10.9) and not cache.ok(8080, 1000, now=11.1) and len(reads) == 2
-    table[9090] = (1000,)  # a listener that just came up is seen after `recheck`
+    table[9090] = 1000  # a listener that just came up is seen after `recheck`
     assert not cache.ok(9090, 1000, now=11.15) and cache.ok(9090, 1000, now=11.3)
+
+
+def test_ownership_cache_refuses_every_port_when_the_tables_cannot_be_read():
+    def read():
+        raise OSError("no /proc")
+
+    assert not ownership.OwnershipCache(read=read).ok(8080, 1000)
 
 
 def test_strip_cookie_removes_only_the_gateways():
@@ -100,13 +109,16 @@ def test_strip_cookie_removes_only_the_gateways():
     assert proxy.strip_cookie("isession_gateway_other=1", auth.COOKIE) == "isession_gateway_other=1"
 
 
-def test_app_auth_specs_from_the_roles():
-    specs = load_auth_specs(REPO)
-    app = AppAuth(specs)
+@pytest.mark.slow
+def test_app_auth_entries_come_from_running_the_service_roles():
+    app = AppAuth(REPO / ".cache" / "collections")  # the checkout as ansible_collections.hpc.interactive
+    for service in ("jupyterlab", "nginx", "code_server"):
+        app.load(service)
     assert app.header("jupyterlab", "S") == ("Authorization", "token S")
     assert app.header("nginx", "S") == ("Authorization", "Bearer S")
-    assert app.header("code_server", "S") is None and specs["code_server"]["type"] == "form"
+    assert app.header("code_server", "S") is None and app.spec("code_server")["type"] == "form"
     assert "x-isession-token" in app.drop_headers("nginx")
+    assert app.load("no_such_service") == {} and app.header("no_such_service", "S") is None
 
 
 def info(**over):
@@ -217,7 +229,7 @@ def test_rfb_server_without_vnc_auth_is_passed_through():
 
 
 def test_form_login_cookie_is_forgotten_when_the_app_asks_for_a_login_again(tmp_path):
-    app = AppAuth(load_auth_specs(REPO))
+    app = AppAuth(None, {"code_server": {"type": "form", "path": "login", "field": "password"}})
     key = (str(tmp_path), "S")
     app._form_cookies[key] = "code-server-session=abc"
     app.check_answer(tmp_path, "code_server", 200, "")
