@@ -21,6 +21,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
@@ -28,6 +29,7 @@ from typing import Any, Dict, Optional, Tuple
 from .. import mu
 
 SECRET_FILE = "secret"  # noqa: S105 - the file's name
+RETRY_AFTER = 60.0
 
 
 SPEC_PLAY = """- name: The service's auth entry
@@ -83,20 +85,25 @@ class AppAuth:
         self.specs: Dict[str, Dict[str, Any]] = dict(specs or {})
         self._form_cookies: Dict[Tuple[str, str], str] = {}  # (session dir, secret) -> "name=value"
         self._locks: Dict[str, asyncio.Lock] = {}
+        self._failed: Dict[str, float] = {}  # service -> when to try again
 
     def known(self, service: Optional[str]) -> bool:
         return (service or "") in self.specs
 
     def load(self, service: str) -> Dict[str, Any]:
-        """Resolve (once) and return the service's auth entry; {} when the role cannot tell."""
-        if service not in self.specs:
+        """Resolve (once) and return the service's auth entry; {} while the role cannot tell (tried again after
+        ``RETRY_AFTER`` seconds: a play that failed on a loaded machine must not leave the app without its secret)."""
+        if service not in self.specs and time.monotonic() >= self._failed.get(service, 0.0):
             found = resolve_auth(self.col_root, service) if self.col_root else None
-            self.specs[service] = found or {}
-        return self.specs[service]
+            if found is None:
+                self._failed[service] = time.monotonic() + RETRY_AFTER
+                return {}
+            self.specs[service] = found
+        return self.specs.get(service, {})
 
     async def ensure(self, service: Optional[str]) -> None:
         """:meth:`load` off the event loop, one resolution per service however many requests wait for it."""
-        if not service or service in self.specs:
+        if not service or service in self.specs or time.monotonic() < self._failed.get(service, 0.0):
             return
         async with self._locks.setdefault("spec:" + service, asyncio.Lock()):
             if service not in self.specs:

@@ -433,7 +433,7 @@ class Gateway:
         for service in services(self.col.path):  # read each service's auth entry before a request waits for it
             if not self.appauth.known(service):
                 self.appauth.load(service)
-                break  # one per round: the first rounds stay short
+                break  # one per round: a round stays short
         for user in self.s.users.values():
             live = [s for s in self.index[user.name].all() if store.is_live(s)]
             if live:
