@@ -88,7 +88,8 @@ class AppAuth:
         self._failed: Dict[str, float] = {}  # service -> when to try again
 
     def known(self, service: Optional[str]) -> bool:
-        return (service or "") in self.specs
+        """Resolved, or failed and not yet due for another try."""
+        return (service or "") in self.specs or time.monotonic() < self._failed.get(service or "", 0.0)
 
     def load(self, service: str) -> Dict[str, Any]:
         """Resolve (once) and return the service's auth entry; {} while the role cannot tell (tried again after
