@@ -37,7 +37,7 @@ HANDLERS: Dict[str, str] = {
     "start": "commands:cmd_start", "status": "commands:cmd_status", "list": "commands:cmd_list",
     "logs": "commands:cmd_logs", "cancel": "commands:cmd_cancel", "describe": "commands:cmd_describe",
     "watch": "commands:cmd_watch", "doctor": "commands:cmd_doctor", "config": "info:cmd_config",
-    "collection": "info:cmd_collection",
+    "collection": "info:cmd_collection", "gateway": "gateway:cmd_gateway",
 }
 # commands that work without the collection (they only report on it)
 NO_COLLECTION_NEEDED = ("collection", "config")
@@ -129,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-s", "--service", help="the settings and inputs a start of this service would use"
                    ).completer = completion.services
     add("collection", "show which hpc.interactive collection isession uses, and every copy found")
+    from .gateway import add_parser as add_gateway_parser  # noqa: PLC0415 - argparse only; aiohttp loads when it runs
+
+    add_gateway_parser(sub)
     return parser
 
 

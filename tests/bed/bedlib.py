@@ -70,6 +70,7 @@ PACKAGES = (
     "openssh-server", "openssh-client", "slurmctld", "slurmd", "slurm-client", "munge", "slurm-wlm-torque",
     "iproute2", "procps", "psmisc", "python3-venv", "python3-yaml", "curl", "util-linux", "nginx-light",
     "environment-modules",  # a real `module` command for the session_modules tests
+    "chromium",  # the gateway's browser tests (driven by Playwright with executable_path; no downloaded browser)
     # runtime libraries of the unpacked gridengine binaries (see SGE_PREFIX; install() checks them with ldd)
     "libjemalloc2", "libhwloc15", "libmunge2", "libtirpc3", "libdb5.3", "libssl3",
 )
