@@ -26,7 +26,7 @@ from http.cookies import SimpleCookie
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
-from .. import mu
+from ansible_collections.hpc.interactive.plugins.module_utils import _state
 
 SECRET_FILE = "secret"  # noqa: S105 - the file's name
 RETRY_AFTER = 60.0
@@ -71,7 +71,7 @@ def resolve_auth(col_root: Path, service: str, timeout: float = 120) -> Optional
 
 def read_session_secret(session_dir: Path) -> Optional[str]:
     try:
-        text = mu.load("_state").read_text(str(session_dir / SECRET_FILE))
+        text = _state.read_text(str(session_dir / SECRET_FILE))
     except (OSError, ValueError):
         return None
     return text.strip() if text else None
@@ -129,7 +129,7 @@ class AppAuth:
         if spec.get("type") != "vnc":
             return None
         if spec.get("password") == "derived":
-            return mu.load("_desktop").vnc_password(secret)
+            return _desktop_module().vnc_password(secret)
         return secret[:8]
 
     def check_answer(self, sess_dir: Path, service: Optional[str], status: int, location: str) -> None:
@@ -171,3 +171,10 @@ class AppAuth:
             self._form_cookies = {k: v for k, v in self._form_cookies.items() if k[0] != str(sess_dir)}
             self._form_cookies[key] = cookie
             return cookie
+
+
+def _desktop_module():
+    """The desktop roles' helpers (VNC password derivation), imported when a desktop session needs them."""
+    from ansible_collections.hpc.interactive.plugins.module_utils import _desktop  # noqa: PLC0415
+
+    return _desktop

@@ -11,12 +11,12 @@ from __future__ import annotations
 import time
 from typing import Callable, Dict, List, Optional
 
-from .. import mu
+from ansible_collections.hpc.interactive.plugins.module_utils import _listeners
 
 
 def listener_belongs_to_user(port: int, uid: int, proc: str = "/proc") -> bool:
     """True when a connection to 127.0.0.1:``port`` reaches listeners of ``uid`` only (and at least one)."""
-    return mu.load("_listeners").check_port_owner(port, uid, proc=proc).ok
+    return _listeners.check_port_owner(port, uid, proc=proc).ok
 
 
 class OwnershipCache:
@@ -30,7 +30,7 @@ class OwnershipCache:
 
     def __init__(self, ttl: float = 1.0, recheck: float = 0.1, read: Optional[Callable[[], List]] = None) -> None:
         self.ttl, self.recheck = ttl, recheck
-        self.read = read or (lambda: mu.load("_listeners").read_listeners())
+        self.read = read or _listeners.read_listeners
         self._by_port: Dict[int, List] = {}
         self._at = float("-inf")
 
@@ -45,7 +45,7 @@ class OwnershipCache:
 
     def _judge(self, port: int, uid: int) -> bool:
         listeners = self._by_port.get(port)
-        return bool(listeners) and mu.load("_listeners").judge_port_owner(listeners, port, uid).ok
+        return bool(listeners) and _listeners.judge_port_owner(listeners, port, uid).ok
 
     def ok(self, port: int, uid: int, now: Optional[float] = None) -> bool:
         now = time.monotonic() if now is None else now

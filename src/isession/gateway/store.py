@@ -17,7 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
-from .. import config, mu, sessions
+from ansible_collections.hpc.interactive.plugins.module_utils import _directives, _service_file
+
+from .. import config, sessions
 from .auth import User
 
 FLUSH_EVERY = 5.0
@@ -105,7 +107,7 @@ def _read_json(path: Path) -> Dict[str, Any]:
 
 def _write_json(path: Path, data: Dict[str, Any]) -> None:
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    mu.load("_service_file").write_atomic(str(path), json.dumps(data, sort_keys=True) + "\n", 0o600)
+    _service_file.write_atomic(str(path), json.dumps(data, sort_keys=True) + "\n", 0o600)
 
 
 def session_prefs(user: User, sid: str) -> Dict[str, Any]:
@@ -175,7 +177,7 @@ def walltime_seconds(sess: sessions.Session) -> Optional[int]:
     if not value:
         return None
     try:
-        return int(mu.load("_directives").parse_walltime("session_walltime", value))
+        return int(_directives.parse_walltime("session_walltime", value))
     except Exception:  # noqa: BLE001 - text the scheduler may read but we cannot: no time left shown
         return None
 
