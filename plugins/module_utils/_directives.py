@@ -29,6 +29,9 @@ site's limits is worse than a clear error. A missing file means no policy. Schem
         max_cpus_per_task: 16
         max_memory: 64G
         max_gpus: 4
+        allow_directives: [requeue]       # the directive policy (below): add to the allowlist,
+        deny_directives: ["mail-*"]       # take out of it,
+        # allowed_directives: [comment]   # or replace it
 
 Enforced directives replace every user directive (typed or free-form) for the same option and are
 rendered last (sbatch and qsub keep the last occurrence). Limits are checked on the *effective*
@@ -49,7 +52,7 @@ from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._base 
 DEFAULT_SITE_FILE = "/etc/isession/site.yml"
 SITE_KEYS = (
     "enforced_directives", "max_walltime", "allowed_queues", "allowed_partitions", "max_nodes",
-    "max_cpus_per_task", "max_memory", "max_gpus",
+    "max_cpus_per_task", "max_memory", "max_gpus", "allowed_directives", "allow_directives", "deny_directives",
 )
 
 _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.+@-]{0,127}$")
@@ -65,11 +68,25 @@ _WALLTIME = re.compile(r"^(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?$")
 
 
 class DirectiveError(ValueError):
-    """A refused input; the message names the field."""
+    """A refused input; the message names the field (and, with ``use``, the typed input to use instead).
 
-    def __init__(self, field_name: str, message: str):
-        super().__init__("%s: %s" % (field_name, message))
+    ``render(names)`` words it with the caller's input names (``{"queue": "session_partition"}``): the session
+    role passes them so a refusal names what the user typed, not this module's option.
+    """
+
+    def __init__(self, field_name: str, message: str, use: Optional[str] = None):
         self.field = field_name
+        self.detail = message
+        self.use = use
+        super().__init__(self.render())
+
+    def render(self, names: Optional[Mapping[str, str]] = None) -> str:
+        names = names or {}
+        text = "%s: %s" % (names.get(self.field) or self.field, self.detail)
+        if self.use is not None:
+            target = names.get(self.use, self.use)
+            text += ("; use %s" % target) if target else "; the session sets it itself"
+        return text
 
 
 @dataclass
@@ -81,6 +98,9 @@ class SitePolicy:
     max_cpus_per_task: Optional[int] = None
     max_memory_mb: Optional[int] = None
     max_gpus: Optional[int] = None
+    allowed_directives: Optional[List[str]] = None  # replaces the scheduler's default allowlist
+    allow_directives: List[str] = field(default_factory=list)  # added to it
+    deny_directives: List[str] = field(default_factory=list)  # taken out of it
     source: str = ""
 
 
@@ -271,8 +291,20 @@ def load_site_policy(scheduler: str, path: str = DEFAULT_SITE_FILE, required_uid
         max_cpus_per_task=check_count(where + ".max_cpus_per_task", section.get("max_cpus_per_task")),
         max_memory_mb=parse_memory(where + ".max_memory", section.get("max_memory")),
         max_gpus=check_count(where + ".max_gpus", section.get("max_gpus")),
+        allowed_directives=None if section.get("allowed_directives") is None
+        else _patterns(where + ".allowed_directives", section["allowed_directives"]),
+        allow_directives=_patterns(where + ".allow_directives", section.get("allow_directives")),
+        deny_directives=_patterns(where + ".deny_directives", section.get("deny_directives")),
         source=path,
     )
+
+
+def _patterns(where: str, value: Any) -> List[str]:
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) and v.strip() for v in value):
+        raise DirectiveError("site_file", "%s must be a list of option names (e.g. comment, -m, '-l gpu*')" % where)
+    return [v.strip() for v in value]
 
 
 def _check_limits(effective: Mapping[str, str], policy: SitePolicy) -> None:
@@ -300,6 +332,232 @@ def _check_limits(effective: Mapping[str, str], policy: SitePolicy) -> None:
         if asked_mb is not None and asked_mb > policy.max_memory_mb:
             raise DirectiveError("memory", "%s is above the site's max_memory (%d MiB)"
                                  % (effective["memory"], policy.max_memory_mb))
+
+
+# ----------------------------------------------------------------------------- directive policy
+# Which free-form options a user may pass (``directives``), per scheduler. An option is refused when
+# - it sets what a typed input sets (TYPED: canonical key -> the module option; the message names the input to use),
+# - it changes who the job runs as (IDENTITY),
+# - it exports a variable that changes how programs are loaded or how the shell starts (LOADER_VARIABLES), or the
+#   agent's own variables, or one that looks like a secret; or imports an environment that cannot be checked,
+# - or it is not in the allowlist (ALLOWED, shell-style patterns on canonical keys; the site file's
+#   ``allow_directives`` extends it, ``deny_directives`` narrows it, ``allowed_directives`` replaces it).
+# Canonical keys: Slurm's long option name (``account``; short options and unique abbreviations resolved);
+# PBS and SGE: the flag (``-m``), and for resource and attribute lists the flag and the name (``-l walltime``,
+# ``-W group_list``).
+TYPED = {
+    "slurm": {"account": "account", "partition": "queue", "time": "walltime", "job-name": "job_name",
+              "output": "output", "error": "error", "chdir": "workdir", "nodes": "nodes",
+              "cpus-per-task": "cpus_per_task", "mem": "memory", "gpus": "gpus", "qos": "qos",
+              "constraint": "constraint"},
+    "pbs": {"-A": "account", "-q": "queue", "-l walltime": "walltime", "-N": "job_name", "-o": "output",
+            "-e": "error", "-j": "output", "-k": "output", "-d": "workdir", "-w": "workdir", "-l nodes": "nodes",
+            "-l select": "nodes", "-l ncpus": "cpus_per_task", "-l ppn": "cpus_per_task", "-l mem": "memory",
+            "-l gpus": "gpus", "-l ngpus": "gpus"},
+    "sge": {"-A": "account", "-P": "account", "-q": "queue", "-l h_rt": "walltime", "-l s_rt": "walltime",
+            "-N": "job_name", "-o": "output", "-e": "error", "-j": "output", "-wd": "workdir", "-cwd": "workdir",
+            "-l h_vmem": "memory"},
+}
+IDENTITY = {
+    "slurm": {"uid", "gid"},
+    "pbs": {"-u", "-P", "-W group_list"},
+    "sge": {"-u"},
+}
+# Options that import an environment nobody can check here (a file, the login shell, the submitter's whole one).
+UNCHECKED_ENV = {
+    "slurm": {"export-file", "get-user-env"},
+    "pbs": {"-V"},
+    "sge": {"-V"},
+}
+EXPORT_KEYS = {"slurm": "export", "pbs": "-v", "sge": "-v"}
+ALLOWED = {
+    "slurm": [
+        "comment", "mail-type", "mail-user", "nodelist", "exclude", "gres", "gres-flags", "gpus-per-node",
+        "gpus-per-socket", "gpus-per-task", "cpus-per-gpu", "mem-per-cpu", "mem-per-gpu", "ntasks",
+        "ntasks-per-node", "ntasks-per-core", "ntasks-per-socket", "ntasks-per-gpu", "mincpus", "sockets-per-node",
+        "cores-per-socket", "threads-per-core", "hint", "distribution", "mem-bind", "cpu-freq", "gpu-freq",
+        "gpu-bind", "licenses", "reservation", "exclusive", "oversubscribe", "contiguous", "switches", "tmp",
+        "time-min", "begin", "deadline", "nice", "wckey", "dependency", "use-min-nodes", "spread-job",
+        "no-requeue", "export",
+    ],
+    "pbs": ["-m", "-M", "-p", "-a", "-c", "-n", "-v", "-W depend", "-l pmem", "-l vmem", "-l pvmem", "-l file",
+            "-l feature", "-l naccesspolicy", "-l place", "-l software", "-l host"],
+    "sge": ["-m", "-M", "-p", "-a", "-pe", "-ar", "-R", "-binding", "-ckpt", "-c", "-hold_jid", "-js", "-notify",
+            "-hard", "-soft", "-v", "-l *"],
+}
+WHAT = {"account": "the account", "queue": "the partition or queue", "walltime": "the walltime",
+        "job_name": "the job's name", "output": "the job's output files", "error": "the job's error file",
+        "workdir": "the job's directory", "nodes": "the number of nodes", "cpus_per_task": "the CPUs",
+        "memory": "the memory", "gpus": "the GPUs", "qos": "the quality of service", "constraint": "node features"}
+# Variables that change which code a program loads or how a shell starts, before any of the session's code runs:
+# the dynamic loader's (LD_PRELOAD injects a library into every process, LD_LIBRARY_PATH/LD_AUDIT redirect it,
+# GLIBC_TUNABLES reaches into the loader itself), the shells' start-up and trace hooks (BASH_ENV/ENV run a file,
+# exported BASH_FUNC_* functions replace commands, SHELLOPTS/PS4 run code on every traced line, IFS re-splits),
+# and the language runtimes' injection points (a module path or options list loaded before the program's own
+# code: Python, Perl, Ruby, Node, Java). PATH decides which program the agent runs, and ISESSION_* are the agent's
+# own inputs (its secret file, its port). A user who wants these for the server sets them in the session's own
+# environment inputs (session_setup_commands), which run after the agent has started, in the job.
+LOADER_VARIABLES = re.compile(
+    r"^(LD_\w*|DYLD_\w*|GLIBC_TUNABLES|GCONV_PATH|LOCPATH|NLSPATH|MALLOC_\w*|HOSTALIASES|BASH_ENV|ENV|"
+    r"BASH_FUNC_.*|SHELLOPTS|BASHOPTS|PS4|IFS|PATH|CDPATH|PYTHON\w*|PERL5LIB|PERL5OPT|PERLLIB|PERLIO\w*|"
+    r"RUBYLIB|RUBYOPT|NODE_OPTIONS|NODE_PATH|JAVA_TOOL_OPTIONS|_JAVA_OPTIONS|JDK_JAVA_OPTIONS|CLASSPATH|"
+    r"LUA_PATH\w*|LUA_CPATH\w*|TCLLIBPATH|R_PROFILE\w*|R_ENVIRON\w*|ISESSION_\w*)$", re.IGNORECASE)
+SLURM_FLAGS = {"exclusive", "no-requeue", "requeue", "hold", "overcommit", "oversubscribe", "parsable", "quiet",
+               "test-only", "wait", "contiguous", "spread-job", "use-min-nodes", "ignore-pbs", "no-kill",
+               "get-user-env", "verbose", "reboot"}
+PBS_FLAGS = {"-V", "-I", "-X", "-n", "-h", "-f", "-z", "-x"}
+SGE_FLAGS = {"-notify", "-cwd", "-V", "-hard", "-soft", "-clear", "-terse", "-h"}
+SGE_TWO_ARGS = {"-pe"}
+
+
+@dataclass
+class ParsedDirective:
+    """One free-form directive as the scheduler reads it: canonical keys, and the variables it exports."""
+
+    text: str
+    keys: List[str]
+    exports: Optional[List[str]] = None  # names, when the option exports variables
+    export_all: bool = False  # Slurm --export: starts with ALL (the submitting environment)
+    one_option: bool = True
+
+
+class _Arity(Exception):
+    """The words of a directive are not exactly one option and its value."""
+
+
+def _one_option(field_name: str, directive: str, tokens: List[str], arity: int) -> None:
+    if len(tokens) != arity:
+        raise _Arity()
+
+
+def parse_user_directive(scheduler: str, directive: str, field_name: str = "directives") -> ParsedDirective:
+    """How ``scheduler`` will read ``directive`` (already :func:`check_directive`'d).
+
+    ``one_option`` is False when the words are not one option and its value: the scheduler splits a directive line
+    into words, so a second option in the same item would be read too.
+    """
+    tokens = directive.split()
+    try:
+        return _parse_user_directive(scheduler, directive, field_name, tokens)
+    except _Arity:
+        key = _parse_key_only(scheduler, tokens[0])
+        return ParsedDirective(directive, [key], one_option=False)
+
+
+def _parse_key_only(scheduler: str, first: str) -> str:
+    if scheduler == "slurm":
+        if first.startswith("--"):
+            return _canon_long_slurm(first[2:].partition("=")[0])
+        return _SLURM_SHORT.get(first[1:2], first[:2])
+    return first[:2] if scheduler == "pbs" else first
+
+
+def _parse_user_directive(scheduler: str, directive: str, field_name: str, tokens: List[str]) -> ParsedDirective:
+    first = tokens[0]
+    if scheduler == "slurm":
+        if first.startswith("--"):
+            name, sep, value = first[2:].partition("=")
+            key = _canon_long_slurm(name)
+            _one_option(field_name, directive, tokens, 1 if sep or key in SLURM_FLAGS else 2)
+            value = value if sep else " ".join(tokens[1:])
+        else:
+            letter = first[1:2]
+            key = _SLURM_SHORT.get(letter, "-" + letter)
+            if letter in _SLURM_NO_ARG_SHORT:
+                _one_option(field_name, directive, tokens if first == "-" + letter else tokens + [""], 1)
+                value = ""
+            else:
+                _one_option(field_name, directive, tokens, 1 if len(first) > 2 else 2)
+                value = first[2:] if len(first) > 2 else " ".join(tokens[1:])
+        if key == "export":
+            items = value.split(",")
+            names = [i.split("=", 1)[0] for i in items if i not in ("ALL", "NIL", "NONE")]
+            return ParsedDirective(directive, [key], names, export_all=items[0] == "ALL")
+        return ParsedDirective(directive, [key])
+    if scheduler == "pbs":
+        flag, attached = first[:2], first[2:]
+        if flag in PBS_FLAGS:
+            _one_option(field_name, directive, tokens if not attached else tokens + [""], 1)
+            return ParsedDirective(directive, [flag])
+        _one_option(field_name, directive, tokens, 1 if attached else 2)
+        value = attached or tokens[1]
+        if flag in ("-l", "-W"):
+            return ParsedDirective(directive, ["%s %s" % (flag, item.split("=", 1)[0].split(":", 1)[0])
+                                               for item in value.split(",")])
+        if flag == "-v":
+            return ParsedDirective(directive, [flag], [i.split("=", 1)[0] for i in value.split(",")])
+        return ParsedDirective(directive, [flag])
+    if scheduler == "sge":
+        flag = first
+        _one_option(field_name, directive, tokens, 1 if flag in SGE_FLAGS else 3 if flag in SGE_TWO_ARGS else 2)
+        if flag in ("-l",):
+            return ParsedDirective(directive, ["-l " + item.split("=", 1)[0] for item in tokens[1].split(",")])
+        if flag == "-v":
+            return ParsedDirective(directive, [flag], [i.split("=", 1)[0] for i in tokens[1].split(",")])
+        return ParsedDirective(directive, [flag])
+    return ParsedDirective(directive, [first])
+
+
+def _canon_long_slurm(name: str) -> str:
+    from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import slurm  # noqa: PLC0415
+
+    return slurm._canon_long(name)  # pylint: disable=protected-access
+
+
+def _slurm_tables():
+    from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import slurm  # noqa: PLC0415
+
+    return slurm.SHORT_OPTIONS, slurm.NO_ARG_SHORT
+
+
+_SLURM_SHORT, _SLURM_NO_ARG_SHORT = _slurm_tables()
+
+
+def allowed_patterns(scheduler: str, policy: "SitePolicy") -> List[str]:
+    """The allowlist in force: the site's ``allowed_directives`` or the default, plus ``allow_directives``."""
+    base = list(policy.allowed_directives) if policy.allowed_directives is not None else list(ALLOWED.get(scheduler, []))
+    return base + list(policy.allow_directives)
+
+
+def check_user_directive(scheduler: str, directive: str, policy: "SitePolicy",
+                         field_name: str = "directives") -> ParsedDirective:
+    """Refuse a free-form directive the policy does not allow (see the tables above); the parsed form otherwise."""
+    from fnmatch import fnmatchcase  # noqa: PLC0415
+
+    parsed = parse_user_directive(scheduler, directive, field_name)
+    allowed = allowed_patterns(scheduler, policy)
+    for key in parsed.keys:
+        typed = TYPED.get(scheduler, {}).get(key)
+        if typed:
+            raise DirectiveError(field_name, "%r sets %s" % (directive, WHAT.get(typed, typed)), use=typed)
+        if key in IDENTITY.get(scheduler, ()):
+            raise DirectiveError(field_name, "%r would change the user or group the job runs as; jobs run as the "
+                                             "user who submits them" % (directive,))
+        if key in UNCHECKED_ENV.get(scheduler, ()):
+            raise DirectiveError(field_name, "%r imports an environment that cannot be checked; it could change how "
+                                             "programs load" % (directive,))
+        if any(fnmatchcase(key, pattern) for pattern in policy.deny_directives) or not any(
+                fnmatchcase(key, pattern) for pattern in allowed):
+            raise DirectiveError(field_name, "%r (%s) is not an option the site allows in directives; allowed: %s"
+                                 % (directive, key, ", ".join(sorted(p for p in allowed
+                                                                     if p not in policy.deny_directives))))
+    if not parsed.one_option:
+        raise DirectiveError(field_name, "%r must be one option (with its value), one per item" % (directive,))
+    if parsed.exports is not None:
+        for name in parsed.exports:
+            if not _ENV_NAME.match(name):
+                raise DirectiveError(field_name, "%r: %r is not a variable name" % (directive, name))
+            if LOADER_VARIABLES.match(name):
+                raise DirectiveError(field_name, "%r exports %s, which changes how programs load or start; it is not "
+                                                 "allowed in directives" % (directive, name))
+            if _SECRET_NAME.search(name):
+                raise DirectiveError(field_name, "%r exports %s, which looks like a secret; the scheduler stores "
+                                                 "directives, put secrets in a 0600 file the job reads"
+                                     % (directive, name))
+        if scheduler == "slurm" and not parsed.export_all:
+            raise DirectiveError(field_name, "%r must start with ALL (--export=ALL,NAME=VALUE): the session's agent "
+                                             "needs the environment it is submitted with" % (directive,))
+    return parsed
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -331,6 +589,11 @@ def render_script(
     user = [check_directive("directives", d) for d in directives]
     typed = backend.render_header(opts)
     final, removed = merge_directives(backend, typed, user, policy)
+    if backend.prefix:
+        # the policy applies to what the user's directives still set once the site's enforced ones won
+        for directive in user:
+            if directive not in removed:
+                check_user_directive(backend.name, directive, policy)
     _check_limits(backend.effective_values(final), policy)
     if "\x00" in body:
         raise DirectiveError("script", "contains a NUL byte")

@@ -125,9 +125,23 @@ options:
     description:
       - "Extra scheduler options, one per item, for example C(--comment=x)."
       - "Each must start with C(-); no newlines, quotes, backslashes or C($ ` ; | & < >)."
+      - "Each is one option and its value, and must be allowed by the directive policy: options that set what a typed
+        option sets (account, queue, walltime, job name, output, resources) are refused naming the option to use;
+        options that change the user or group, that export loader variables (C(LD_*), C(PYTHONPATH), ...) or import
+        an unchecked environment are refused; anything else must be on the scheduler's allowlist, which the site
+        file extends (C(allow_directives)), narrows (C(deny_directives)) or replaces (C(allowed_directives))."
+      - "Directives the site enforces for the same option are dropped before the policy is asked (the site wins)."
     type: list
     elements: str
     default: []
+  input_names:
+    description:
+      - "What the caller's user typed for each option, for refusals: C({queue: session_partition, directives:
+        session_directives}) makes a refused partition read C(session_partition: ...) instead of C(queue: ...)."
+      - "An empty name says the caller sets that option itself (a directive setting it is refused with \"the session
+        sets it itself\")."
+    type: dict
+    default: {}
   pbs_flavor:
     description: "How PBS resources are written, C(nodes=) (torque) or C(select=) (pro)."
     type: str
@@ -226,7 +240,7 @@ ARGUMENT_SPEC = dict(
     nodes=dict(type="int"), ntasks=dict(type="int"), cpus_per_task=dict(type="int"), memory=dict(type="str"),
     gpus=dict(type="int"), account=dict(type="str"), qos=dict(type="str"), constraint=dict(type="str"),
     exclusive=dict(type="bool", default=False), reservation=dict(type="str"), environment=dict(type="dict"),
-    directives=dict(type="list", elements="str", default=[]),
+    directives=dict(type="list", elements="str", default=[]), input_names=dict(type="dict", default={}),
     pbs_flavor=dict(type="str", default="torque", choices=["torque", "pro"]),
     wait_for=dict(type="str", choices=["queued", "running"]), wait_timeout=dict(type="int", default=60),
     submit_timeout=dict(type="int", default=30), query_timeout=dict(type="int", default=10),
@@ -289,6 +303,8 @@ class SchedulerSubmit:
             policy = D.load_site_policy(p["scheduler"], D.DEFAULT_SITE_FILE)
             rendered = D.render_script(self.backend, opts, body, directives=p["directives"],
                                        environment=p["environment"], policy=policy)
+        except D.DirectiveError as exc:
+            self.fail(exc.render(p["input_names"]))
         except (ValueError, OSError) as exc:
             self.fail(str(exc))
         return opts, script_path, rendered

@@ -78,10 +78,10 @@ def test_enforced_overrides_typed_freeform_and_abbreviations():
     policy = D.SitePolicy(enforced_directives=["--comment=site", "--time=00:10:00", "--mem=100M"])
     opts = D.normalise_options({"job_name": "j", "walltime": "5"})
     out = D.render_script(get_backend("slurm"), opts, "true",
-                          directives=["--comment=mine", "-t 20", "--tim=30", "--mem-per-cpu=5G", "--qos=q"],
+                          directives=["--comment=mine", "-t 20", "--tim=30", "--mem-per-cpu=5G", "--mail-type=END"],
                           policy=policy)
     assert out.directives[-3:] == ["--comment=site", "--time=00:10:00", "--mem=100M"]
-    assert "--qos=q" in out.directives
+    assert "--mail-type=END" in out.directives
     assert set(out.removed) == {"--comment=mine", "-t 20", "--tim=30", "--mem-per-cpu=5G", "--time=00:05:00"}
     assert "mine" not in out.text and "#SBATCH --comment=site" in out.text
 
@@ -90,8 +90,8 @@ def test_limits_checked_on_effective_directives():
     policy = D.SitePolicy(max_walltime_seconds=3600, allowed_queues=["debug"], max_nodes=1)
     slurm = get_backend("slurm")
     for params, directives, field in (({"walltime": "02:00:00"}, [], "walltime"),
-                                      ({}, ["--time=2:00:00"], "walltime"), ({}, ["-t 120"], "walltime"),
-                                      ({"queue": "big"}, [], "queue"), ({}, ["-p debug,big"], "queue"),
+                                      ({}, ["--time=2:00:00"], "directives"), ({}, ["-t 120"], "directives"),
+                                      ({"queue": "big"}, [], "queue"), ({}, ["-p debug,big"], "directives"),
                                       ({"nodes": 2}, [], "nodes")):
         with pytest.raises(D.DirectiveError, match="^" + field):
             D.render_script(slurm, D.normalise_options(params), "true", directives=directives, policy=policy)

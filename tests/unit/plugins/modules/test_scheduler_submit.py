@@ -440,3 +440,23 @@ def test_private_workdir_needs_workdir(harness):
     harness.plan({"squeue": [{"json": []}]})
     res = harness.run_module("scheduler_submit", args)
     assert res.get("failed") is True and res["msg"] == "private_workdir: needs workdir", res
+
+
+@pytest.mark.parametrize("args,message", [
+    ({"partition": "bad;x"}, "session_partition: 'bad;x' is not allowed"),
+    ({"account": "-A"}, "session_account: '-A' is not allowed"),
+    ({"directives": ["-A root"]}, "session_directives: '-A root' sets the account; use session_account"),
+    ({"directives": ["--export=ALL,LD_PRELOAD=/tmp/x.so"]},
+     "session_directives: '--export=ALL,LD_PRELOAD=/tmp/x.so' exports LD_PRELOAD, which changes how programs load"),
+    ({"directives": ["-J other"]}, "session_directives: '-J other' sets the job's name; the session sets it itself"),
+])
+def test_refusals_name_the_callers_inputs_and_nothing_runs(harness, args, message):
+    harness.plan({"squeue": [{"json": []}], "sbatch": [{"stdout": "1\n"}]})
+    params = {"scheduler": "slurm", "job_name": "{name}", "workdir": "{tmp}/work", "script": "true\n",
+              "input_names": {"queue": "session_partition", "account": "session_account",
+                              "directives": "session_directives", "job_name": ""}}
+    params.update(args)
+    res = harness.run_module("scheduler_submit", params)
+    assert res.get("failed") is True and res["msg"].startswith(message), res
+    assert harness.calls() == []
+    assert not (Path(harness.tmp) / "work").exists()
