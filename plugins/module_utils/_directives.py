@@ -575,6 +575,25 @@ def merge_directives(backend: Backend, typed: Sequence[str], user: Sequence[str]
     return kept + list(policy.enforced_directives), removed
 
 
+# Typed options a scheduler has no plain equivalent for (its render_header refuses them): the first one set is named.
+_UNSUPPORTED_ORDER = ("qos", "constraint", "reservation", "nodes", "ntasks", "cpus_per_task", "gpus")
+_UNSUPPORTED_WHY = {
+    "pbs": "PBS has no equivalent of this option here",
+    "sge": "in Grid Engine this depends on the site's parallel environments and complexes (e.g. '-pe smp 4', "
+           "'-l gpu=1')",
+}
+
+
+def _unsupported(scheduler: str, opts: JobOptions, exc: ValueError) -> DirectiveError:
+    for name in _UNSUPPORTED_ORDER:
+        value = getattr(opts, name, None)
+        if value not in (None, False, 0) and not (isinstance(value, int) and value == 1 and name != "gpus"):
+            if name in str(exc):
+                return DirectiveError(name, "%r: %s" % (value, _UNSUPPORTED_WHY.get(scheduler, str(exc))),
+                                      use="directives")
+    return DirectiveError("scheduler", str(exc))
+
+
 def render_script(
     backend: Backend,
     opts: JobOptions,
@@ -587,7 +606,10 @@ def render_script(
     """The batch script text: shebang, directive block (enforced last), exports, the user's body."""
     policy = policy or SitePolicy()
     user = [check_directive("directives", d) for d in directives]
-    typed = backend.render_header(opts)
+    try:
+        typed = backend.render_header(opts)
+    except ValueError as exc:
+        raise _unsupported(backend.name, opts, exc) from exc
     final, removed = merge_directives(backend, typed, user, policy)
     if backend.prefix:
         # the policy applies to what the user's directives still set once the site's enforced ones won

@@ -168,3 +168,15 @@ def test_site_file_keys(tmp_path):
     site.write_text("schedulers:\n  slurm:\n    allow_directives: requeue\n")
     with pytest.raises(D.DirectiveError, match="allow_directives must be a list"):
         D.load_site_policy("slurm", str(site), required_uid=os.getuid())
+
+
+@pytest.mark.parametrize("scheduler,params,message", [
+    ("pbs", {"qos": "high"}, "session_qos: 'high': PBS has no equivalent of this option here; use session_directives"),
+    ("sge", {"nodes": 2}, "session_nodes: 2: in Grid Engine this depends on the site's parallel environments"),
+    ("sge", {"cpus_per_task": 4}, "session_cpus: 4: in Grid Engine"),
+])
+def test_typed_options_a_scheduler_lacks_name_the_input(scheduler, params, message):
+    with pytest.raises(D.DirectiveError) as err:
+        render(scheduler, [], **params)
+    names = dict(ROLE_NAMES, qos="session_qos", nodes="session_nodes", cpus_per_task="session_cpus")
+    assert err.value.render(names).startswith(message), err.value.render(names)
