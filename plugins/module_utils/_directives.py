@@ -513,13 +513,16 @@ def _slurm_tables():
 _SLURM_SHORT, _SLURM_NO_ARG_SHORT = _slurm_tables()
 
 
-def allowed_patterns(scheduler: str, policy: "SitePolicy") -> List[str]:
+def allowed_patterns(scheduler: str, policy: SitePolicy) -> List[str]:
     """The allowlist in force: the site's ``allowed_directives`` or the default, plus ``allow_directives``."""
-    base = list(policy.allowed_directives) if policy.allowed_directives is not None else list(ALLOWED.get(scheduler, []))
+    if policy.allowed_directives is not None:
+        base = list(policy.allowed_directives)
+    else:
+        base = list(ALLOWED.get(scheduler, []))
     return base + list(policy.allow_directives)
 
 
-def check_user_directive(scheduler: str, directive: str, policy: "SitePolicy",
+def check_user_directive(scheduler: str, directive: str, policy: SitePolicy,
                          field_name: str = "directives") -> ParsedDirective:
     """Refuse a free-form directive the policy does not allow (see the tables above); the parsed form otherwise."""
     from fnmatch import fnmatchcase  # noqa: PLC0415

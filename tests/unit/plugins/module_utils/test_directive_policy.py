@@ -112,7 +112,8 @@ def test_two_options_in_one_item_are_refused(scheduler, directive):
 
 @pytest.mark.parametrize("scheduler,directive", [
     ("slurm", "--wrap=id"), ("slurm", "--array=1-100"), ("slurm", "--requeue"), ("slurm", "--clusters=other"),
-    ("slurm", "--hold"), ("slurm", "-v"), ("slurm", "-H -A root"), ("slurm", "--prio=1"), ("pbs", "-I"), ("pbs", "-S /bin/sh"),
+    ("slurm", "--hold"), ("slurm", "-v"), ("slurm", "-H -A root"), ("slurm", "--prio=1"), ("pbs", "-I"),
+    ("pbs", "-S /bin/sh"),
     ("pbs", "-t 1-10"), ("pbs", "-l epilogue=/tmp/x"), ("sge", "-@ /tmp/opts"), ("sge", "-S /bin/sh"),
     ("sge", "-t 1-10"), ("sge", "-b y"),
 ])
