@@ -343,6 +343,88 @@ def stop_marked(marker: str, grace: float = 2.0, clock: Callable[[], float] = ti
     return pids
 
 
+def descendants(root: int, proc: str = "/proc") -> List[int]:
+    """Pids below ``root`` in the process tree (read from ``/proc/*/stat``), parents before children."""
+    children: Dict[int, List[int]] = {}
+    for entry in os.listdir(proc):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"{proc}/{entry}/stat", encoding="utf-8", errors="replace") as handle:
+                ppid = int(handle.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop(0)
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(_signum: int, _frame: Any) -> None:
+    raise _Stop()
+
+
+def reap(argv: Sequence[str], grace: float = 2.0) -> int:
+    """Run ``argv`` as a child of this process made a child subreaper; end with everything below it.
+
+    Desktops start daemons that double-fork and call ``setsid`` (ssh-agent, gpg-agent, D-Bus activated services):
+    they leave the process group, and some make their ``/proc/PID/environ`` unreadable, but as orphans they are
+    re-parented to the nearest subreaper, this process. When the command exits, or this process gets TERM, INT or
+    HUP, every process below it gets TERM, and KILL after ``grace`` s. Returns the command's exit status.
+    """
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, _raise_stop)
+    rc = 143
+    try:
+        child = os.posix_spawnp(argv[0], list(argv), dict(os.environ))
+        while True:
+            pid, status = os.waitpid(-1, 0)
+            if pid == child:
+                rc = os.waitstatus_to_exitcode(status)
+                rc = 128 - rc if rc < 0 else rc
+                break
+    except _Stop:
+        pass
+    except ChildProcessError:
+        pass
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    _end_below(os.getpid(), grace)
+    return rc
+
+
+def _end_below(root: int, grace: float) -> None:
+    for pid in descendants(root):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+        if not descendants(root):
+            return
+        time.sleep(0.05)
+    for pid in descendants(root):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+
+
 def _zombie(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
@@ -372,6 +454,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     stop_p.add_argument("--owner", required=True)
     stop_p.add_argument("--grace", type=float, default=2.0)
     stop_p.add_argument("--dir", default=_ports.DEFAULT_DIR)
+    reap_p = sub.add_parser("reap", help="run a command as the child of a subreaper; end everything below it after")
+    reap_p.add_argument("--grace", type=float, default=2.0)
+    reap_p.add_argument("argv", nargs="+")
     pw_p = sub.add_parser("password", help="write the VNC password derived from a secret file to a 0600 file")
     pw_p.add_argument("--secret-file", required=True)
     pw_p.add_argument("--out", required=True)
@@ -385,6 +470,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.cmd == "release":
             _ports.validate_owner(args.owner)
             out = release_displays(args.owner, args.dir)
+        elif args.cmd == "reap":
+            return reap(args.argv, args.grace)
         elif args.cmd == "stop":
             _ports.validate_owner(args.owner)
             if not re.match(r"[A-Za-z_][A-Za-z0-9_]*=.+\Z", args.marker):
