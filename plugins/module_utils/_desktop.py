@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import base64
 import contextlib
+import ctypes
 import errno
 import hashlib
 import json
@@ -379,8 +380,6 @@ def reap(argv: Sequence[str], grace: float = 2.0) -> int:
     re-parented to the nearest subreaper, this process. When the command exits, or this process gets TERM, INT or
     HUP, every process below it gets TERM, and KILL after ``grace`` s. Returns the command's exit status.
     """
-    import ctypes
-
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")

@@ -20,6 +20,9 @@ import zlib
 from pathlib import Path
 from typing import Callable, Iterator, List, Optional, Sequence, Tuple
 
+import playwright
+from playwright.sync_api import sync_playwright
+
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
@@ -37,8 +40,6 @@ def artifact(name: str) -> Path:
 @contextlib.contextmanager
 def browser(netns: Optional[str] = None) -> Iterator[object]:
     """A Playwright ``Browser`` on Debian's Chromium; inside network namespace ``netns`` (a path) when given."""
-    from playwright.sync_api import sync_playwright  # imported here: only the browser tests need it
-
     saved = os.environ.get("PLAYWRIGHT_NODEJS_PATH")
     if netns:
         # the driver (node) is started by sync_playwright(): run it through nsenter so that it, and the Chromium it
@@ -61,8 +62,6 @@ def browser(netns: Optional[str] = None) -> Iterator[object]:
 
 
 def _nsenter_node(netns: str) -> Path:
-    import playwright
-
     node = Path(playwright.__file__).resolve().parent / "driver" / "node"
     wrapper = ARTIFACTS.parent / f"node-in-{Path(netns).name}.sh"
     wrapper.parent.mkdir(parents=True, exist_ok=True)

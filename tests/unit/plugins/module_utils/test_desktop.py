@@ -1,6 +1,8 @@
 """Unit tests for X display reservations and the VNC password (plugins/module_utils/_desktop.py)."""
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import os
 import socket
@@ -53,9 +55,6 @@ def test_vnc_password_is_8_urlsafe_characters_derived_from_the_secret():
 
 
 def test_vnc_password_is_the_documented_derivation():
-    import base64
-    import hashlib
-
     digest = hashlib.sha256(b"hpc.interactive vnc password\nabc").digest()
     assert vnc_password("abc") == base64.urlsafe_b64encode(digest).decode()[:8]
 
