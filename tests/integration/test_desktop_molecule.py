@@ -15,6 +15,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from desktop_common import provision_vnc
 
 pytestmark = pytest.mark.bed
 
@@ -24,6 +25,7 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.parametrize("scenario,verified", [("vnc", 9), ("desktop_app", 2), ("rstudio", 2), ("matlab", 2),
                                                 ("nicedcv", 2)])
 def test_molecule_scenario(bed, scenario, verified):
+    provision_vnc(bed)  # the namespace hosts reach no package registry: the packages come from the root namespace
     venv_bin = str(bed.venv / "bin")
     if not shutil.which("molecule", path=venv_bin):
         pytest.fail(f"molecule is not installed in {venv_bin}")

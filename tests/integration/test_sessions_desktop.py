@@ -21,8 +21,8 @@ from typing import Dict, Optional, Tuple
 
 import pytest
 from browser import artifact, browser, colours, share
+from desktop_common import provision_vnc
 from sessions_common import (
-    INSTALL_PLAY,
     WS_USER,
     assert_no_secret_in_argv,
     cluster_inventory,
@@ -43,16 +43,12 @@ pytestmark = pytest.mark.bed
 PORTS_DIR = Path("/tmp/isession-ports")
 CLUSTER_USER = "cluser"
 APP_RED = "#7a1f1f"  # xterm's background in the desktop_app tests: (122, 31, 31)
-_installed = []
 
 
 @pytest.fixture
 def desktop_bed(bed):
-    """The bed with the vnc role's install entry point run once (root; the bed's hosts share the filesystem)."""
-    if not _installed:
-        res = bed.playbook_json(INSTALL_PLAY.format(service="vnc"), user="root", timeout=1800)
-        assert res.rc == 0, f"install of vnc failed:\n{res.stdout[-4000:]}\n{res.stderr[-2000:]}"
-        _installed.append(True)
+    """The bed with the VNC desktop provisioned by the vnc role's install entry point (desktop_common.py)."""
+    provision_vnc(bed)
     return bed
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import re
 
-SESSION = "/tmp/molecule-desktop_app/sessions/molecule-desktopapp"
+SESSION = "/tmp/molecule-desktop_app/sessions/molecule-desktopapp"  # noqa: S108 - the scenario's own
 
 
 def test_session_running(host):
