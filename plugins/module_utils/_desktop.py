@@ -262,7 +262,7 @@ class DisplayDir(_ports.ReservationDir):
         usable one of ``display_range`` from a random start.
         """
         if display is not None:
-            first, _ = parse_display_range(display, "display")
+            first = parse_display_range(display, "display")[0]
             candidates = [first]
         else:
             start, end = parse_display_range(display_range)
