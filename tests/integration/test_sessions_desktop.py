@@ -35,6 +35,7 @@ from sessions_common import (
     wait_until,
 )
 from test_matrix import server_location, session_processes_by_host
+from test_sessions_sge import jobs_named, sge_inventory
 
 from ansible_collections.hpc.interactive.plugins.module_utils._desktop import lock_path, socket_path, vnc_password
 
@@ -190,6 +191,33 @@ def test_password_in_url_opt_in_connects_without_a_prompt(desktop_bed, root):
     finally:
         cancel(bed, root, sid, None)
     assert_nothing_left(bed, f, sid)
+
+
+@pytest.mark.parametrize("where", ["controller", "pbs", "sge"])
+def test_vnc_on_the_other_targets_shows_the_desktop_then_cancel_leaves_nothing(desktop_bed, root, where):
+    """The controller target (detached agent, reverse_tunnel) and compute through PBS (via the controller) and SGE."""
+    bed = desktop_bed
+    if where == "sge":
+        inv, target = sge_inventory(bed), "compute"
+    else:
+        inv = cluster_inventory(bed, "slurm" if where == "controller" else "pbs",
+                                "direct" if where == "controller" else "controller")
+        target = "controller" if where == "controller" else "compute"
+    sid = f"vnc-{where}-{int(time.time())}"
+    res = start(bed, root, "vnc", sid, target=target, inv=inv)
+    try:
+        assert res.rc == 0, failure_text(res)
+        f = session_facts(root, sid)
+        assert f["svc"]["JOB_STATUS"] == "Running", f["svc"]
+        assert f["host"] == ("controller" if where == "controller" else f["host"]) and f["host"] != "workspace"
+        png = open_desktop(bed, f["port"], "", vnc_password(f["secret"]), f"vnc-{where}.png")
+        assert_xfce_desktop(png)
+    finally:
+        cancel(bed, root, sid, inv)
+    assert read_json(root / sid / "service.json")["JOB_STATUS"] == "Cancelled"
+    assert_nothing_left(bed, f, sid)
+    if where == "sge":
+        assert wait_until(lambda: jobs_named(bed, f"isession-{sid}") == {}, 15), jobs_named(bed, f"isession-{sid}")
 
 
 # ---------------------------------------------------------------- desktop_app
