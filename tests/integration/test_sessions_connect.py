@@ -46,6 +46,9 @@ for _ in $(seq 100); do [ -S rfb.sock ] && break; sleep 0.1; done
 DISPLAY=":$display" xterm -bg '#7a1f1f' -geometry 300x100+0+0 >xterm.log 2>&1 &
 mkdir -p "web/me/$wp"
 ln -s /usr/share/novnc/* "web/me/$wp/"
+# set up for the session's base path, like the vnc role's own page: <URL>/<PORT>/ opens noVNC connected
+page='<script>location.replace("vnc.html?autoconnect=true&resize=scale&path=me%%2F%s%%2Fwebsockify" + location.hash)'
+printf "$page</script>\n" "$wp" >"web/me/$wp/index.html"
 exec websockify --web "$d/web" --unix-target="$d/rfb.sock" "$addr:$np" >websockify.log 2>&1
 """
 
@@ -56,7 +59,8 @@ def processes_in(directory: Path) -> list:
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
             try:
-                if os.readlink(entry / "cwd") == str(directory):
+                cwd = os.readlink(entry / "cwd")
+                if cwd == str(directory) or cwd.startswith(f"{directory}/"):  # websockify works in web/
                     found.append(int(entry.name))
             except OSError:
                 continue
