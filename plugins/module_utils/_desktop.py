@@ -56,6 +56,9 @@ MAX_DISPLAY = 999  # display files never meet port files (ports are >= 1024)
 X_TMP = "/tmp"  # noqa: S108 - where X servers keep their lock files and sockets
 FILE_RE = re.compile(r"display-([0-9]{1,3})\Z")
 PASSWORD_CONTEXT = b"hpc.interactive vnc password\n"
+# what ends a session's processes: TERM (the agent, scancel), INT, HUP, and USR2 - Grid Engine's warning before its
+# kill (jobs submitted with -notify), which reaches every process of the job
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
 VNC_PASSWORD_LEN = 8
 
 
@@ -377,13 +380,13 @@ def reap(argv: Sequence[str], grace: float = 2.0) -> int:
 
     Desktops start daemons that double-fork and call ``setsid`` (ssh-agent, gpg-agent, D-Bus activated services):
     they leave the process group, and some make their ``/proc/PID/environ`` unreadable, but as orphans they are
-    re-parented to the nearest subreaper, this process. When the command exits, or this process gets TERM, INT or
-    HUP, every process below it gets TERM, and KILL after ``grace`` s. Returns the command's exit status.
+    re-parented to the nearest subreaper, this process. When the command exits, or this process gets one of
+    ``STOP_SIGNALS``, every process below it gets TERM, and KILL after ``grace`` s. Returns the command's exit status.
     """
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, _raise_stop)
     rc = 143
     try:
@@ -398,7 +401,7 @@ def reap(argv: Sequence[str], grace: float = 2.0) -> int:
         pass
     except ChildProcessError:
         pass
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in STOP_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     _end_below(os.getpid(), grace)
     return rc
@@ -472,6 +475,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif args.cmd == "reap":
             return reap(args.argv, args.grace)
         elif args.cmd == "stop":
+            for sig in STOP_SIGNALS:  # the end of a session's end is not cut short (it is bounded by --grace)
+                signal.signal(sig, signal.SIG_IGN)
             _ports.validate_owner(args.owner)
             if not re.match(r"[A-Za-z_][A-Za-z0-9_]*=.+\Z", args.marker):
                 raise DisplayError("marker", "must be NAME=value")

@@ -5,10 +5,12 @@ import base64
 import hashlib
 import json
 import os
+import signal
 import socket
 import stat
 import subprocess
 import sys
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
@@ -254,3 +256,45 @@ def test_reserve_command_prints_the_display_and_errors_as_json(tmp_path):
     rel = subprocess.run([sys.executable, str(SCRIPT), "release", "--owner", "cli-test", "--dir", str(res_dir)],
                          capture_output=True, text=True, check=True)
     assert json.loads(rel.stdout)["released"] == [display]
+
+
+# ---------------------------------------------------------------- the subreaper
+
+
+def _reap(tmp_path, script: str) -> subprocess.Popen:
+    (tmp_path / "run.sh").write_text(script)
+    return subprocess.Popen([sys.executable, str(SCRIPT), "reap", "--grace", "1", "--", "bash",
+                             str(tmp_path / "run.sh")], start_new_session=True)
+
+
+def _alive(pid_file: Path) -> bool:
+    pid = int(pid_file.read_text())
+    return _ports.pid_alive(pid) and not _desktop._zombie(pid)
+
+
+def _wait_file(path: Path) -> None:
+    for _ in range(100):
+        if path.exists() and path.read_text().strip():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{path} not written")
+
+
+def test_reap_ends_a_daemon_that_left_the_process_group_when_the_command_exits(tmp_path):
+    # the daemon double-forks and calls setsid, like ssh-agent; the command then exits 3
+    proc = _reap(tmp_path, f"setsid sh -c 'echo $$ > {tmp_path}/daemon; exec sleep 60' &\n"
+                           f"while [ ! -s {tmp_path}/daemon ]; do sleep 0.05; done\nexit 3\n")
+    assert proc.wait(10) == 3
+    assert not _alive(tmp_path / "daemon")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR2])
+def test_reap_ends_everything_below_it_on_a_stop_signal(tmp_path, sig):
+    proc = _reap(tmp_path, f"setsid sh -c 'echo $$ > {tmp_path}/daemon; exec sleep 60' &\n"
+                           f"echo $$ > {tmp_path}/command\nsleep 60\n")
+    _wait_file(tmp_path / "daemon")
+    _wait_file(tmp_path / "command")
+    assert _alive(tmp_path / "daemon") and _alive(tmp_path / "command")
+    proc.send_signal(sig)
+    assert proc.wait(10) == 143
+    assert not _alive(tmp_path / "daemon") and not _alive(tmp_path / "command")
