@@ -47,8 +47,8 @@ DISPLAY=":$display" xterm -bg '#7a1f1f' -geometry 300x100+0+0 >xterm.log 2>&1 &
 mkdir -p "web/me/$wp"
 ln -s /usr/share/novnc/* "web/me/$wp/"
 # set up for the session's base path, like the vnc role's own page: <URL>/<PORT>/ opens noVNC connected
-page='<script>location.replace("vnc.html?autoconnect=true&resize=scale&path=me%%2F%s%%2Fwebsockify" + location.hash)'
-printf "$page</script>\n" "$wp" >"web/me/$wp/index.html"
+page='<script>location.replace("vnc.html?autoconnect=true&resize=scale&reconnect=true&path=me%%2F%s%%2Fwebsockify"'
+printf "$page + location.hash)</script>\n" "$wp" >"web/me/$wp/index.html"
 exec websockify --web "$d/web" --unix-target="$d/rfb.sock" "$addr:$np" >websockify.log 2>&1
 """
 
