@@ -52,7 +52,7 @@ import tempfile
 from collections import OrderedDict
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, Mapping, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Mapping, Optional, Tuple
 
 from urllib.parse import unquote
 
@@ -105,6 +105,16 @@ def validate_port(value: Any) -> str:
     return str(number)
 
 
+# The one secret a SLUG may hold, and only in its fragment (browsers never send a fragment to a server): the VNC
+# password noVNC reads from ``#password=...``, 8 characters derived from the session secret (_desktop.vnc_password),
+# put there only when a desktop session opts in (vnc_password_in_url) for platforms without the gateway.
+_FRAGMENT_PASSWORD_RE = re.compile(r"password=[A-Za-z0-9_-]{8}")
+
+
+def _fragment_params(fragment: str) -> List[str]:
+    return fragment.split("&") if fragment else []
+
+
 def validate_slug(value: Any) -> str:
     if value is None:
         return ""
@@ -130,6 +140,8 @@ def validate_slug(value: Any) -> str:
         raise ServiceFileError("slug must not start with an encoded '/'", "slug")
     for param in re.split(r"[?#&]", query + "&" + fragment):
         name = unquote(param.split("=", 1)[0])
+        if param in _fragment_params(fragment) and _FRAGMENT_PASSWORD_RE.fullmatch(param):
+            continue  # a desktop's VNC password in the fragment, the opt-in of docs/design/desktops.md
         if name and _SECRET_PARAM_RE.search(name):
             raise ServiceFileError(
                 f"slug parameter {name!r} looks like a secret; secrets never go into URLs", "slug")

@@ -70,7 +70,8 @@ PACKAGES = (
     "openssh-server", "openssh-client", "slurmctld", "slurmd", "slurm-client", "munge", "slurm-wlm-torque",
     "iproute2", "procps", "psmisc", "python3-venv", "python3-yaml", "curl", "util-linux", "nginx-light",
     "environment-modules",  # a real `module` command for the session_modules tests
-    "chromium",  # the gateway's browser tests (driven by Playwright with executable_path; no downloaded browser)
+    "chromium",  # the browser of the desktop and gateway tests (tests/integration/browser.py); the VNC desktop itself
+    # is provisioned by the vnc role's install entry point (tests/integration/desktop_common.py)
     # runtime libraries of the unpacked gridengine binaries (see SGE_PREFIX; install() checks them with ldd)
     "libjemalloc2", "libhwloc15", "libmunge2", "libtirpc3", "libdb5.3", "libssl3",
 )

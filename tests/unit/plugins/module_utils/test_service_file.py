@@ -106,6 +106,9 @@ def test_slug_accepted(value):
         ("vnc.html?autoconnect=1#PassWord=x", "secret"),
         ("?%74oken=x", "secret"),  # percent-encoded "token"
         ("?auth=x", "secret"),
+        ("?password=Ab3_-xYz", "secret"),  # a VNC password, but in the query
+        ("#password=Ab3_-xYz9", "secret"),  # not the 8 characters of a VNC password
+        ("#password=Ab3_-xYz&token=x", "secret"),
         ("x" * (sf.MAX_SLUG + 1), "longer"),
     ],
 )
@@ -114,6 +117,12 @@ def test_slug_refused(value, why):
         sf.validate_slug(value)
     assert exc.value.field == "slug"
     assert why in exc.value.msg
+
+
+@pytest.mark.parametrize("value", ["#password=Ab3_-xYz", "vnc.html?autoconnect=1#password=Ab3_-xYz"])
+def test_slug_may_hold_a_vnc_password_in_its_fragment(value):
+    """The desktop opt-in (vnc_password_in_url): 8 characters, only in the fragment, never sent to a server."""
+    assert sf.validate_slug(value) == value
 
 
 @pytest.mark.parametrize("value", [5, ["lab"], {"a": 1}, b"lab"])

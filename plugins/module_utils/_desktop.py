@@ -1,0 +1,505 @@
+# Copyright (c) hpc.interactive contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""X displays for desktop sessions: reserved race-free, stale X server files reclaimed, the VNC password.
+
+Private to the hpc.interactive collection: no compatibility promise outside it.
+Standard library only. The desktop roles' agent fragment runs it as a plain script beside ``_ports.py``
+(``python3 _desktop.py reserve --owner ID --pid PID``); the gateway and the filter plugin import it.
+
+Displays are reserved with the port reservation scheme of ``_ports.py``, not a second one: the same
+``ReservationDir`` class (exclusive-create records published with ``link(2)``, leases, a watched pid,
+stale records reclaimed under the directory's lock), in the same host-local sticky directory, with
+files named ``display-<N>`` instead of ``port-<N>`` (so port and display numbers never meet). Of any
+number of concurrent callers, of any user, exactly one gets a display.
+
+A display N is usable when, besides having no valid reservation, no X server owns it:
+
+* ``/tmp/.X<N>-lock`` (the X server's own lock, holding its pid) is absent, or names a dead process;
+* ``/tmp/.X11-unix/X<N>`` is absent, or nothing accepts a connection on it;
+* nothing accepts a connection on the abstract socket ``@/tmp/.X11-unix/X<N>`` (per network namespace);
+* TCP port 6000+N can be bound (an X server listening on TCP).
+
+Files of a dead X server (lock, socket) are removed only after the display is reserved, re-checked and
+compared by inode before the unlink, and only when they are the caller's (``/tmp`` is sticky; root
+removes any). A live server's files are never touched. ``release`` removes a session's display records
+and, when the session's X server is gone, its leftover files.
+
+The VNC password: VNC authentication takes at most 8 characters, so the session's password is derived
+from the session secret (``vnc_password``): the first 8 characters of the URL-safe base64 of
+SHA-256(``"hpc.interactive vnc password\\n"`` + secret), 48 bits. Knowing it reveals nothing of the secret.
+"""
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import ctypes
+import errno
+import hashlib
+import json
+import os
+import re
+import signal
+import socket
+import stat
+import sys
+import time
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+try:
+    from ansible_collections.hpc.interactive.plugins.module_utils import _ports
+except ImportError:  # run as a plain script beside _ports.py (inside a batch job)
+    import _ports  # type: ignore[no-redef]
+
+DISPLAY_RANGE = (1, 99)
+MAX_DISPLAY = 999  # display files never meet port files (ports are >= 1024)
+X_TMP = "/tmp"  # noqa: S108 - where X servers keep their lock files and sockets
+FILE_RE = re.compile(r"display-([0-9]{1,3})\Z")
+PASSWORD_CONTEXT = b"hpc.interactive vnc password\n"
+# what ends a session's processes: TERM (the agent, scancel), INT, HUP, and USR2 - Grid Engine's warning before its
+# kill (jobs submitted with -notify), which reaches every process of the job
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
+VNC_PASSWORD_LEN = 8
+
+
+class DisplayError(_ports.PortError):
+    """A refused input or an impossible request; ``field`` names the option at fault."""
+
+
+# ---------------------------------------------------------------- the VNC password (pure)
+
+
+def vnc_password(secret: str) -> str:
+    """The session's VNC password (8 characters of [A-Za-z0-9_-]) derived from its secret."""
+    secret = secret.strip()
+    if not secret:
+        raise DisplayError("secret", "the session secret is empty")
+    digest = hashlib.sha256(PASSWORD_CONTEXT + secret.encode("utf-8")).digest()
+    return base64.urlsafe_b64encode(digest).decode("ascii")[:VNC_PASSWORD_LEN]
+
+
+# ---------------------------------------------------------------- input parsing (pure)
+
+
+def parse_display_range(value: Any, field: str = "display_range") -> Tuple[int, int]:
+    """``"A-B"``, ``"A"``, ``[A, B]`` -> ``(A, B)`` within 1..MAX_DISPLAY."""
+    if isinstance(value, (list, tuple)):
+        pair = list(value)
+    elif isinstance(value, str):
+        pair = [p.strip() for p in value.split("-")] if "-" in value else [value, value]
+    else:
+        pair = [value, value]
+    if len(pair) != 2:
+        raise DisplayError(field, f"expected START-END, got {value!r}")
+    nums = []
+    for item in pair:
+        if isinstance(item, bool) or not (isinstance(item, int) or (isinstance(item, str) and item.isdigit())):
+            raise DisplayError(field, f"not a display number: {item!r}")
+        nums.append(int(item))
+    start, end = nums
+    if not 1 <= start <= end <= MAX_DISPLAY:
+        raise DisplayError(field, f"displays are 1-{MAX_DISPLAY}, start <= end; got {start}-{end}")
+    return start, end
+
+
+# ---------------------------------------------------------------- the X server's own files
+
+
+def lock_path(display: int, xtmp: str = X_TMP) -> str:
+    return os.path.join(xtmp, f".X{display}-lock")
+
+
+def socket_path(display: int, xtmp: str = X_TMP) -> str:
+    return os.path.join(xtmp, ".X11-unix", f"X{display}")
+
+
+def lock_pid(display: int, xtmp: str = X_TMP) -> Optional[int]:
+    """The pid in the display's lock file; None if there is none; 0 if it is unreadable or garbled."""
+    try:
+        fd = os.open(lock_path(display, xtmp), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return 0
+    try:
+        text = os.read(fd, 64).decode("ascii", "replace").strip()
+    finally:
+        os.close(fd)
+    return int(text) if text.isdigit() else 0
+
+
+def _accepts(family: int, address: Any) -> bool:
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.settimeout(0.5)
+    try:
+        sock.connect(address)
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.close()
+
+
+def socket_live(display: int, xtmp: str = X_TMP) -> bool:
+    """True if an X server accepts connections for ``display`` (its file or abstract unix socket)."""
+    path = socket_path(display, xtmp)
+    if os.path.exists(path) and _accepts(socket.AF_UNIX, path):
+        return True
+    return sys.platform.startswith("linux") and _accepts(socket.AF_UNIX, "\0" + path)
+
+
+def x_tcp_free(display: int) -> bool:
+    """True if X's TCP port 6000+N can be bound (no X server listens on TCP for it)."""
+    port = 6000 + display
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind(("0.0.0.0", port))  # noqa: S104 - a bind test, closed at once
+        return True
+    except OSError as exc:
+        return exc.errno != errno.EADDRINUSE
+    finally:
+        sock.close()
+
+
+def _mine(path: str, uid: int) -> bool:
+    try:
+        return uid == 0 or os.lstat(path).st_uid == uid
+    except FileNotFoundError:
+        return True
+
+
+def display_state(display: int, uid: Optional[int] = None, xtmp: str = X_TMP) -> str:
+    """``free``, ``stale`` (a dead server's files that ``uid`` may remove) or ``busy``."""
+    uid = os.geteuid() if uid is None else uid
+    pid = lock_pid(display, xtmp)
+    stale = False
+    if pid is not None:
+        if pid == 0 or _ports.pid_alive(pid):
+            return "busy"  # a live server (or a lock we cannot judge): never touched
+        if not _mine(lock_path(display, xtmp), uid):
+            return "busy"
+        stale = True
+    if socket_live(display, xtmp) or not x_tcp_free(display):
+        return "busy"
+    sock = socket_path(display, xtmp)
+    if os.path.lexists(sock):
+        if not _mine(sock, uid):
+            return "busy"
+        stale = True
+    return "stale" if stale else "free"
+
+
+def _unlink_same(path: str, seen: os.stat_result) -> bool:
+    try:
+        cur = os.lstat(path)
+        if (cur.st_ino, cur.st_dev) != (seen.st_ino, seen.st_dev):
+            return False
+        os.unlink(path)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def reclaim_x_files(display: int, uid: Optional[int] = None, xtmp: str = X_TMP) -> List[str]:
+    """Remove the lock and socket of a dead X server on ``display`` (the caller's, or any for root).
+
+    Call it only while holding the display's reservation. Each file is re-checked and compared by
+    inode right before the unlink; a live server's files are never removed. Returns what was removed.
+    """
+    uid = os.geteuid() if uid is None else uid
+    removed: List[str] = []
+    lock = lock_path(display, xtmp)
+    try:
+        seen = os.lstat(lock)
+    except FileNotFoundError:
+        seen = None
+    if seen is not None:
+        pid = lock_pid(display, xtmp)
+        if pid == 0 or (pid is not None and _ports.pid_alive(pid)) or not _mine(lock, uid):
+            return removed
+        if not _unlink_same(lock, seen):
+            return removed
+        removed.append(lock)
+    sock = socket_path(display, xtmp)
+    try:
+        seen = os.lstat(sock)
+    except FileNotFoundError:
+        return removed
+    if stat.S_ISSOCK(seen.st_mode) and not socket_live(display, xtmp) and _mine(sock, uid) \
+            and _unlink_same(sock, seen):
+        removed.append(sock)
+    return removed
+
+
+# ---------------------------------------------------------------- reservations (the scheme of _ports.py)
+
+
+class DisplayDir(_ports.ReservationDir):
+    """``ReservationDir`` whose records are ``display-<N>``; a display is usable when no X server owns it."""
+
+    def __init__(self, path: str = _ports.DEFAULT_DIR, *, xtmp: str = X_TMP, **kw: Any) -> None:
+        self.xtmp = xtmp
+        kw.setdefault("bindable", self._usable)
+        super().__init__(path, **kw)
+
+    def _usable(self, display: int) -> bool:
+        return display_state(display, self.me.uid, self.xtmp) != "busy"
+
+    def _file(self, port: int) -> str:
+        return os.path.join(self.path, f"display-{port}")
+
+    def ports_on_disk(self) -> List[int]:
+        try:
+            names = os.listdir(self.path)
+        except FileNotFoundError:
+            return []
+        return sorted(int(m.group(1)) for m in (FILE_RE.match(n) for n in names) if m)
+
+    def reserve_display(self, owner: str, pid: Optional[int] = None, display_range: Any = DISPLAY_RANGE,
+                        display: Optional[int] = None, lease: int = _ports.DEFAULT_LEASE) -> Tuple[int, List[str]]:
+        """Reserve one display for ``owner`` -> (display, the dead server's files reclaimed for it).
+
+        ``display`` asks for that one display (refused, naming it, when in use); otherwise the first
+        usable one of ``display_range`` from a random start.
+        """
+        if display is not None:
+            first = parse_display_range(display, "display")[0]
+            candidates = [first]
+        else:
+            start, end = parse_display_range(display_range)
+            candidates = list(range(start, end + 1))
+        try:
+            got, _new = self.reserve(owner, 1, candidates, lease, pid)
+        except _ports.PortError as exc:
+            if exc.field != "count":
+                raise
+            if display is not None:
+                raise DisplayError("display", f"display :{candidates[0]} is in use on {self.me.host}") from None
+            raise DisplayError("display_range", f"no free display in :{candidates[0]}-:{candidates[-1]} "
+                                                f"on {self.me.host}") from None
+        return got[0], reclaim_x_files(got[0], self.me.uid, self.xtmp)
+
+
+def release_displays(owner: str, path: str = _ports.DEFAULT_DIR, xtmp: str = X_TMP) -> Dict[str, List[Any]]:
+    """Undo a session's displays on this host: its records, and the files of its X servers if they are dead.
+
+    The one teardown call for display reservations (idempotent: nothing left -> empty lists).
+    """
+    rdir = DisplayDir(path, xtmp=xtmp)
+    if not rdir.exists():
+        return {"released": [], "removed": []}
+    released = rdir.release(owner)
+    removed: List[str] = []
+    for display in released:
+        removed += reclaim_x_files(display, rdir.me.uid, xtmp)
+    return {"released": released, "removed": removed}
+
+
+# ---------------------------------------------------------------- the desktop's processes
+
+
+def marked_processes(marker: str, uid: Optional[int] = None, proc: str = "/proc") -> List[int]:
+    """Pids of ``uid``'s processes whose environment holds ``marker`` (``NAME=value``), but never the
+    caller or its ancestors. Desktop sessions start daemons that leave their process group (``setsid``:
+    ssh-agent, gpg-agent, ...); the environment they inherit still names the session."""
+    uid = os.geteuid() if uid is None else uid
+    needle = marker.encode()
+    skip, pid = set(), os.getpid()
+    while pid > 1 and pid not in skip:  # the caller and its ancestors
+        skip.add(pid)
+        try:
+            with open(f"{proc}/{pid}/stat", encoding="utf-8", errors="replace") as handle:
+                pid = int(handle.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            break
+    found = []
+    for entry in os.listdir(proc):
+        if not entry.isdigit() or int(entry) in skip:
+            continue
+        try:
+            if os.stat(f"{proc}/{entry}").st_uid != uid:
+                continue
+            with open(f"{proc}/{entry}/environ", "rb") as handle:
+                env = handle.read()
+        except OSError:
+            continue
+        if needle in env.split(b"\0"):
+            found.append(int(entry))
+    return sorted(found)
+
+
+def stop_marked(marker: str, grace: float = 2.0, clock: Callable[[], float] = time.monotonic) -> List[int]:
+    """TERM every process :func:`marked_processes` finds, KILL what is left after ``grace`` s -> pids."""
+    pids = marked_processes(marker)
+    for pid in pids:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = clock() + grace
+    left = pids
+    while left and clock() < deadline:
+        time.sleep(0.05)
+        left = [p for p in left if _ports.pid_alive(p) and not _zombie(p)]
+    for pid in marked_processes(marker):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    return pids
+
+
+def descendants(root: int, proc: str = "/proc") -> List[int]:
+    """Pids below ``root`` in the process tree (read from ``/proc/*/stat``), parents before children."""
+    children: Dict[int, List[int]] = {}
+    for entry in os.listdir(proc):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"{proc}/{entry}/stat", encoding="utf-8", errors="replace") as handle:
+                ppid = int(handle.read().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    found, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop(0)
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
+class _Stop(Exception):
+    pass
+
+
+def _raise_stop(_signum: int, _frame: Any) -> None:
+    raise _Stop()
+
+
+def reap(argv: Sequence[str], grace: float = 2.0) -> int:
+    """Run ``argv`` as a child of this process made a child subreaper; end with everything below it.
+
+    Desktops start daemons that double-fork and call ``setsid`` (ssh-agent, gpg-agent, D-Bus activated services):
+    they leave the process group, and some make their ``/proc/PID/environ`` unreadable, but as orphans they are
+    re-parented to the nearest subreaper, this process. When the command exits, or this process gets one of
+    ``STOP_SIGNALS``, every process below it gets TERM, and KILL after ``grace`` s. Returns the command's exit status.
+    """
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _raise_stop)
+    rc = 143
+    try:
+        child = os.posix_spawnp(argv[0], list(argv), dict(os.environ))
+        while True:
+            pid, status = os.waitpid(-1, 0)
+            if pid == child:
+                rc = os.waitstatus_to_exitcode(status)
+                rc = 128 - rc if rc < 0 else rc
+                break
+    except _Stop:
+        pass
+    except ChildProcessError:
+        pass
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    _end_below(os.getpid(), grace)
+    return rc
+
+
+def _end_below(root: int, grace: float) -> None:
+    for pid in descendants(root):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        with contextlib.suppress(ChildProcessError):
+            while os.waitpid(-1, os.WNOHANG)[0] > 0:
+                pass
+        if not descendants(root):
+            return
+        time.sleep(0.05)
+    for pid in descendants(root):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        while os.waitpid(-1, os.WNOHANG)[0] > 0:
+            pass
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
+            return handle.read().rpartition(")")[2].split()[0] == "Z"
+    except (OSError, IndexError):
+        return True
+
+
+# ---------------------------------------------------------------- the script
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="_desktop.py", description="X displays and VNC passwords of sessions.")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    res_p = sub.add_parser("reserve", help="reserve a display; prints JSON with display")
+    res_p.add_argument("--owner", required=True)
+    res_p.add_argument("--pid", type=int)
+    res_p.add_argument("--range", dest="display_range", default="%d-%d" % DISPLAY_RANGE)
+    res_p.add_argument("--display", type=int)
+    res_p.add_argument("--lease", type=int, default=_ports.DEFAULT_LEASE)
+    res_p.add_argument("--dir", default=_ports.DEFAULT_DIR)
+    rel_p = sub.add_parser("release", help="release the owner's displays and a dead server's files")
+    rel_p.add_argument("--owner", required=True)
+    rel_p.add_argument("--dir", default=_ports.DEFAULT_DIR)
+    stop_p = sub.add_parser("stop", help="stop the marked processes, then release the owner's displays")
+    stop_p.add_argument("--marker", required=True, help="NAME=value in the processes' environment")
+    stop_p.add_argument("--owner", required=True)
+    stop_p.add_argument("--grace", type=float, default=2.0)
+    stop_p.add_argument("--dir", default=_ports.DEFAULT_DIR)
+    reap_p = sub.add_parser("reap", help="run a command as the child of a subreaper; end everything below it after")
+    reap_p.add_argument("--grace", type=float, default=2.0)
+    reap_p.add_argument("argv", nargs="+")
+    pw_p = sub.add_parser("password", help="write the VNC password derived from a secret file to a 0600 file")
+    pw_p.add_argument("--secret-file", required=True)
+    pw_p.add_argument("--out", required=True)
+    args = parser.parse_args(argv)
+    try:
+        if args.cmd == "reserve":
+            rdir = DisplayDir(args.dir)
+            display, removed = rdir.reserve_display(args.owner, args.pid, args.display_range, args.display,
+                                                    args.lease)
+            out: Dict[str, Any] = {"display": display, "reclaimed": removed, "reservation_dir": rdir.path}
+        elif args.cmd == "release":
+            _ports.validate_owner(args.owner)
+            out = release_displays(args.owner, args.dir)
+        elif args.cmd == "reap":
+            return reap(args.argv, args.grace)
+        elif args.cmd == "stop":
+            for sig in STOP_SIGNALS:  # the end of a session's end is not cut short (it is bounded by --grace)
+                signal.signal(sig, signal.SIG_IGN)
+            _ports.validate_owner(args.owner)
+            if not re.match(r"[A-Za-z_][A-Za-z0-9_]*=.+\Z", args.marker):
+                raise DisplayError("marker", "must be NAME=value")
+            stopped = stop_marked(args.marker, args.grace)
+            out = dict(release_displays(args.owner, args.dir), stopped=stopped)
+        else:
+            with open(args.secret_file, encoding="utf-8") as handle:
+                password = vnc_password(handle.readline())
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(args.out)
+            fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w", encoding="ascii") as handle:
+                handle.write(password + "\n")
+            out = {"written": args.out}
+    except _ports.PortError as exc:
+        sys.stderr.write(json.dumps({"error": str(exc), "field": exc.field}) + "\n")
+        return 1
+    except OSError as exc:
+        sys.stderr.write(json.dumps({"error": f"{exc.filename}: {exc.strerror}", "field": "secret_file"}) + "\n")
+        return 1
+    sys.stdout.write(json.dumps(out) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
