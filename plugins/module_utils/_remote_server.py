@@ -35,7 +35,7 @@ PKG = "ansible_collections.hpc.interactive.plugins.module_utils"
 # what the server imports on the controller, as paths under module_utils
 SHIPPED = ("_cmd", "_proc", "_schedulers/__init__", "_schedulers/_base", "_schedulers/_hostlist",
            "_schedulers/local", "_schedulers/pbs", "_schedulers/sge", "_schedulers/slurm", "_schedulers/_runtime",
-           "_ports", "_tunnel", "_vocabulary", "_teardown", "_desktop")
+           "_ports", "_tunnel", "_vocabulary", "_teardown")
 MAIN = "__isession_remote__"  # the module name this file runs under on the controller
 
 # Runs on the controller as ``python3 -c BOOT``: reads the payload and runs this file, which installs the importer.

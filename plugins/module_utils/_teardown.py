@@ -164,26 +164,6 @@ def _release_ports(h: Holding, ctx: Context, what: str) -> List[str]:
     return ["%s %d" % (what, p) for p in released]
 
 
-def undo_desktop(h: Holding, ctx: Context) -> List[str]:
-    """Stop a desktop's daemons that left the agent's process group (ssh-agent, gpg-agent, D-Bus services: their
-    environment still names the session) and release its displays, with the lock and socket files of a dead X
-    server. What the vnc and desktop_app roles leave on the host where a workspace or controller agent ran; on a
-    compute node the job's own trap does this (nothing outside the job reaches it)."""
-    from ansible_collections.hpc.interactive.plugins.module_utils import _desktop  # noqa: PLC0415
-    from ansible_collections.hpc.interactive.plugins.module_utils._ports import DEFAULT_DIR  # noqa: PLC0415
-
-    marker = "ISESSION_DESKTOP=" + h.session_id
-    path = ctx.reservation_dir or DEFAULT_DIR
-    if ctx.check:
-        pids = [p for p in _desktop.marked_processes(marker) if p not in ctx.spare_pids]
-        rdir = _desktop.DisplayDir(path)
-        displays = rdir.release(h.session_id, dry_run=True) if rdir.exists() else []
-    else:
-        pids = [p for p in _desktop.stop_marked(marker) if p not in ctx.spare_pids]
-        displays = _desktop.release_displays(h.session_id, path=path)["released"]
-    return ["desktop process %d" % p for p in pids] + ["display :%s" % d for d in displays]
-
-
 def undo_node_ports(h: Holding, ctx: Context) -> List[str]:
     """Release the ports reserved on the resource for the server (controller target)."""
     return _release_ports(h, ctx, "node port")
@@ -242,13 +222,6 @@ def _on_controller_with_dir(h: Holding) -> Optional[str]:
     return RESOURCE if h.target in ("controller", "compute") and h.remote_dir else None
 
 
-def _on_agent_host(h: Holding) -> Optional[str]:
-    """The host where a workspace or controller agent ran (a compute node is the job's own business)."""
-    if h.target in (None, WORKSPACE):
-        return WORKSPACE
-    return RESOURCE if h.target == "controller" else None
-
-
 def _on_workspace(h: Holding) -> Optional[str]:
     return WORKSPACE
 
@@ -273,7 +246,6 @@ class Kind:
 
 KINDS: Tuple[Kind, ...] = (
     Kind("job", _on_job_side, undo_job, "the batch job, or the detached agent (local scheduler)"),
-    Kind("desktop", _on_agent_host, undo_desktop, "a desktop's detached daemons and its displays (vnc, desktop_app)"),
     Kind("tunnel", _on_controller_with_dir, undo_tunnel,
          "the controller-side reverse tunnel (controller target, connect mode)"),
     Kind("node_ports", _on_controller, undo_node_ports, "ports reserved on the controller for the server"),

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -41,6 +42,8 @@ def add_parser(sub) -> argparse.ArgumentParser:
                    help="how long a login lasts (default 720)")
     p.add_argument("--cookie-secure", choices=("auto", "yes", "no"), default="auto",
                    help="mark the login cookie Secure (auto: when the request came over https)")
+    p.add_argument("--json", action="store_true",
+                   help="say where it serves as one JSON line ({\"url\", \"users\", \"workers\"}) instead of text")
     p.add_argument("--workers", type=int, default=1, metavar="N",
                    help="serve from N processes sharing the port (SO_REUSEPORT; default 1). All state is in files, "
                         "so any worker serves any request; the first also runs idle auto-cancel")
@@ -103,8 +106,12 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     os.umask(0o077)
     who = "users: " + ", ".join(settings.users) if settings.multi else "user " + next(iter(settings.users))
+    url = f"http://{settings.host}:{settings.port}/"
+    if getattr(args, "json", False):
+        print(json.dumps({"url": url, "users": sorted(settings.users), "workers": settings.workers}), flush=True)
     if settings.workers == 1:
-        print(f"isession gateway on http://{settings.host}:{settings.port}/ ({who})", flush=True)
+        if not getattr(args, "json", False):
+            print(f"isession gateway on {url} ({who})", flush=True)
         return serve(settings)
     children = []
     for index in range(settings.workers):
@@ -117,8 +124,8 @@ def cmd_gateway(args: argparse.Namespace) -> int:
             finally:
                 os._exit(code)
         children.append(pid)
-    print(f"isession gateway on http://{settings.host}:{settings.port}/ ({who}; {settings.workers} workers)",
-          flush=True)
+    if not getattr(args, "json", False):
+        print(f"isession gateway on {url} ({who}; {settings.workers} workers)", flush=True)
 
     def stop(signum: int, _frame) -> None:
         for pid in children:

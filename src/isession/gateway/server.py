@@ -29,7 +29,8 @@ import aiohttp
 import yarl
 from aiohttp import web
 
-from .. import config, mu
+from .. import config
+from ..collection import active, find_collection
 from ..describe import describe, services
 from . import actions, appauth, auth, ownership, pages, proxy, rfb, store
 
@@ -73,7 +74,7 @@ class Gateway:
         self.index = {name: store.UserSessions(u) for name, u in settings.users.items()}
         self.activity = store.Activity()
         self.owned = ownership.OwnershipCache(settings.ownership_ttl)
-        self.col = mu.collection()
+        self.col = active() or find_collection()
         self.appauth = appauth.AppAuth(self.col.root)
         self.children: List[subprocess.Popen] = []
         self.idle_cancelled: Dict[Tuple[str, str], float] = {}
