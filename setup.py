@@ -30,6 +30,7 @@ setup(
         f"{COLLECTION}.{name}" for name in find_namespace_packages(".", include=["plugins", "plugins.*"],
                                                                    exclude=["*.__pycache__"])
     ],
-    package_data={COLLECTION: COLLECTION_DATA},
+    # all package data here: a [tool.setuptools.package-data] table in pyproject.toml would replace this mapping
+    package_data={COLLECTION: COLLECTION_DATA, "isession.gateway": ["static/*"]},
     exclude_package_data={COLLECTION: ["**/__pycache__/*", "**/*.pyc"]},
 )
