@@ -138,7 +138,7 @@ def test_tunnel_carries_http_and_is_idempotent(bed, tun):
     st = tun.status()
     assert st["state"] == "up" and st["restarts"] == 0 and st["pid"] == res["pid"]
     cmd = Path("/proc/%d/cmdline" % st["pid"]).read_bytes().split(b"\0")
-    assert cmd[:3] == [b"/usr/bin/python3", str(tun.state_dir / "_tunnel.py").encode(), b"run"]
+    assert cmd[:4] == [b"/usr/bin/python3", b"-I", str(tun.state_dir / "_tunnel.py").encode(), b"run"]  # isolated
     assert os.getsid(st["pid"]) == st["pid"]
     repo_file = Path(__file__).resolve().parents[2] / "plugins" / "module_utils" / "_tunnel.py"
     assert (tun.state_dir / "_tunnel.py").read_text() == repo_file.read_text()   # shipped out of Ansiballz intact

@@ -1,8 +1,12 @@
 """The watcher on the bed: a real Slurm job on compute, polled over one persistent ssh session to the
-controller; a hand ``scancel`` must be in service.json (Failed) within 5 s, and a live job is left alone."""
+controller; a hand ``scancel`` must be in service.json (Failed) within 5 s, and a live job is left alone.
+
+Each session's workspace port has a listener of wsuser, as a live session's tunnel end would: the watcher also
+checks who listens there (docs/design/security.md), and a running session with nothing there is not Running."""
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 
 import pytest
@@ -14,10 +18,10 @@ pytestmark = pytest.mark.bed
 MAKE_SESSION = """
 import sys
 from ansible_collections.hpc.interactive.plugins.module_utils import _service_file, _state
-root, sid, job = sys.argv[1:4]
+root, sid, job, port = sys.argv[1:5]
 _state.run_op("create", root, sid, {"service": "nginx", "target": "compute", "resource": "controller",
-              "scheduler": "slurm", "step": "running", "job_id": job, "ports": {"workspace": 20999}})
-_service_file.update_service_file(root + "/" + sid + "/service.json", url="/me", port=20999, job_status="Running")
+              "scheduler": "slurm", "step": "running", "job_id": job, "ports": {"workspace": int(port)}})
+_service_file.update_service_file(root + "/" + sid + "/service.json", url="/me", port=int(port), job_status="Running")
 """
 
 
@@ -41,10 +45,19 @@ def wait_running(bed, jobs, timeout: float = 60.0) -> None:
     raise AssertionError(f"jobs not RUNNING after {timeout} s: {states}")
 
 
-def make_session(bed, cli: Cli, sid: str, job: str) -> None:
+def tunnel_end(bed, servers: list) -> int:
+    """A listener of wsuser on a free workspace port (what a live session's tunnel end is) -> its port."""
+    proc = bed.popen("workspace", ["/usr/bin/python3", "-u", "-m", "http.server", "0", "--bind", "127.0.0.1",
+                                   "--directory", "/nonexistent"], user="wsuser", stdout=subprocess.PIPE,
+                     stderr=subprocess.DEVNULL, text=True)
+    servers.append(proc)
+    return int(proc.stdout.readline().split(" port ")[1].split()[0])
+
+
+def make_session(bed, cli: Cli, sid: str, job: str, port: int) -> None:
     cli.root.mkdir(mode=0o700, exist_ok=True)
     bed.run("workspace", ["chown", "wsuser:", str(cli.root)], check=True)
-    bed.run("workspace", [str(bed.venv / "bin" / "python"), "-c", MAKE_SESSION, str(cli.root), sid, job],
+    bed.run("workspace", [str(bed.venv / "bin" / "python"), "-c", MAKE_SESSION, str(cli.root), sid, job, str(port)],
             user="wsuser", env={"PYTHONPATH": str(bed.collections_path)}, check=True)
 
 
@@ -61,8 +74,9 @@ def test_hand_scancel_is_failed_within_5s_and_live_jobs_stay(bed):
     cli = Cli(bed)
     live_job, victim_job = submit(bed), submit(bed)
     wait_running(bed, [live_job, victim_job])
-    make_session(bed, cli, "watch-live", live_job)
-    make_session(bed, cli, "watch-victim", victim_job)
+    servers: list = []
+    make_session(bed, cli, "watch-live", live_job, tunnel_end(bed, servers))
+    make_session(bed, cli, "watch-victim", victim_job, tunnel_end(bed, servers))
     watcher = bed.popen("workspace", [str(bed.venv / "bin" / "python"), "-m", "isession", "watch"],
                         user="wsuser", env=cli.env, stdout=open(cli.tmp / "watch.log", "w"), stderr=-2)
     try:
@@ -82,6 +96,9 @@ def test_hand_scancel_is_failed_within_5s_and_live_jobs_stay(bed):
     finally:
         watcher.terminate()
         watcher.wait(timeout=10)
+        for server in servers:
+            server.terminate()
+            server.wait(timeout=10)
         bed.run("controller", ["scancel", live_job, victim_job], user="cluser")
     log = (cli.tmp / "watch.log").read_text()
     assert "watch-victim: Running -> Failed" in log, log
