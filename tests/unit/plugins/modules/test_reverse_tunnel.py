@@ -3,6 +3,7 @@ the test starts on 127.0.0.1 (a random port, temp host key, temp authorized key,
 a local HTTP server behind the tunnel. Only loopback traffic."""
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import pwd
@@ -82,6 +83,12 @@ def tunnel_processes(state_dir: str, name: str):
     return found
 
 
+def _die_with_parent() -> None:
+    """Popen preexec: the daemon gets SIGTERM when the process that started it ends. ansible-test runs each test in
+    a fork of its own, which exits without a module fixture's teardown; without this the daemons would outlive it."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 @pytest.fixture(scope="module")
 def sshd(tmp_path_factory):
     if os.geteuid() != 0 or not os.access(SSHD, os.X_OK) or not shutil.which("ssh-keygen"):
@@ -98,7 +105,7 @@ def sshd(tmp_path_factory):
         "PasswordAuthentication no", "KbdInteractiveAuthentication no", "PermitRootLogin prohibit-password",
         "AllowTcpForwarding yes", "GatewayPorts no", "LogLevel VERBOSE", ""]))
     proc = subprocess.Popen([SSHD, "-D", "-e", "-f", str(d / "sshd_config")], stdout=subprocess.DEVNULL,
-                            stderr=open(d / "sshd.log", "w"))  # noqa: SIM115
+                            stderr=open(d / "sshd.log", "w"), preexec_fn=_die_with_parent)  # noqa: SIM115, PLW1509
     try:
         wait_port(port)
         host_pub = (d / "host.pub").read_text().split()
@@ -115,7 +122,8 @@ def web(tmp_path_factory):
     (d / "marker.txt").write_text("hello through the tunnel\n")
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "http.server", "--bind", "127.0.0.1", "--directory", str(d),
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            preexec_fn=_die_with_parent)  # noqa: PLW1509
     wait_port(port)
     yield port
     proc.terminate()
