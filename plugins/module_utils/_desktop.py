@@ -7,10 +7,11 @@ Standard library only. The desktop roles' agent fragment runs it as a plain scri
 (``python3 _desktop.py reserve --owner ID --pid PID``); the gateway and the filter plugin import it.
 
 Displays are reserved with the port reservation scheme of ``_ports.py``, not a second one: the same
-``ReservationDir`` class (exclusive-create records published with ``link(2)``, leases, a watched pid,
-stale records reclaimed under the directory's lock), in the same host-local sticky directory, with
-files named ``display-<N>`` instead of ``port-<N>`` (so port and display numbers never meet). Of any
-number of concurrent callers, of any user, exactly one gets a display.
+``ReservationDir`` (private claim files published with ``link(2)``, a lease, a watched pid, invalid claims
+removed by their owner, every claim of a number looked at again after creating one), in a directory of its own,
+``/tmp/isession-displays`` (root-owned, mode 1777, made by the vnc role's install entry point), where a claim
+file ``port-<N>`` stands for display N. Of any number of concurrent callers, of any user, exactly one gets a
+display; the only thing that differs from ports is the test of whether a number is free:
 
 A display N is usable when, besides having no valid reservation, no X server owns it:
 
@@ -51,10 +52,10 @@ try:
 except ImportError:  # run as a plain script beside _ports.py (inside a batch job)
     import _ports  # type: ignore[no-redef]
 
+DISPLAYS_DIR = "/tmp/isession-displays"  # noqa: S108 - shared, sticky, root-owned, host-local, like the ports'
 DISPLAY_RANGE = (1, 99)
-MAX_DISPLAY = 999  # display files never meet port files (ports are >= 1024)
+MAX_DISPLAY = 999
 X_TMP = "/tmp"  # noqa: S108 - where X servers keep their lock files and sockets
-FILE_RE = re.compile(r"display-([0-9]{1,3})\Z")
 PASSWORD_CONTEXT = b"hpc.interactive vnc password\n"
 # what ends a session's processes: TERM (the agent, scancel), INT, HUP, and USR2 - Grid Engine's warning before its
 # kill (jobs submitted with -notify), which reaches every process of the job
@@ -237,25 +238,15 @@ def reclaim_x_files(display: int, uid: Optional[int] = None, xtmp: str = X_TMP) 
 
 
 class DisplayDir(_ports.ReservationDir):
-    """``ReservationDir`` whose records are ``display-<N>``; a display is usable when no X server owns it."""
+    """``ReservationDir`` of displays (in ``DISPLAYS_DIR``); a display is usable when no X server owns it."""
 
-    def __init__(self, path: str = _ports.DEFAULT_DIR, *, xtmp: str = X_TMP, **kw: Any) -> None:
+    def __init__(self, path: str = DISPLAYS_DIR, *, xtmp: str = X_TMP, **kw: Any) -> None:
         self.xtmp = xtmp
         kw.setdefault("bindable", self._usable)
         super().__init__(path, **kw)
 
     def _usable(self, display: int) -> bool:
         return display_state(display, self.me.uid, self.xtmp) != "busy"
-
-    def _file(self, port: int) -> str:
-        return os.path.join(self.path, f"display-{port}")
-
-    def ports_on_disk(self) -> List[int]:
-        try:
-            names = os.listdir(self.path)
-        except FileNotFoundError:
-            return []
-        return sorted(int(m.group(1)) for m in (FILE_RE.match(n) for n in names) if m)
 
     def reserve_display(self, owner: str, pid: Optional[int] = None, display_range: Any = DISPLAY_RANGE,
                         display: Optional[int] = None, lease: int = _ports.DEFAULT_LEASE) -> Tuple[int, List[str]]:
@@ -282,7 +273,7 @@ class DisplayDir(_ports.ReservationDir):
         return got[0], reclaim_x_files(got[0], self.me.uid, self.xtmp)
 
 
-def release_displays(owner: str, path: str = _ports.DEFAULT_DIR, xtmp: str = X_TMP) -> Dict[str, List[Any]]:
+def release_displays(owner: str, path: str = DISPLAYS_DIR, xtmp: str = X_TMP) -> Dict[str, List[Any]]:
     """Undo a session's displays on this host: its records, and the files of its X servers if they are dead.
 
     The one teardown call for display reservations (idempotent: nothing left -> empty lists).
@@ -447,15 +438,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     res_p.add_argument("--range", dest="display_range", default="%d-%d" % DISPLAY_RANGE)
     res_p.add_argument("--display", type=int)
     res_p.add_argument("--lease", type=int, default=_ports.DEFAULT_LEASE)
-    res_p.add_argument("--dir", default=_ports.DEFAULT_DIR)
+    res_p.add_argument("--dir", default=DISPLAYS_DIR)
     rel_p = sub.add_parser("release", help="release the owner's displays and a dead server's files")
     rel_p.add_argument("--owner", required=True)
-    rel_p.add_argument("--dir", default=_ports.DEFAULT_DIR)
+    rel_p.add_argument("--dir", default=DISPLAYS_DIR)
     stop_p = sub.add_parser("stop", help="stop the marked processes, then release the owner's displays")
     stop_p.add_argument("--marker", required=True, help="NAME=value in the processes' environment")
     stop_p.add_argument("--owner", required=True)
     stop_p.add_argument("--grace", type=float, default=2.0)
-    stop_p.add_argument("--dir", default=_ports.DEFAULT_DIR)
+    stop_p.add_argument("--dir", default=DISPLAYS_DIR)
     reap_p = sub.add_parser("reap", help="run a command as the child of a subreaper; end everything below it after")
     reap_p.add_argument("--grace", type=float, default=2.0)
     reap_p.add_argument("argv", nargs="+")

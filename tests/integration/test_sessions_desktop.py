@@ -41,7 +41,7 @@ from ansible_collections.hpc.interactive.plugins.module_utils._desktop import lo
 
 pytestmark = pytest.mark.bed
 
-PORTS_DIR = Path("/tmp/isession-ports")
+DISPLAYS_DIR = Path("/tmp/isession-displays")
 CLUSTER_USER = "cluser"
 APP_RED = "#7a1f1f"  # xterm's background in the desktop_app tests: (122, 31, 31)
 
@@ -59,8 +59,9 @@ def root(desktop_bed):
 
 
 def display_records(owner: str) -> list:
+    """The displays reserved for ``owner`` (claim files are 0600: read as root)."""
     out = []
-    for f in PORTS_DIR.glob("display-*") if PORTS_DIR.is_dir() else []:
+    for f in DISPLAYS_DIR.glob("port-*") if DISPLAYS_DIR.is_dir() else []:
         try:
             rec = json.loads(f.read_text())
         except (OSError, ValueError):

@@ -20,4 +20,4 @@ def test_nothing_left_running(host):
     left = host.run("grep -lz 'ISESSION_ID=molecule-matlab' /proc/[0-9]*/environ 2>/dev/null").stdout.split()
     assert left == [], left
     owner = '"owner": "molecule-matlab"'
-    assert host.run(f"grep -lF '{owner}' /tmp/isession-ports/port-* /tmp/isession-ports/display-*").stdout == ""
+    assert host.run(f"grep -lF '{owner}' /tmp/isession-ports/port-* /tmp/isession-displays/port-*").stdout == ""

@@ -149,16 +149,16 @@ def ddir(path, xtmp, **kw) -> DisplayDir:
     return DisplayDir(str(path), xtmp=xtmp, **kw)
 
 
-def test_reserve_is_idempotent_per_owner_and_kept_apart_from_ports(tmp_path, xtmp):
+def test_reserve_is_idempotent_per_owner_with_the_ports_scheme(tmp_path, xtmp):
     res_dir = tmp_path / "res"
     d = ddir(res_dir, xtmp)
     first, reclaimed = d.reserve_display("sess-a", pid=os.getpid(), display_range="900-905")
     again, _ = d.reserve_display("sess-a", pid=os.getpid(), display_range="900-905")
     assert first == again and 900 <= first <= 905 and reclaimed == []
-    assert (res_dir / f"display-{first}").is_file()
-    ports = _ports.ReservationDir(str(res_dir), bindable=lambda p: True)
-    assert ports.ports_on_disk() == [] and ports.held("sess-a") == []
-    assert d.ports_on_disk() == [first]
+    claim = res_dir / f"port-{first}"  # a claim of the ports' scheme, in the displays' own directory
+    assert claim.is_file() and stat.S_IMODE(claim.stat().st_mode) == 0o600
+    assert d.ports_on_disk() == [first] and [r.port for r in d.held("sess-a")] == [first]
+    assert _desktop.DISPLAYS_DIR != _ports.DEFAULT_DIR
 
 
 def test_a_requested_display_in_use_is_refused_naming_it(tmp_path, xtmp):
