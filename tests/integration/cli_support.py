@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 from typing import Dict, Optional
 
+from sessions_common import stop_watcher
+
 REPO = Path(__file__).resolve().parents[2]
 PLAYBOOKS = REPO / "playbooks"
 
@@ -59,14 +61,7 @@ class Cli:
         return path.read_text() if path.exists() else "(no watcher log)"
 
     def stop_watcher(self) -> None:
-        pidfile = self.root / ".watcher.pid"
-        if pidfile.exists():
-            text = pidfile.read_text().strip()
-            if text.isdigit():
-                try:
-                    os.kill(int(text), 15)
-                except OSError:
-                    pass
+        stop_watcher(self.root)
 
 
 def files_containing(top: Path, needle: str):

@@ -6,9 +6,12 @@ shared filesystem, listeners per network namespace, and processes in ``/proc`` (
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
+import signal
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -107,6 +110,24 @@ def session_processes(marker: str) -> Dict[int, str]:
         if marker in cmd or marker in cwd:
             found[int(entry)] = f"cwd={cwd} cmd={cmd.strip()}"
     return found
+
+
+def stop_watcher(root: Path) -> None:
+    """SIGTERM the watcher of a session root while it still holds its lock. The pid in a file an ended watcher left
+    behind may by now name any process (pids wrap at 32768 here, within minutes): that one is never signalled."""
+    try:
+        fd = os.open(root / ".watcher.pid", os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:  # a watcher holds it: the pid it wrote is its own
+        text = os.pread(fd, 32, 0).decode().strip()
+        if text.isdigit():
+            with contextlib.suppress(OSError):
+                os.kill(int(text), signal.SIGTERM)
+    finally:
+        os.close(fd)  # also drops a lock taken here
 
 
 def wait_until(pred, timeout: float = 10.0, step: float = 0.1) -> bool:

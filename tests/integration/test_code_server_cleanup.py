@@ -27,6 +27,7 @@ from sessions_common import (  # noqa: E402
     reservations,
     run_playbook,
     session_processes,
+    stop_watcher,
     wait_until,
 )
 
@@ -56,16 +57,6 @@ def _start(bed, root: Path, sid: str):
 def _cancel(bed, root: Path, sid: str) -> None:
     res = run_playbook(bed, "hpc.interactive.cancel", dict(session_id=sid, session_root=str(root)))
     assert res.rc == 0, failure_text(res)
-
-
-def _stop_watcher(root: Path) -> None:
-    pidfile = root / ".watcher.pid"
-    text = pidfile.read_text().strip() if pidfile.is_file() else ""
-    if text.isdigit():
-        try:
-            os.kill(int(text), signal.SIGTERM)
-        except OSError:
-            pass
 
 
 def _socket_tmpdir(sdir: Path) -> Path:
@@ -106,7 +97,7 @@ def test_deep_session_root_socket_dir_removed_on_cancel(bed, installed):
     finally:
         if not cancelled:
             _cancel(bed, root, sid)
-        _stop_watcher(root)
+        stop_watcher(root)
 
 
 def test_deep_session_root_socket_dir_removed_when_code_server_dies(bed, installed):
@@ -128,7 +119,7 @@ def test_deep_session_root_socket_dir_removed_when_code_server_dies(bed, install
         assert wait_until(lambda: not session_processes(sid), 15), session_processes(sid)
     finally:
         _cancel(bed, root, sid)
-        _stop_watcher(root)
+        stop_watcher(root)
 
 
 def test_short_session_root_keeps_sockets_in_the_session_dir(bed, installed):
@@ -147,4 +138,4 @@ def test_short_session_root_keeps_sockets_in_the_session_dir(bed, installed):
     finally:
         if not cancelled:
             _cancel(bed, root, sid)
-        _stop_watcher(root)
+        stop_watcher(root)

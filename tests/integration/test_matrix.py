@@ -28,6 +28,7 @@ from sessions_common import (  # noqa: E402
     read_json,
     reservations,
     run_playbook,
+    stop_watcher,
     wait_until,
 )
 from sessions_common import cluster_inventory, queue  # noqa: E402
@@ -211,12 +212,3 @@ def test_cell_start_serve_cancel(bed, apps, service, target):
         stop_watcher(root)
 
 
-def stop_watcher(root: Path) -> None:
-    """Stop the watcher the start play runs for this test's own session root (it would idle for minutes)."""
-    pidfile = root / ".watcher.pid"
-    text = pidfile.read_text().strip() if pidfile.is_file() else ""
-    if text.isdigit():
-        try:
-            os.kill(int(text), 15)
-        except OSError:
-            pass

@@ -382,6 +382,7 @@ def test_another_users_lock_blocks_no_reclaim(bed, attackers):
     """wsuser2 holds an exclusive flock on the directory's .lock (which used to guard every reclaim): wsuser's stale
     claim is reclaimed anyway, and a release is not held up."""
     script = bed.collections_path / "ansible_collections/hpc/interactive/plugins/module_utils/_ports.py"
+    (PORTS_DIR / ".lock").unlink(missing_ok=True)  # one left by older code: wsuser2 makes its own
     lock = attack(attackers, bed, "workspace", WS_OTHER, "hold-lock", "--file", str(PORTS_DIR / ".lock"))
     assert wait_until(lambda: any(line.startswith("LOCKED") for line in lock.lines()), 10), lock.err.read_text()
     owner = new_id("lock")
