@@ -608,14 +608,18 @@ class ReservationDir:
 
     def _claim_port(self, fd: int, res: Reservation) -> Optional[str]:
         """Take ``res.port`` -> the claim's name, or None when another valid claim holds the port."""
-        generation, capped = 0, None
+        generation, capped, vanished = 0, None, 0
         while generation <= MAX_GENERATION:
             name = claim_name(res.port, generation)
             if self._publish(fd, res, name):
                 break
             there = self._claim(fd, name)
+            if there is None and vanished < 10:
+                vanished += 1
+                continue  # removed meanwhile: try the same name again (a few times: its owner may toggle it)
             if there is None:
-                continue  # removed meanwhile: try the same name again
+                generation += 1
+                continue
             now = self.clock()
             if capped is None:
                 capped = over_cap(self._claims(fd), now, self.cap)

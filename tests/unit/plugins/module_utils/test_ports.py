@@ -866,3 +866,25 @@ def test_threads_never_share_a_port_among_junk(shared_dir):
         results = list(pool.map(one, range(20)))
     ports = [p for r in results for p in r]
     assert len(ports) == len(set(ports)) == 40
+
+
+def test_a_name_that_keeps_vanishing_is_given_up_for_the_next(tmp_path):
+    """Another user creating and removing a port's first name in a loop cannot keep a caller spinning on it."""
+
+    class Toggled(ReservationDir):
+        tries = 0
+
+        def _publish(self, fd, res, name):
+            if name == f"port-{res.port}":
+                self.tries += 1
+                return False  # "exists" ...
+            return super()._publish(fd, res, name)
+
+        def _claim(self, fd, name):
+            return None if name.endswith("-20000") else super()._claim(fd, name)  # ... and gone again
+
+    d = Toggled(str(tmp_path / "r"), me=ME, bindable=lambda p: True)
+    if os.geteuid() != 0:
+        (tmp_path / "r").mkdir(mode=0o700)
+    assert d.reserve("s1", 1, [20000])[0] == [20000]
+    assert (tmp_path / "r" / "port-20000.1").exists() and d.tries == 11
