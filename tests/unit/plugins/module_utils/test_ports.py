@@ -888,3 +888,27 @@ def test_a_name_that_keeps_vanishing_is_given_up_for_the_next(tmp_path):
         (tmp_path / "r").mkdir(mode=0o700)
     assert d.reserve("s1", 1, [20000])[0] == [20000]
     assert (tmp_path / "r" / "port-20000.1").exists() and d.tries == 11
+
+
+def test_another_kind_of_reservation_keeps_its_own_names(tmp_path):
+    """A subclass with its own prefix (displays) shares the directory, the rules and the races, never the numbers."""
+
+    class Displays(ReservationDir):
+        prefix = "display"
+
+    ports = rdir(tmp_path / "r")
+    displays = Displays(str(tmp_path / "r"), me=ME, bindable=lambda n: True)
+    assert displays.reserve("s1", 1, [59])[0] == [59] and ports.reserve("s1", 1, [59])[0] == [59]
+    assert sorted(os.listdir(tmp_path / "r")) == ["display-59", "port-59"]
+    assert _ports.claim_port("display-59.r0123456789abcdef", "display") == 59
+    assert _ports.claim_port("display-59") is None
+    with pytest.raises(PortError, match="count"):
+        Displays(str(tmp_path / "r"), me=ME, bindable=lambda n: True).reserve("s2", 1, [59])
+    assert displays.ports_on_disk() == [59] and displays.release("s1") == [59]
+    assert ports.held("s1")[0].port == 59 and sorted(os.listdir(tmp_path / "r")) == ["port-59"]
+
+    class Bad(ReservationDir):
+        prefix = "../x"
+
+    with pytest.raises(ValueError, match="prefix"):
+        Bad(str(tmp_path / "r"))
