@@ -168,14 +168,13 @@ def wait_port_owner(port: int, uid: int, timeout: float, *, interval: float = 0.
         sleep(interval)
 
 
-def _pid_alive(pid: int) -> bool:
+def _pid_alive(pid: int, proc: str = "/proc") -> bool:
+    """Whether ``pid`` runs: it exists and is no zombie (an exited server its parent has not reaped yet)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        with open("%s/%d/stat" % (proc, pid)) as fh:
+            return fh.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -83,7 +83,8 @@ NETWORK_FS = frozenset(
     "fuse.sshfs fuse.glusterfs fuse.ceph fuse.beegfs".split()
 )
 OWNER_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}\Z")
-CLAIM_RE = re.compile(r"port-([0-9]{1,5})(?:\.([1-9][0-9]{0,2}|r[0-9a-f]{16}))?\Z")
+CLAIM_TAIL = r"-([0-9]{1,5})(?:\.([1-9][0-9]{0,2}|r[0-9a-f]{16}))?\Z"
+PREFIX_RE = re.compile(r"[a-z]{1,16}\Z")
 TMP_RE = re.compile(r"\.tmp\.[0-9]+\.[0-9a-f]{16}\Z")
 UNPARSABLE_GRACE = 60.0
 TMP_MAX_AGE = 60.0
@@ -262,14 +263,15 @@ class Claim:
                    mtime=st.st_mtime, ctime=st.st_ctime, ino=st.st_ino, dev=st.st_dev)
 
 
-def claim_port(name: str) -> Optional[int]:
-    """The port a claim file name is for (``port-N``, ``port-N.G``, ``port-N.r<hex>``); None for other names."""
-    match = CLAIM_RE.match(name)
+def claim_port(name: str, prefix: str = "port") -> Optional[int]:
+    """The number a claim file name is for (``port-N``, ``port-N.G``, ``port-N.r<hex>``; ``prefix`` names another kind
+    of reservation kept in the same directory, e.g. ``display``); None for other names."""
+    match = re.match(re.escape(prefix) + CLAIM_TAIL, name)
     return int(match.group(1)) if match else None
 
 
-def claim_name(port: int, generation: int) -> str:
-    return f"port-{port}" if generation == 0 else f"port-{port}.{generation}"
+def claim_name(port: int, generation: int, prefix: str = "port") -> str:
+    return f"{prefix}-{port}" if generation == 0 else f"{prefix}-{port}.{generation}"
 
 
 def live_by_metadata(claim: Claim, now: float) -> bool:
@@ -416,7 +418,13 @@ def port_bindable(port: int) -> bool:
 
 
 class ReservationDir:
-    """Reservations in one directory. Clock, pid and bind checks are injectable for tests."""
+    """Reservations in one directory. Clock, pid and bind checks are injectable for tests.
+
+    ``prefix`` names the claims (``port-N``); a subclass reserving other numbers in the same directory (displays)
+    sets its own, and its claims and ports never meet. ``bindable`` says whether a number is free right now.
+    """
+
+    prefix = "port"
 
     def __init__(self, path: str = DEFAULT_DIR, *, me: Optional[Me] = None, clock: Callable[[], float] = time.time,
                  alive: Callable[[int, Optional[int]], bool] = pid_alive,
@@ -424,6 +432,8 @@ class ReservationDir:
                  mountinfo_file: str = MOUNTINFO_FILE, cap: int = USER_CAP) -> None:
         if not path or not os.path.isabs(path):
             raise PortError("reservation_dir", f"must be an absolute path, got {path!r}")
+        if not PREFIX_RE.match(self.prefix):
+            raise ValueError(f"a claim prefix is 1-16 lowercase letters, got {self.prefix!r}")
         self.path = os.path.normpath(path)
         self.me = me or current_me()
         self.clock, self.alive, self.bindable = clock, alive, bindable
@@ -507,12 +517,11 @@ class ReservationDir:
             pass
 
     # -- claim files
-    @staticmethod
-    def _claims(fd: int, port: Optional[int] = None) -> List[Claim]:
+    def _claims(self, fd: int, port: Optional[int] = None) -> List[Claim]:
         """Every claim file (of ``port`` when given), as lstat shows it now."""
         found = []
         for name in os.listdir(fd):
-            num = claim_port(name)
+            num = claim_port(name, self.prefix)
             if num is None or (port is not None and num != port):
                 continue
             try:
@@ -527,7 +536,7 @@ class ReservationDir:
             st = os.stat(name, dir_fd=fd, follow_symlinks=False)
         except FileNotFoundError:
             return None
-        port = claim_port(name)
+        port = claim_port(name, self.prefix)
         return None if port is None else Claim.from_stat(name, port, st)
 
     @staticmethod
@@ -561,7 +570,7 @@ class ReservationDir:
 
     def _remove(self, fd: int, claim: Claim) -> bool:
         """Remove ``claim`` if its name still holds that very file: rename it away, then unlink it only if it is."""
-        aside = f"port-{claim.port}.r{os.urandom(8).hex()}"
+        aside = f"{self.prefix}-{claim.port}.r{os.urandom(8).hex()}"
         try:
             os.rename(claim.name, aside, src_dir_fd=fd, dst_dir_fd=fd)
         except FileNotFoundError:
@@ -610,7 +619,7 @@ class ReservationDir:
         """Take ``res.port`` -> the claim's name, or None when another valid claim holds the port."""
         generation, capped, vanished = 0, None, 0
         while generation <= MAX_GENERATION:
-            name = claim_name(res.port, generation)
+            name = claim_name(res.port, generation, self.prefix)
             if self._publish(fd, res, name):
                 break
             there = self._claim(fd, name)

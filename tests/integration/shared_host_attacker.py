@@ -6,7 +6,8 @@ Run as a plain script by wsuser2 on the workspace or cluser2 on a cluster host, 
                                      answer every HTTP request 200 and log it
     bind --port P --log L            bind 127.0.0.1:P as soon as it is free (tried every 2 ms), then the same
     junk --dir D --first A --last B  an empty port-N file for every N in A..B; --live K: also K claims that look
-                                     alive (a lease end a day away), more than one user may hold
+                                     alive (a lease end a day away), more than one user may hold; prints how
+                                     many files it made (existing names, other users' claims, are skipped)
     hold-lock --file F --log L       create F and hold an exclusive flock on it until killed
 
 The log's first line is ``BOUND <port> <epoch>`` once a port is held (``LOCKED`` for hold-lock); then one line per
@@ -99,14 +100,24 @@ def bind(port: int, log: Logger) -> None:
 
 
 def junk(directory: str, first: int, last: int, live: int) -> None:
+    """Prints how many files it made (names that already exist - other users' claims - are skipped)."""
+    made = 0
     for port in range(first, last + 1):
-        fd = os.open(os.path.join(directory, f"port-{port}"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        os.close(fd)
+        try:
+            os.close(os.open(os.path.join(directory, f"port-{port}"), os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+            made += 1
+        except FileExistsError:
+            continue
     later = time.time() + 86400
     for port in range(first, first + live):
         path = os.path.join(directory, f"port-{port}.1")
-        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+        except FileExistsError:
+            continue
         os.utime(path, (later, later))
+        made += 1
+    print(made)
 
 
 def hold_lock(path: str, log: Logger) -> None:

@@ -215,3 +215,15 @@ def test_script_as_a_second_user_sees_another_users_listener(script):
         assert out["state"] == "foreign" and out["uids"] == [0] and "another user (uid 0 (root))" in out["message"]
     finally:
         sock.close()
+
+
+def test_a_zombie_server_is_not_alive():
+    proc = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 10
+    while not open(f"/proc/{proc.pid}/stat").read().rpartition(")")[2].split()[0] == "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert not _listeners._pid_alive(proc.pid)  # exited, not yet reaped by its parent (this test)
+    assert _listeners._pid_alive(os.getpid())
+    proc.wait()
+    assert not _listeners._pid_alive(proc.pid)

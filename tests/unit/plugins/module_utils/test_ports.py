@@ -260,7 +260,7 @@ def test_bind_test_sees_time_wait_as_busy():
     srv.listen()
     port = srv.getsockname()[1]
     cli = socket.create_connection(("127.0.0.1", port))
-    conn, _ignored = srv.accept()
+    conn, _ = srv.accept()
     conn.close()  # the server side closes first: its end (local port = port) enters TIME_WAIT
     cli.close()
     srv.close()
@@ -274,7 +274,7 @@ def test_reserve_skips_a_listening_port(tmp_path):
     srv.listen()
     try:
         d = ReservationDir(str(tmp_path / "r"), me=ME)  # real bind test
-        got, _ignored = d.reserve("s1", 2, ports)
+        got, _ = d.reserve("s1", 2, ports)
         assert sorted(got) == [ports[0], ports[2]]
         with pytest.raises(PortError):
             d.reserve("s2", 1, ports)
@@ -341,7 +341,7 @@ def test_idempotent_present_and_growing_count(tmp_path):
 
 def test_held_ports_outside_a_new_range_do_not_count(tmp_path):
     d = rdir(tmp_path / "r")
-    old, _ignored = d.reserve("s1", 1, [20000, 20001])
+    old, _ = d.reserve("s1", 1, [20000, 20001])
     new_ports, new = d.reserve("s1", 1, [21000, 21001])
     assert new == new_ports and new_ports[0] in (21000, 21001)
     assert d.reserve("s1", 1, [20000, 20001, 20002]) == (old, [])
@@ -351,7 +351,7 @@ def test_held_ports_outside_a_new_range_do_not_count(tmp_path):
 def test_idempotence_is_per_host_and_per_uid(tmp_path):
     cands = list(range(20000, 20100))
     a = rdir(tmp_path / "r")
-    ports_a, _ignored = a.reserve("s1", 1, cands)
+    ports_a, _ = a.reserve("s1", 1, cands)
     b = rdir(tmp_path / "r", me=Me(uid=ME.uid, user="tester", host="hostB", boot_id="boot-9"))
     ports_b, new_b = b.reserve("s1", 1, cands)
     assert new_b == ports_b and ports_b != ports_a  # another host's reservation is not "held" here
@@ -360,8 +360,8 @@ def test_idempotence_is_per_host_and_per_uid(tmp_path):
 
 def test_absent_releases_only_that_owner_and_is_idempotent(tmp_path):
     d = rdir(tmp_path / "r")
-    mine, _ignored = d.reserve("s1", 3, list(range(20000, 20100)))
-    theirs, _ignored = d.reserve("s2", 2, list(range(20000, 20100)))
+    mine, _ = d.reserve("s1", 3, list(range(20000, 20100)))
+    theirs, _ = d.reserve("s2", 2, list(range(20000, 20100)))
     assert d.release("s1", dry_run=True) == mine
     assert len(d.ports_on_disk()) == 5
     assert d.release("s1") == mine
@@ -546,7 +546,7 @@ def run_script(script, *args, user=None):
     """Run the module_utils file as a plain script with the managed hosts' /usr/bin/python3."""
     pre = ["setpriv", f"--reuid={user}", f"--regid={user}", "--clear-groups"] if user is not None else []
     return subprocess.run(pre + ["/usr/bin/python3", str(script), *args], capture_output=True, text=True,
-                          timeout=60, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"}, check=False)
+                          timeout=60, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
 
 
 def test_script_reserve_and_release(script, tmp_path):
@@ -747,7 +747,7 @@ def test_the_directory_is_used_through_the_descriptor_it_was_checked_by(tmp_path
         return True
 
     d.bindable = bindable
-    got, _ignored = d.reserve("s1", 1, [20000])
+    got, _ = d.reserve("s1", 1, [20000])
     assert got == [20000] and swapped
     assert json.loads((moved / "port-20000").read_text())["owner"] == "s1"
     assert not list(elsewhere.iterdir())
@@ -830,7 +830,7 @@ def test_claims_of_a_user_over_the_cap_are_ignored_and_swept_by_root(shared_dir)
     later = time.time() + 600
     for port in range(20000, 20005):  # 5 live-looking claims: one more than the cap
         foreign_file(shared_dir / f"port-{port}", mtime=later)
-    got, _ignored = d.reserve("s1", 2, [20000, 20001])
+    got, _ = d.reserve("s1", 2, [20000, 20001])
     assert got == [20000, 20001]
     assert not [p for p in shared_dir.iterdir() if p.stat().st_uid == NOBODY]  # root swept them
 
@@ -888,3 +888,27 @@ def test_a_name_that_keeps_vanishing_is_given_up_for_the_next(tmp_path):
         (tmp_path / "r").mkdir(mode=0o700)
     assert d.reserve("s1", 1, [20000])[0] == [20000]
     assert (tmp_path / "r" / "port-20000.1").exists() and d.tries == 11
+
+
+def test_another_kind_of_reservation_keeps_its_own_names(tmp_path):
+    """A subclass with its own prefix (displays) shares the directory, the rules and the races, never the numbers."""
+
+    class Displays(ReservationDir):
+        prefix = "display"
+
+    ports = rdir(tmp_path / "r")
+    displays = Displays(str(tmp_path / "r"), me=ME, bindable=lambda n: True)
+    assert displays.reserve("s1", 1, [59])[0] == [59] and ports.reserve("s1", 1, [59])[0] == [59]
+    assert sorted(os.listdir(tmp_path / "r")) == ["display-59", "port-59"]
+    assert _ports.claim_port("display-59.r0123456789abcdef", "display") == 59
+    assert _ports.claim_port("display-59") is None
+    with pytest.raises(PortError, match="count"):
+        Displays(str(tmp_path / "r"), me=ME, bindable=lambda n: True).reserve("s2", 1, [59])
+    assert displays.ports_on_disk() == [59] and displays.release("s1") == [59]
+    assert ports.held("s1")[0].port == 59 and sorted(os.listdir(tmp_path / "r")) == ["port-59"]
+
+    class Bad(ReservationDir):
+        prefix = "../x"
+
+    with pytest.raises(ValueError, match="prefix"):
+        Bad(str(tmp_path / "r"))
