@@ -489,15 +489,16 @@ def test_threads_never_share_a_port(tmp_path):
 
 
 def test_reclaimers_race_for_one_stale_port(tmp_path):
+    port = free_tcp_ports(1)[0]  # one that binds now: a busy port would rightly have no winner
     d0 = rdir(tmp_path / "r")
     d0.ensure()
-    write_record(tmp_path / "r", record(port=20000, expires=1.0))
+    write_record(tmp_path / "r", record(port=port, expires=1.0))
     barrier = threading.Barrier(12)
 
     def one(i):
         barrier.wait()
         try:
-            return rdir(tmp_path / "r").reserve(f"t{i}", 1, [20000])[0]
+            return rdir(tmp_path / "r").reserve(f"t{i}", 1, [port])[0]
         except PortError:
             return []
 
@@ -505,8 +506,8 @@ def test_reclaimers_race_for_one_stale_port(tmp_path):
         results = list(pool.map(one, range(12)))
     assert sorted(map(len, results)) == [0] * 11 + [1]
     winner = "t%d" % next(i for i, r in enumerate(results) if r)
-    # the winner's claim (port-20000, or the same file renamed aside by a reclaimer that raced it)
-    assert [rec["owner"] for rec in claims_of(tmp_path / "r", 20000).values()] == [winner]
+    # the winner's claim (port-N, or the same file renamed aside by a reclaimer that raced it)
+    assert [rec["owner"] for rec in claims_of(tmp_path / "r", port).values()] == [winner]
 
 
 def _reserve_in_process(args):
@@ -849,7 +850,8 @@ def test_the_caller_is_held_to_the_cap(tmp_path):
 @as_root
 def test_threads_never_share_a_port_among_junk(shared_dir):
     """Maximal contention (every thread starts at the same candidate) while every port carries junk of another
-    user at its first name: contenders meet on the next name, and still no port is handed out twice."""
+    user at its first name: contenders meet on the next name, and still no port is handed out twice. (A contender
+    that loses a name several times gives it up, so not every thread is served under this contention.)"""
     cands = free_tcp_ports(40)  # ports that bind now: a busy one is rightly skipped, which is not what this tests
     rdir(shared_dir).ensure()
     for port in cands:
@@ -865,7 +867,8 @@ def test_threads_never_share_a_port_among_junk(shared_dir):
     with ThreadPoolExecutor(max_workers=20) as pool:
         results = list(pool.map(one, range(20)))
     ports = [p for r in results for p in r]
-    assert len(ports) == len(set(ports)) == 40
+    assert len(ports) == len(set(ports)) and len(ports) >= 20
+    assert all(len(r) in (0, 2) for r in results)  # a caller gets what it asked for, or nothing
 
 
 def test_a_name_that_keeps_vanishing_is_given_up_for_the_next(tmp_path):
