@@ -75,6 +75,8 @@ FUTURE_SLACK = 300  # seconds of clock difference tolerated beyond MAX_LEASE in 
 MAX_COUNT = 64
 USER_CAP = 256  # live claims one user may hold in one directory; a user over it has none that count
 MAX_GENERATION = 999
+CONTEND_TRIES = 8  # publish-and-look rounds for one port when contenders withdraw together
+CONTEND_BACKOFF = 0.002  # seconds: the first round's longest random wait; it doubles each round
 EPHEMERAL_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
 BOOT_ID_FILE = "/proc/sys/kernel/random/boot_id"
 MOUNTINFO_FILE = "/proc/self/mountinfo"
@@ -92,6 +94,7 @@ RECORD_MAX = 4096
 DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 RangeT = Tuple[int, int]
+_JITTER = random.SystemRandom()  # backoff: never the injectable rng, which tests seed alike in every contender
 
 
 class PortError(Exception):
@@ -429,7 +432,8 @@ class ReservationDir:
     def __init__(self, path: str = DEFAULT_DIR, *, me: Optional[Me] = None, clock: Callable[[], float] = time.time,
                  alive: Callable[[int, Optional[int]], bool] = pid_alive,
                  bindable: Callable[[int], bool] = port_bindable, rng: Optional[random.Random] = None,
-                 mountinfo_file: str = MOUNTINFO_FILE, cap: int = USER_CAP) -> None:
+                 mountinfo_file: str = MOUNTINFO_FILE, cap: int = USER_CAP,
+                 sleep: Callable[[float], None] = time.sleep) -> None:
         if not path or not os.path.isabs(path):
             raise PortError("reservation_dir", f"must be an absolute path, got {path!r}")
         if not PREFIX_RE.match(self.prefix):
@@ -440,6 +444,7 @@ class ReservationDir:
         self.rng = rng or random.SystemRandom()
         self.mountinfo_file = mountinfo_file
         self.cap = cap
+        self.sleep = sleep
 
     # -- the directory, always used through one descriptor checked with fstat
     def exists(self) -> bool:
@@ -616,12 +621,38 @@ class ReservationDir:
                     os.unlink(tmp, dir_fd=fd)
 
     def _claim_port(self, fd: int, res: Reservation) -> Optional[str]:
-        """Take ``res.port`` -> the claim's name, or None when another valid claim holds the port."""
+        """Take ``res.port`` -> the claim's name, or None when another valid claim holds the port.
+
+        Publish, then look: a claim that sees another valid claim of its port withdraws. Two contenders that
+        published at once both withdraw; each then waits a random, growing while and tries again unless a claim
+        has stayed meanwhile. So a port is never held twice, and a race for it ends with one holder.
+        """
+        for attempt in range(CONTEND_TRIES):
+            name = self._publish_claim(fd, res)
+            if name is None:
+                return None
+            now = self.clock()
+            every = self._claims(fd, res.port)
+            capped = over_cap(self._claims(fd), now, self.cap)
+            if not any(o.name != name and self._valid(fd, o, now, capped) for o in every):
+                return name
+            mine = self._claim(fd, name)
+            if mine is not None:
+                self._remove(fd, mine)
+            self.sleep(_JITTER.uniform(0.0, CONTEND_BACKOFF * (2 ** attempt)))
+            now = self.clock()
+            if any(self._valid(fd, o, now, capped) for o in self._claims(fd, res.port)):
+                return None  # a contender stayed: the port is taken
+        return None
+
+    def _publish_claim(self, fd: int, res: Reservation) -> Optional[str]:
+        """Publish a claim of ``res.port`` under its first free or invalid name -> that name; None when a valid
+        claim holds a name in the way."""
         generation, capped, vanished = 0, None, 0
         while generation <= MAX_GENERATION:
             name = claim_name(res.port, generation, self.prefix)
             if self._publish(fd, res, name):
-                break
+                return name
             there = self._claim(fd, name)
             if there is None and vanished < 10:
                 vanished += 1
@@ -635,21 +666,7 @@ class ReservationDir:
             if self._valid(fd, there, now, capped):
                 return None
             generation += 1
-        else:
-            return None
-        # every claim of this port, once more: withdraw if another one is valid (a contender on another name)
-        now = self.clock()
-        every = self._claims(fd)
-        capped = over_cap(every, now, self.cap)
-        mine = self._claim(fd, name)
-        for other in every:
-            if other.port != res.port or other.name == name:
-                continue
-            if self._valid(fd, other, now, capped):
-                if mine is not None:
-                    self._remove(fd, mine)
-                return None
-        return name
+        return None
 
     # -- reading
     def _own_records(self, fd: int) -> List[Tuple[Claim, Optional[Reservation]]]:

@@ -915,3 +915,38 @@ def test_another_kind_of_reservation_keeps_its_own_names(tmp_path):
 
     with pytest.raises(ValueError, match="prefix"):
         Bad(str(tmp_path / "r"))
+
+
+def contender_appears(d: Path, port: int, now: float, made: list):
+    """A bind check that, like a contender publishing at that moment, leaves a valid claim of ``port`` beside ours."""
+    def bindable(p):
+        if p == port and not made:
+            made.append(write_record(d, record(port=port, owner="other", created=now, expires=now + 600),
+                                     f"port-{port}.1"))
+        return True
+    return bindable
+
+
+def test_contenders_that_withdrew_together_try_again(tmp_path):
+    # A contender's valid claim sits beside ours when we look: we withdraw. It withdrew too (it saw ours), so
+    # after our random wait nothing holds the port and we take it, not give it up.
+    d, made = tmp_path / "r", []
+
+    def sleep(_seconds):
+        for path in made:
+            path.unlink(missing_ok=True)
+
+    r = rdir(d, sleep=sleep, bindable=contender_appears(d, 20000, time.time(), made))
+    r.ensure()
+    assert r.reserve("mine", 1, [20000]) == ([20000], [20000])
+    assert made and [rec["owner"] for rec in claims_of(d, 20000).values()] == ["mine"]
+
+
+def test_a_contender_that_stays_keeps_the_port(tmp_path):
+    # the contender did not withdraw: after our wait its claim still holds the port, so we give it up
+    d, made, waits = tmp_path / "r", [], []
+    r = rdir(d, sleep=waits.append, bindable=contender_appears(d, 20000, time.time(), made))
+    r.ensure()
+    with pytest.raises(PortError):
+        r.reserve("mine", 1, [20000])
+    assert len(waits) == 1 and [rec["owner"] for rec in claims_of(d, 20000).values()] == ["other"]
