@@ -2,7 +2,7 @@
 
 The wheel holds ``isession`` (from ``src/``) and ``ansible_collections/hpc/interactive`` (from the repository root,
 which is the collection root): the collection's Python packages under ``plugins/`` and, as package data, the files
-its galaxy artifact ships. ``tests/unit/packaging/test_wheel_contents.py`` keeps the two lists equal.
+its galaxy artifact ships. ``tests/integration/test_packaging.py`` checks the two lists are equal.
 """
 import os
 import shutil
