@@ -16,6 +16,8 @@ COLLECTION_DATA = [
     "galaxy.yml", "README.md", "LICENSE", "CHANGELOG.rst", "meta/*.yml",
     "changelogs/changelog.yaml", "changelogs/config.yaml",
     "playbooks/*.yml", "roles/**/*", "examples/**/*",
+    # plugins' files that are not Python (a filter's or test's documentation, for instance)
+    "plugins/**/*.yml", "plugins/**/*.yaml", "plugins/**/*.json", "plugins/**/*.md", "plugins/**/*.txt",
 ]
 
 
