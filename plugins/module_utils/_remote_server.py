@@ -33,9 +33,9 @@ from typing import IO, Any, Dict, Mapping, Optional
 
 PKG = "ansible_collections.hpc.interactive.plugins.module_utils"
 # what the server imports on the controller, as paths under module_utils
-SHIPPED = ("_cmd", "_proc", "_schedulers/__init__", "_schedulers/_base", "_schedulers/_hostlist",
-           "_schedulers/local", "_schedulers/pbs", "_schedulers/sge", "_schedulers/slurm", "_schedulers/_runtime",
-           "_ports", "_tunnel", "_vocabulary", "_teardown")
+SHIPPED = ("_cmd", "_proc", "_schedulers/__init__", "_schedulers/_registry", "_schedulers/_base",
+           "_schedulers/_hostlist", "_schedulers/local", "_schedulers/pbs", "_schedulers/sge", "_schedulers/slurm",
+           "_schedulers/_runtime", "_ports", "_tunnel", "_vocabulary", "_teardown")
 MAIN = "__isession_remote__"  # the module name this file runs under on the controller
 
 # Runs on the controller as ``python3 -c BOOT``: reads the payload and runs this file, which installs the importer.
@@ -117,7 +117,7 @@ class Server:
         return self.runners[key]
 
     def query(self, req: Mapping[str, Any]) -> Dict[str, Any]:
-        from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import get_backend  # noqa: PLC0415
+        from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._registry import get_backend  # noqa: PLC0415
 
         backend = get_backend(req["scheduler"], state_dir=expand(req.get("state_dir")))
         res = backend.query(self.runner_for(req), job_ids=[str(j) for j in req["job_ids"]],

@@ -122,7 +122,7 @@ def undo_job(h: Holding, ctx: Context) -> List[str]:
     is under way has no id yet. A scheduler that does not answer is an error (nobody can tell whether the job
     lives); a refused cancel of a job that is ending anyway is not (``Backend.cancel_checked``).
     """
-    from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import get_backend  # noqa: PLC0415
+    from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._registry import get_backend  # noqa: PLC0415
 
     backend = get_backend(h.scheduler, state_dir=ctx.local_state_dir, pbs_flavor=ctx.pbs_flavor)
     found = backend.find_by_name(ctx.runner, h.job_name, ctx.user, timeout=ctx.query_timeout)

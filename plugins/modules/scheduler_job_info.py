@@ -76,7 +76,7 @@ import pwd
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.hpc.interactive.plugins.module_utils import _directives as D
-from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import SCHEDULERS, get_backend
+from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._registry import SCHEDULERS, get_backend
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._runtime import make_runner, scheduler_setup
 
 

@@ -214,7 +214,7 @@ import time
 from ansible.module_utils.basic import AnsibleModule
 
 from ansible_collections.hpc.interactive.plugins.module_utils import _directives as D
-from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import SCHEDULERS, get_backend
+from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._registry import SCHEDULERS, get_backend
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._base import describe_failure
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._runtime import (
     make_runner,

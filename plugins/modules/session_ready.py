@@ -175,7 +175,7 @@ def fetch_status(url: str, timeout: float) -> Tuple[Optional[int], str]:
                      headers={"User-Agent": "hpc.interactive session_ready"})
         return conn.getresponse().status, ""
     except (OSError, http.client.HTTPException) as exc:
-        return None, str(exc) or type(exc).__name__
+        return None, str(exc) or exc.__class__.__name__
     finally:
         conn.close()
 

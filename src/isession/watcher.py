@@ -37,13 +37,12 @@ from ansible_collections.hpc.interactive.plugins.module_utils import (
     _cmd,
     _directives,
     _listeners,
-    _schedulers,
     _service_file,
     _state,
     _teardown,
     _vocabulary,
 )
-from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import _base, _runtime
+from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import _base, _registry, _runtime
 
 from .remote import RemoteError, RemoteServer, inventory_conn
 
@@ -323,7 +322,7 @@ class Watcher:
     def query(self, key: Tuple[str, str], job_ids: List[str], inventory: Optional[Path]) -> Dict[str, Any]:
         resource, scheduler = key
         if not resource:
-            res = _schedulers.get_backend(scheduler).query(_runtime.make_runner(shutil.which), job_ids=job_ids,
+            res = _registry.get_backend(scheduler).query(_runtime.make_runner(shutil.which), job_ids=job_ids,
                                                            timeout=self.query_timeout)
             return {"jobs": {k: v.as_dict() for k, v in res.jobs.items()}, "reachable": res.reachable,
                     "error": res.error}

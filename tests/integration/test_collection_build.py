@@ -23,6 +23,7 @@ def installed(tmp_path_factory):
                    check=True, capture_output=True, text=True)
     (tarball,) = out.glob("hpc-interactive-*.tar.gz")
     dest = tmp_path_factory.mktemp("collections")
+    # --force: the venv's pip package ships the same version, which ansible-galaxy would call installed already
     res = subprocess.run([BIN / "ansible-galaxy", "collection", "install", tarball, "-p", dest, "--force"],
                          capture_output=True, text=True, check=False)
     assert res.returncode == 0, res.stderr

@@ -10,7 +10,7 @@ import os
 import pytest
 
 from ansible_collections.hpc.interactive.plugins.module_utils import _directives as D
-from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import get_backend
+from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._registry import get_backend
 
 ROLE_NAMES = {"queue": "session_partition", "account": "session_account", "walltime": "session_walltime",
               "directives": "session_directives", "memory": "session_memory", "job_name": "", "output": ""}

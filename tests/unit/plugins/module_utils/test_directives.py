@@ -6,7 +6,7 @@ import os
 import pytest
 
 from ansible_collections.hpc.interactive.plugins.module_utils import _directives as D
-from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import get_backend
+from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._registry import get_backend
 
 HOSTILE = ["a\nb", "a;b", "$(id)", "`id`", "-x", "a|b", "a&b", "a>b", " a", "a b"]
 

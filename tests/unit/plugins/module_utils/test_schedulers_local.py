@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from ansible_collections.hpc.interactive.plugins.module_utils._cmd import CommandResult
-from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import get_backend, local
+from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import local
+from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._registry import get_backend
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._runtime import wait_for_state
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers.local import Local, group_members
 

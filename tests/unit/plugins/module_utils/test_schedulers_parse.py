@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from ansible_collections.hpc.interactive.plugins.module_utils._cmd import CommandResult
-from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import get_backend
+from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._registry import get_backend
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import pbs, sge, slurm
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._base import JobInfo, JobOptions
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._hostlist import exec_hosts, expand
