@@ -45,3 +45,9 @@ def _install_collection_loader() -> None:
 
 
 _install_collection_loader()
+
+
+def pytest_configure(config) -> None:
+    # pyproject.toml declares these; ansible-test units runs pytest with its own ini file and --strict-markers
+    for marker in ("bed: needs the network-namespace test bed (root)", "slow: takes more than a few seconds"):
+        config.addinivalue_line("markers", marker)
