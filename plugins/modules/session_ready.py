@@ -23,6 +23,10 @@ description:
     file written by the agent - and, when O(agent_pid) is given, it ends the wait when that process is gone.
   - Gives up after O(timeout) seconds with C(no answer from the server after N s).
   - No secret is needed or sent; a 401/403 from the app counts as ready.
+  - With O(pin_certificate) (O(url=/sme) only) the certificate the backend presented in the answer that made it
+    ready is saved there (PEM, mode 0600, replaced atomically) before the session is marked running. That answer
+    came through a loopback listener checked to be the user's own, i.e. the session's tunnel to the server its
+    agent started, so this is the certificate the agent made; a gateway then accepts that certificate and no other.
   - With O(mark_running=true) the module records the session as running the moment the app answers - step
     C(running) in C(state.json) (refused when a cancel was requested meanwhile) and C(JOB_STATUS Running) in
     C(service.json) - so no further task stands between the port answering and C(Running).
@@ -70,6 +74,11 @@ options:
     default: 2
   dir:
     description: The session directory on the workspace (for C(state.json) and C(agent.error)).
+    type: path
+  pin_certificate:
+    description:
+      - Where to save the certificate the https backend presented when it became ready (see above). Needs
+        O(url=/sme).
     type: path
   agent_pid:
     description: Pid of the local agent (workspace target); the wait ends when it exits.
@@ -123,6 +132,11 @@ port_owner:
   returned: when O(host) is a loopback address
   type: dict
   sample: {state: own, uids: [1001], message: ""}
+certificate_sha256:
+  description: The SHA-256 fingerprint (hex) of the certificate saved to O(pin_certificate).
+  returned: when O(pin_certificate) is given and the app answered
+  type: str
+  sample: 3f0c...e1
 probe_url:
   description: The URL probed.
   returned: always
@@ -130,9 +144,11 @@ probe_url:
   sample: http://127.0.0.1:23456/me/23456/api/status
 """
 
+import hashlib
 import http.client
 import os
 import ssl
+import tempfile
 from typing import Optional, Tuple
 from urllib.parse import urlsplit
 
@@ -162,6 +178,13 @@ from ansible_collections.hpc.interactive.plugins.module_utils._state import (
 
 def fetch_status(url: str, timeout: float) -> Tuple[Optional[int], str]:
     """One GET without following redirects -> (status, "") or (None, error text)."""
+    status, error, _cert = fetch(url, timeout)
+    return status, error
+
+
+def fetch(url: str, timeout: float) -> Tuple[Optional[int], str, Optional[bytes]]:
+    """One GET without following redirects -> (status, "", the https peer's DER certificate or None) or
+    (None, error text, None)."""
     parts = urlsplit(url)
     if parts.scheme == "https":
         context = ssl.create_default_context()
@@ -173,9 +196,12 @@ def fetch_status(url: str, timeout: float) -> Tuple[Optional[int], str]:
     try:
         conn.request("GET", parts.path + ("?" + parts.query if parts.query else ""),
                      headers={"User-Agent": "hpc.interactive session_ready"})
-        return conn.getresponse().status, ""
+        status = conn.getresponse().status
+        sock = conn.sock
+        cert = sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
+        return status, "", cert
     except (OSError, http.client.HTTPException) as exc:
-        return None, str(exc) or exc.__class__.__name__
+        return None, str(exc) or exc.__class__.__name__, None
     finally:
         conn.close()
 
@@ -195,6 +221,7 @@ class SessionReady:
         self.module = module
         self.params = module.params
         self.owner = None  # type: Optional[PortOwner]
+        self.cert = None  # type: Optional[bytes]
 
     def owner_ok(self, address: Optional[str]) -> Tuple[bool, str]:
         """Whether the port's listeners are this user's (always when the address is not loopback); why not."""
@@ -231,6 +258,8 @@ class SessionReady:
             url = probe_url(p["port"], p["url"], p["probe"], p["host"])
         except ReadinessError as exc:
             self.module.fail_json(msg=exc.msg, field=exc.field)
+        if p["pin_certificate"] and p["url"] != "/sme":
+            self.module.fail_json(msg="pin_certificate needs url /sme (an https backend)", field="pin_certificate")
         if p["timeout"] <= 0 or p["interval"] <= 0 or p["request_timeout"] <= 0:
             self.module.fail_json(msg="timeout, interval and request_timeout must be positive", field="timeout")
         timeout = 0.0 if self.module.check_mode else p["timeout"]
@@ -242,7 +271,7 @@ class SessionReady:
             ok, why = self.owner_ok(address)
             if not ok:
                 return None, why
-            status, error = fetch_status(url, p["request_timeout"])
+            status, error, self.cert = fetch(url, p["request_timeout"])
             if ready_status(status):
                 ok, why = self.owner_ok(address)
                 if not ok:
@@ -255,11 +284,40 @@ class SessionReady:
         if self.owner is not None:
             result["port_owner"] = {"state": self.owner.state, "uids": list(self.owner.uids),
                                     "message": self.owner.message}
+        if ready and p["pin_certificate"] and not self.module.check_mode:
+            self.pin(result)
         if ready and p["mark_running"] and not self.module.check_mode:
             self.mark_running(result)
         if not ready and not self.module.check_mode:
             self.module.fail_json(msg=why, **result)
         self.module.exit_json(**result)
+
+    def pin(self, result: dict) -> None:
+        """Save the certificate of the answer that made the session ready (PEM, 0600, atomically)."""
+        path = self.params["pin_certificate"]
+        if not self.cert:
+            self.module.fail_json(msg="the https backend presented no certificate to pin", field="pin_certificate",
+                                  **result)
+        pem = ssl.DER_cert_to_PEM_cert(self.cert).encode("ascii")
+        try:
+            with open(path, "rb") as old:
+                same = old.read() == pem
+        except OSError:
+            same = False
+        if not same:
+            try:
+                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".pin.")
+                try:
+                    os.fchmod(fd, 0o600)
+                    os.write(fd, pem)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+                os.replace(tmp, path)
+            except OSError as exc:
+                self.module.fail_json(msg="cannot save the pinned certificate to %s: %s" % (path, exc),
+                                      field="pin_certificate", **result)
+        result.update(changed=result["changed"] or not same, certificate_sha256=hashlib.sha256(self.cert).hexdigest())
 
     def mark_running(self, result: dict) -> None:
         """step running in state.json (refused after a cancel request), then JOB_STATUS Running in service.json."""
@@ -273,7 +331,7 @@ class SessionReady:
         except OSError as exc:
             self.module.fail_json(msg="cannot record the running session in %s: %s" % (directory, exc), field="dir",
                                   **result)
-        result.update(changed=plan.changed or changed, marked_running=True)
+        result.update(changed=result["changed"] or plan.changed or changed, marked_running=True)
 
 
 ARGUMENT_SPEC = dict(
@@ -287,6 +345,7 @@ ARGUMENT_SPEC = dict(
     dir=dict(type="path"),
     agent_pid=dict(type="int"),
     mark_running=dict(type="bool", default=False),
+    pin_certificate=dict(type="path"),
 )
 
 MODULE_OPTIONS = dict(required_if=[("mark_running", True, ("dir",))], supports_check_mode=True)
