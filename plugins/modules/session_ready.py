@@ -178,11 +178,11 @@ from ansible_collections.hpc.interactive.plugins.module_utils._state import (
 
 def fetch_status(url: str, timeout: float) -> Tuple[Optional[int], str]:
     """One GET without following redirects -> (status, "") or (None, error text)."""
-    status, error, _cert = fetch(url, timeout)
+    status, error, _cert = fetch_answer(url, timeout)
     return status, error
 
 
-def fetch(url: str, timeout: float) -> Tuple[Optional[int], str, Optional[bytes]]:
+def fetch_answer(url: str, timeout: float) -> Tuple[Optional[int], str, Optional[bytes]]:
     """One GET without following redirects -> (status, "", the https peer's DER certificate or None) or
     (None, error text, None)."""
     parts = urlsplit(url)
@@ -271,7 +271,7 @@ class SessionReady:
             ok, why = self.owner_ok(address)
             if not ok:
                 return None, why
-            status, error, self.cert = fetch(url, p["request_timeout"])
+            status, error, self.cert = fetch_answer(url, p["request_timeout"])
             if ready_status(status):
                 ok, why = self.owner_ok(address)
                 if not ok:
