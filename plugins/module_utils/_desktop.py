@@ -47,9 +47,9 @@ import sys
 import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
-try:
+if __package__:
     from ansible_collections.hpc.interactive.plugins.module_utils import _ports
-except ImportError:  # run as a plain script beside _ports.py (inside a batch job)
+else:  # run as a plain script: its own sibling _ports.py, never another copy an installed collection has
     import _ports  # type: ignore[no-redef]
 
 DISPLAYS_DIR = "/tmp/isession-displays"  # noqa: S108 - shared, sticky, root-owned, host-local, like the ports'
@@ -84,12 +84,7 @@ def vnc_password(secret: str) -> str:
 
 def parse_display_range(value: Any, field: str = "display_range") -> Tuple[int, int]:
     """``"A-B"``, ``"A"``, ``[A, B]`` -> ``(A, B)`` within 1..MAX_DISPLAY."""
-    if isinstance(value, (list, tuple)):
-        pair = list(value)
-    elif isinstance(value, str):
-        pair = [p.strip() for p in value.split("-")] if "-" in value else [value, value]
-    else:
-        pair = [value, value]
+    pair = _ports.range_ends(value)
     if len(pair) != 2:
         raise DisplayError(field, f"expected START-END, got {value!r}")
     nums = []

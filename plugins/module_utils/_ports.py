@@ -126,18 +126,24 @@ def parse_port(value: Any, field: str) -> int:
     return value
 
 
+def range_ends(value: Any) -> List[Any]:
+    """The ends of a range as given, unchecked: ``"A-B"`` and ``[A, B]`` -> ``[A, B]``; ``"A"`` or ``A`` -> ``[A, A]``
+    (a list of another length comes back as it is, for the caller to refuse)."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, str):
+        return [p.strip() for p in value.split("-")] if "-" in value else [value, value]
+    return [value, value]
+
+
 def parse_range(value: Any, field: str = "port_range") -> RangeT:
     """``"A-B"``, ``"A"``, ``A``, ``[A, B]`` or ``{"start": A, "end": B}`` -> ``(A, B)``."""
     if isinstance(value, dict):
         if set(value) != {"start", "end"}:
             raise PortError(field, "a mapping needs exactly the keys start and end")
         pair = [value["start"], value["end"]]
-    elif isinstance(value, (list, tuple)):
-        pair = list(value)
-    elif isinstance(value, str):
-        pair = [p.strip() for p in value.split("-")] if "-" in value else [value, value]
     else:
-        pair = [value, value]
+        pair = range_ends(value)
     if len(pair) != 2:
         raise PortError(field, f"expected START-END, got {value!r}")
     start, end = parse_port(pair[0], field), parse_port(pair[1], field)
