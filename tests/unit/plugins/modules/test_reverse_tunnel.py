@@ -4,7 +4,6 @@ a local HTTP server behind the tunnel. Only loopback traffic."""
 from __future__ import annotations
 
 import ctypes
-import json
 import os
 import pwd
 import shutil
@@ -20,9 +19,6 @@ import pytest
 
 from ansible_collections.hpc.interactive.plugins.module_utils import _tunnel as T
 
-REPO = Path(__file__).resolve().parents[4]
-COLLECTIONS = REPO / ".cache" / "collections"
-MODULE = "ansible_collections.hpc.interactive.plugins.modules.reverse_tunnel"
 SSHD = shutil.which("sshd") or "/usr/sbin/sshd"
 ME = pwd.getpwuid(os.getuid()).pw_name
 
@@ -131,27 +127,6 @@ def web(tmp_path_factory):
 
 
 @pytest.fixture
-def run_module(tmp_path):
-    counter = [0]
-
-    def run(args: dict, check: bool = False, diff: bool = False, timeout: float = 90) -> dict:
-        counter[0] += 1
-        path = tmp_path / ("args%d.json" % counter[0])
-        full = dict(args, _ansible_check_mode=check, _ansible_diff=diff)
-        path.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": full}))
-        env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(COLLECTIONS), *sys.path]))
-        out = subprocess.run([sys.executable, "-m", MODULE, str(path)], capture_output=True, text=True, env=env,
-                             timeout=timeout, cwd=str(tmp_path), check=False)
-        try:
-            return json.loads(out.stdout)
-        except ValueError:
-            raise AssertionError("module printed no JSON: rc=%s out=%r err=%r"
-                                 % (out.returncode, out.stdout, out.stderr)) from None
-
-    return run
-
-
-@pytest.fixture
 def tunnel(sshd, web, tmp_path):
     state_dir = str(tmp_path / "state")
     args = {"name": "t1", "state_dir": state_dir, "remote_port": free_port(), "local_port": web,
@@ -164,7 +139,7 @@ def tunnel(sshd, web, tmp_path):
 
 
 def test_present_carries_http_and_is_idempotent(run_module, tunnel):
-    res = run_module(tunnel)
+    res = run_module("reverse_tunnel", tunnel)
     assert res.get("failed") is not True, res
     assert res["changed"] is True and res["tunnel_state"] == "up" and res["port"] == tunnel["remote_port"]
     assert http_get(tunnel["remote_port"]) == "hello through the tunnel\n"
@@ -179,16 +154,16 @@ def test_present_carries_http_and_is_idempotent(run_module, tunnel):
     assert "ExitOnForwardFailure=yes" in argv and "BatchMode=yes" in argv and "ServerAliveInterval=15" in argv
     assert "127.0.0.1:%d:127.0.0.1:%d" % (tunnel["remote_port"], tunnel["local_port"]) in argv
 
-    again = run_module(tunnel)
+    again = run_module("reverse_tunnel", tunnel)
     assert again["changed"] is False and again["pid"] == st["pid"] and again["ssh_pid"] == st["ssh_pid"]
 
-    check = run_module(dict(tunnel, server_alive_interval=20), check=True, diff=True)
+    check = run_module("reverse_tunnel", dict(tunnel, server_alive_interval=20), check=True, diff=True)
     assert check["changed"] is True
     assert '"server_alive_interval": 15' in check["diff"]["before"]
     assert '"server_alive_interval": 20' in check["diff"]["after"]
     assert T.probe(os.path.realpath(tunnel["state_dir"]), "t1")["status"]["pid"] == st["pid"]  # nothing restarted
 
-    changed = run_module(dict(tunnel, server_alive_interval=20))
+    changed = run_module("reverse_tunnel", dict(tunnel, server_alive_interval=20))
     assert changed["changed"] is True and changed["pid"] != st["pid"]
     assert not T.is_alive(st["pid"], st["token"]) and not T.is_alive(st["ssh_pid"], st["ssh_token"])
     assert "ServerAliveInterval=20" in changed["ssh_argv"]
@@ -196,7 +171,7 @@ def test_present_carries_http_and_is_idempotent(run_module, tunnel):
 
 
 def test_comes_back_after_ssh_is_killed(run_module, tunnel):
-    res = run_module(tunnel)
+    res = run_module("reverse_tunnel", tunnel)
     assert res["changed"] is True, res
     os.kill(res["ssh_pid"], signal.SIGKILL)
     deadline = time.monotonic() + 15
@@ -210,7 +185,7 @@ def test_comes_back_after_ssh_is_killed(run_module, tunnel):
         pytest.fail("not back: %r" % T.probe(state_dir, "t1"))
     assert st["status"]["restarts"] == 1 and st["status"]["pid"] == res["pid"]
     assert http_eventually(tunnel["remote_port"]) == "hello through the tunnel\n"
-    again = run_module(tunnel)
+    again = run_module("reverse_tunnel", tunnel)
     assert again["changed"] is False and again["restarts"] == 1
 
 
@@ -220,7 +195,7 @@ def test_busy_remote_port_fails_clearly_and_leaves_nothing(run_module, tunnel, w
     holder.bind(("127.0.0.1", tunnel["remote_port"]))
     holder.listen(1)
     try:
-        res = run_module(dict(tunnel, name="busy"))
+        res = run_module("reverse_tunnel", dict(tunnel, name="busy"))
         assert res["failed"] is True and res["tunnel_state"] == "failed"
         assert "remote port forwarding failed for listen port %d" % tunnel["remote_port"] in res["msg"]
         state_dir = os.path.realpath(tunnel["state_dir"])
@@ -232,24 +207,24 @@ def test_busy_remote_port_fails_clearly_and_leaves_nothing(run_module, tunnel, w
 
 
 def test_absent_leaves_no_process_or_listener_and_is_idempotent(run_module, tunnel):
-    res = run_module(tunnel)
+    res = run_module("reverse_tunnel", tunnel)
     assert res["changed"] is True and listening(tunnel["remote_port"])
     state_dir = os.path.realpath(tunnel["state_dir"])
     assert tunnel_processes(state_dir, "t1")
     absent = {"name": "t1", "state_dir": tunnel["state_dir"], "state": "absent"}
-    check = run_module(absent, check=True)
+    check = run_module("reverse_tunnel", absent, check=True)
     assert check["changed"] is True and T.probe(state_dir, "t1")["healthy"]   # check mode stopped nothing
-    gone = run_module(absent)
+    gone = run_module("reverse_tunnel", absent)
     assert gone["changed"] is True and gone["tunnel_state"] == "stopped"
     assert tunnel_processes(state_dir, "t1") == []
     assert not T.is_alive(res["pid"], res["status"]["token"])
     assert not listening(tunnel["remote_port"])
     assert not os.path.exists(T.tunnel_paths(state_dir, "t1")["pid"])
     assert gone["status"]["state"] == "stopped"
-    again = run_module(absent)
+    again = run_module("reverse_tunnel", absent)
     assert again["changed"] is False and "failed" not in again
-    assert run_module(absent, check=True)["changed"] is False
-    missing = run_module(dict(absent, state_dir=tunnel["state_dir"] + "-never"))
+    assert run_module("reverse_tunnel", absent, check=True)["changed"] is False
+    missing = run_module("reverse_tunnel", dict(absent, state_dir=tunnel["state_dir"] + "-never"))
     assert missing["changed"] is False and not os.path.exists(tunnel["state_dir"] + "-never")
 
 
@@ -257,18 +232,18 @@ def test_through_a_jump_host(run_module, tunnel, sshd):
     jump = "%s@127.0.0.1:%d" % (ME, sshd["port"])
     log = sshd["dir"] / "sshd.log"
     before = log.read_text().count("Accepted publickey for %s" % ME)
-    res = run_module(dict(tunnel, name="jump", jump_host=jump))
+    res = run_module("reverse_tunnel", dict(tunnel, name="jump", jump_host=jump))
     assert res.get("failed") is not True, res
     pc = [a for a in res["ssh_argv"] if a.startswith("ProxyCommand=")]
     assert pc and "-W" in pc[0] and "IdentityFile=%s" % sshd["identity"] in pc[0]
     assert http_get(tunnel["remote_port"]) == "hello through the tunnel\n"
     # the hop really ran: sshd logged two logins (the hop, then the destination through it)
     assert log.read_text().count("Accepted publickey for %s" % ME) - before == 2
-    assert run_module(dict(tunnel, name="jump", jump_host=jump))["changed"] is False
+    assert run_module("reverse_tunnel", dict(tunnel, name="jump", jump_host=jump))["changed"] is False
 
 
 def test_remote_port_zero_returns_the_allocated_port(run_module, tunnel):
-    res = run_module(dict(tunnel, name="alloc", remote_port=0))
+    res = run_module("reverse_tunnel", dict(tunnel, name="alloc", remote_port=0))
     assert res.get("failed") is not True, res
     assert res["port"] > 0 and res["status"]["allocated_port"] == res["port"]
     assert http_get(res["port"]) == "hello through the tunnel\n"
@@ -277,10 +252,11 @@ def test_remote_port_zero_returns_the_allocated_port(run_module, tunnel):
 def test_unknown_host_key_is_refused_under_strict_policy(run_module, tunnel, sshd, tmp_path):
     empty = tmp_path / "empty_known_hosts"
     empty.write_text("")
-    res = run_module(dict(tunnel, name="t2", known_hosts_file=str(empty)))
+    res = run_module("reverse_tunnel", dict(tunnel, name="t2", known_hosts_file=str(empty)))
     assert res["failed"] is True and "Host key verification failed" in res["msg"]
     assert tunnel_processes(os.path.realpath(tunnel["state_dir"]), "t2") == []
-    ok = run_module(dict(tunnel, name="t2", known_hosts_file=str(empty), known_hosts_policy="accept-new"))
+    ok = run_module("reverse_tunnel",
+                    dict(tunnel, name="t2", known_hosts_file=str(empty), known_hosts_policy="accept-new"))
     assert ok.get("failed") is not True, ok
     host_key = (sshd["dir"] / "host.pub").read_text().split()[1]
     assert host_key in empty.read_text()   # accept-new recorded the key
@@ -298,32 +274,33 @@ def test_hostile_values_fail_naming_the_field(run_module, tmp_path, field, value
     args = {"name": "t", "state_dir": str(state_dir), "remote_port": 5000, "local_port": 5001,
             "dest_host": "h", "ssh_executable": "/bin/true"}
     args[field] = value
-    res = run_module(args)
+    res = run_module("reverse_tunnel", args)
     assert res["failed"] is True and res["field"] == field and field in res["msg"]
     assert not state_dir.exists()   # nothing was created or started
 
 
 def test_bad_name_and_missing_options(run_module, tmp_path):
-    res = run_module({"name": "../x", "state_dir": str(tmp_path / "s"), "state": "absent"})
+    res = run_module("reverse_tunnel", {"name": "../x", "state_dir": str(tmp_path / "s"), "state": "absent"})
     assert res["failed"] is True and res["field"] == "name"
-    res = run_module({"name": "t", "state_dir": str(tmp_path / "s"), "remote_port": 5000})
+    res = run_module("reverse_tunnel", {"name": "t", "state_dir": str(tmp_path / "s"), "remote_port": 5000})
     assert res["failed"] is True and "local_port" in res["msg"] and "dest_host" in res["msg"]
-    res = run_module({"name": "t", "state_dir": str(tmp_path / "s"), "remote_port": 5000, "local_port": 1,
-                      "dest_host": "h", "jump_user": "u"})
+    res = run_module("reverse_tunnel", {"name": "t", "state_dir": str(tmp_path / "s"), "remote_port": 5000,
+                                        "local_port": 1, "dest_host": "h", "jump_user": "u"})
     assert res["failed"] is True and "jump_host" in res["msg"]
 
 
 def test_check_mode_starts_nothing(run_module, tmp_path):
     state_dir = tmp_path / "s"
-    res = run_module({"name": "t", "state_dir": str(state_dir), "remote_port": 5000, "local_port": 5001,
-                      "dest_host": "h", "ssh_executable": "/bin/true"}, check=True)
+    res = run_module("reverse_tunnel", {"name": "t", "state_dir": str(state_dir), "remote_port": 5000,
+                                        "local_port": 5001, "dest_host": "h", "ssh_executable": "/bin/true"},
+                     check=True)
     assert res["changed"] is True and res["tunnel_state"] == "up"
     assert not state_dir.exists()
 
 
 # ---------------------------------------------------------------- the local end must be the user's listener
 def test_local_owner_check_lets_the_users_own_listener_through(run_module, tunnel):
-    res = run_module(dict(tunnel, local_owner_timeout=5))
+    res = run_module("reverse_tunnel", dict(tunnel, local_owner_timeout=5))
     assert res.get("failed") is not True and res["tunnel_state"] == "up", res
     assert http_get(tunnel["remote_port"]) == "hello through the tunnel\n"
 
@@ -336,7 +313,7 @@ def test_local_owner_check_refuses_another_users_listener(run_module, tunnel):
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd="/")
     try:
         wait_port(port)
-        res = run_module(dict(tunnel, local_port=port, local_owner_timeout=30))
+        res = run_module("reverse_tunnel", dict(tunnel, local_port=port, local_owner_timeout=30))
     finally:
         other.terminate()
         other.wait(10)
@@ -350,6 +327,7 @@ def test_local_owner_check_stops_waiting_when_the_server_is_gone(run_module, tun
     dead = subprocess.Popen(["true"])
     dead.wait()
     started = time.monotonic()
-    res = run_module(dict(tunnel, local_port=free_port(), local_owner_timeout=60, local_owner_pid=dead.pid))
+    res = run_module("reverse_tunnel",
+                     dict(tunnel, local_port=free_port(), local_owner_timeout=60, local_owner_pid=dead.pid))
     assert res.get("failed") is True and "nothing listens" in res["msg"] and "is gone" in res["msg"], res
     assert time.monotonic() - started < 20 and not listening(tunnel["remote_port"])

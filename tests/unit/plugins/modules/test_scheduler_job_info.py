@@ -13,9 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ansible_collections.hpc.interactive.plugins.module_utils import _cmd
 
-COLLECTIONS = str(Path(os.path.abspath(_cmd.__file__)).parents[5])
 FIXTURES = Path(__file__).resolve().parents[2] / "fixtures" / "schedulers"
 _spec = importlib.util.spec_from_file_location("fake_scheduler", FIXTURES / "fake_scheduler.py")
 fake = importlib.util.module_from_spec(_spec)
@@ -25,8 +23,8 @@ USER = __import__("pwd").getpwuid(os.getuid()).pw_name
 
 
 @pytest.fixture
-def harness(tmp_path):
-    return fake.Harness(tmp_path, COLLECTIONS, names={"name": "t-%s" % uuid.uuid4().hex[:8], "user": USER})
+def harness(tmp_path, run_module):
+    return fake.Harness(tmp_path, run_module, names={"name": "t-%s" % uuid.uuid4().hex[:8], "user": USER})
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c["id"] for c in CASES])

@@ -4,32 +4,15 @@ from __future__ import annotations
 import http.server
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import pytest
 
 from ansible_collections.hpc.interactive.plugins.module_utils import _state
-
-COLLECTIONS = Path(os.path.abspath(_state.__file__)).parents[5]
-MODULE = "ansible_collections.hpc.interactive.plugins.modules.session_ready"
-
-
-def run_module(tmp_path: Path, args: dict, check: bool = False) -> dict:
-    argsfile = tmp_path / f"args-{random.randrange(1 << 30)}.json"
-    argsfile.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": dict(args, _ansible_check_mode=check)}))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(COLLECTIONS), *sys.path]), LC_ALL="C")
-    proc = subprocess.run([sys.executable, "-m", MODULE, str(argsfile)], capture_output=True, text=True,
-                          cwd=tmp_path, env=env, timeout=60, check=False)
-    try:
-        return json.loads(proc.stdout)
-    except ValueError:
-        pytest.fail(f"module printed no JSON (rc={proc.returncode}): {proc.stdout!r} {proc.stderr!r}")
 
 
 def free_port() -> int:
@@ -73,11 +56,11 @@ class Server:
 
 
 @pytest.mark.parametrize("status", [200, 302, 401, 403])
-def test_ready_statuses(tmp_path, status):
+def test_ready_statuses(run_module, status):
     port = free_port()
     srv = Server(port, status)
     try:
-        res = run_module(tmp_path, {"port": port, "probe": "api/status", "timeout": 10})
+        res = run_module("session_ready", {"port": port, "probe": "api/status", "timeout": 10})
     finally:
         srv.close()
     assert res.get("failed") is not True, res
@@ -86,13 +69,13 @@ def test_ready_statuses(tmp_path, status):
     assert srv.paths == [f"/me/{port}/api/status"]  # redirects are not followed
 
 
-def test_waits_for_a_server_that_comes_up_late(tmp_path):
+def test_waits_for_a_server_that_comes_up_late(run_module):
     port = free_port()
     servers = []
     starter = threading.Timer(1.5, lambda: servers.append(Server(port, 200)))
     starter.start()
     try:
-        res = run_module(tmp_path, {"port": port, "timeout": 20})
+        res = run_module("session_ready", {"port": port, "timeout": 20})
     finally:
         starter.join()
         for srv in servers:
@@ -101,12 +84,12 @@ def test_waits_for_a_server_that_comes_up_late(tmp_path):
     assert res["ready"] is True and res["status"] == 200 and 0.2 <= res["elapsed"] < 10
 
 
-def test_502_is_not_ready_and_times_out_with_words(tmp_path):
+def test_502_is_not_ready_and_times_out_with_words(run_module):
     port = free_port()
     srv = Server(port, 502)
     try:
         t0 = time.monotonic()
-        res = run_module(tmp_path, {"port": port, "timeout": 1.5})
+        res = run_module("session_ready", {"port": port, "timeout": 1.5})
         took = time.monotonic() - t0
     finally:
         srv.close()
@@ -115,54 +98,54 @@ def test_502_is_not_ready_and_times_out_with_words(tmp_path):
     assert 1.4 <= res["elapsed"] < 3 and took < 10
 
 
-def test_terminal_step_in_state_ends_the_wait_at_once(tmp_path):
+def test_terminal_step_in_state_ends_the_wait_at_once(tmp_path, run_module):
     _state.run_op("create", str(tmp_path), "s1", {})
     _state.run_op("update", str(tmp_path), "s1", {"step": "failed", "error": "sbatch: invalid partition"})
-    res = run_module(tmp_path, {"port": free_port(), "timeout": 60, "dir": str(tmp_path / "s1")})
+    res = run_module("session_ready", {"port": free_port(), "timeout": 60, "dir": str(tmp_path / "s1")})
     assert res["failed"] is True and res["msg"] == "sbatch: invalid partition" and res["elapsed"] < 5
 
 
-def test_tombstone_ends_the_wait(tmp_path):
+def test_tombstone_ends_the_wait(tmp_path, run_module):
     _state.run_op("create", str(tmp_path), "s1", {})
     _state.run_op("cancel", str(tmp_path), "s1", {})
-    res = run_module(tmp_path, {"port": free_port(), "timeout": 60, "dir": str(tmp_path / "s1")})
+    res = run_module("session_ready", {"port": free_port(), "timeout": 60, "dir": str(tmp_path / "s1")})
     assert res["failed"] is True and "cancelled" in res["msg"] and res["elapsed"] < 5
 
 
-def test_agent_error_and_dead_agent_end_the_wait(tmp_path):
+def test_agent_error_and_dead_agent_end_the_wait(tmp_path, run_module):
     _state.run_op("create", str(tmp_path), "s1", {})
     (tmp_path / "s1" / "agent.error").write_text("nginx not found on workspace\n")
-    res = run_module(tmp_path, {"port": free_port(), "timeout": 60, "dir": str(tmp_path / "s1")})
+    res = run_module("session_ready", {"port": free_port(), "timeout": 60, "dir": str(tmp_path / "s1")})
     assert res["failed"] is True and res["msg"] == "nginx not found on workspace"
     dead = subprocess.Popen(["true"])
     dead.wait()
-    res = run_module(tmp_path, {"port": free_port(), "timeout": 60, "agent_pid": dead.pid})
+    res = run_module("session_ready", {"port": free_port(), "timeout": 60, "agent_pid": dead.pid})
     assert res["failed"] is True and f"agent (pid {dead.pid}) exited" in res["msg"] and res["elapsed"] < 5
 
 
-def test_check_mode_probes_once_without_failing(tmp_path):
-    res = run_module(tmp_path, {"port": free_port(), "timeout": 60}, check=True)
+def test_check_mode_probes_once_without_failing(run_module):
+    res = run_module("session_ready", {"port": free_port(), "timeout": 60}, check=True)
     assert res.get("failed") is not True and res["ready"] is False and res["elapsed"] < 5
 
 
-def test_bad_inputs_name_the_field(tmp_path):
-    res = run_module(tmp_path, {"port": 70000})
+def test_bad_inputs_name_the_field(run_module):
+    res = run_module("session_ready", {"port": 70000})
     assert res["failed"] is True and res["field"] == "port"
-    res = run_module(tmp_path, {"port": 2000, "probe": "/abs"})
+    res = run_module("session_ready", {"port": 2000, "probe": "/abs"})
     assert res["failed"] is True and res["field"] == "probe"
-    res = run_module(tmp_path, {"port": 2000, "url": "/x"})
+    res = run_module("session_ready", {"port": 2000, "url": "/x"})
     assert res["failed"] is True and "url" in res["msg"]
 
 
-def test_mark_running_records_the_session_when_the_app_answers(tmp_path):
+def test_mark_running_records_the_session_when_the_app_answers(tmp_path, run_module):
     _state.run_op("create", str(tmp_path), "s1", {"step": "starting"})
     sdir = tmp_path / "s1"
     (sdir / "service.json").write_text(json.dumps({"URL": "/me", "PORT": "2000", "JOB_STATUS": "Starting"}))
     port = free_port()
     srv = Server(port, 401)
     try:
-        res = run_module(tmp_path, {"port": port, "timeout": 10, "dir": str(sdir), "mark_running": True})
-        check = run_module(tmp_path, {"port": port, "timeout": 10, "dir": str(sdir), "mark_running": True},
+        res = run_module("session_ready", {"port": port, "timeout": 10, "dir": str(sdir), "mark_running": True})
+        check = run_module("session_ready", {"port": port, "timeout": 10, "dir": str(sdir), "mark_running": True},
                            check=True)
     finally:
         srv.close()
@@ -172,14 +155,14 @@ def test_mark_running_records_the_session_when_the_app_answers(tmp_path):
     assert check["changed"] is False and check["marked_running"] is False
 
 
-def test_mark_running_refused_after_a_cancel_request(tmp_path):
+def test_mark_running_refused_after_a_cancel_request(tmp_path, run_module):
     _state.run_op("create", str(tmp_path), "s1", {"step": "starting"})
     sdir = tmp_path / "s1"
     port = free_port()
     srv = Server(port, 200)
     try:
         _state.run_op("cancel", str(tmp_path), "s1", {})
-        res = run_module(tmp_path, {"port": port, "timeout": 10, "dir": str(sdir), "mark_running": True})
+        res = run_module("session_ready", {"port": port, "timeout": 10, "dir": str(sdir), "mark_running": True})
     finally:
         srv.close()
     # the app answered at the first poll, but the session is being cancelled: nothing is marked running
@@ -188,8 +171,8 @@ def test_mark_running_refused_after_a_cancel_request(tmp_path):
     assert not (sdir / "service.json").exists()
 
 
-def test_mark_running_needs_dir(tmp_path):
-    res = run_module(tmp_path, {"port": 2000, "mark_running": True})
+def test_mark_running_needs_dir(run_module):
+    res = run_module("session_ready", {"port": 2000, "mark_running": True})
     assert res["failed"] is True and "dir" in res["msg"]
 
 
@@ -198,7 +181,7 @@ NOBODY = 65534
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a listener as a second user")
-def test_another_users_listener_ends_the_wait_at_once_and_gets_no_request(tmp_path):
+def test_another_users_listener_ends_the_wait_at_once_and_gets_no_request(tmp_path, run_module):
     """A second user (nobody) bound the session's port first: its server answers 200 to anything, but the wait
     ends at once naming that user, the session is not marked running and that server never saw a request."""
     _state.run_op("create", str(tmp_path), "s1", {"step": "starting"})
@@ -216,7 +199,7 @@ def test_another_users_listener_ends_the_wait_at_once_and_gets_no_request(tmp_pa
             assert time.monotonic() < deadline, "the second user's server did not start"
             time.sleep(0.05)
         started = time.monotonic()
-        res = run_module(tmp_path, {"port": port, "timeout": 30, "dir": str(sdir), "mark_running": True})
+        res = run_module("session_ready", {"port": port, "timeout": 30, "dir": str(sdir), "mark_running": True})
         took = time.monotonic() - started
     finally:
         other.terminate()
@@ -228,12 +211,12 @@ def test_another_users_listener_ends_the_wait_at_once_and_gets_no_request(tmp_pa
     assert json.loads((sdir / "state.json").read_text())["step"] == "starting"
 
 
-def test_own_listener_is_checked_before_ready(tmp_path):
+def test_own_listener_is_checked_before_ready(run_module):
     """The owner check runs before the answer counts: a listener of this user is ready as before."""
     port = free_port()
     srv = Server(port, 200)
     try:
-        res = run_module(tmp_path, {"port": port, "timeout": 10, "host": "localhost"})
+        res = run_module("session_ready", {"port": port, "timeout": 10, "host": "localhost"})
     finally:
         srv.close()
     assert res["ready"] is True and res["status"] == 200, res
@@ -246,7 +229,7 @@ def _listening(port: int) -> bool:
 
 
 # ----------------------------------------------------------------------------- no side command
-def test_starting_other_work_is_not_this_modules_job(tmp_path):
+def test_starting_other_work_is_not_this_modules_job(run_module):
     """The start play ensures the watcher in its own task; the readiness wait takes no command to run."""
-    res = run_module(tmp_path, {"port": free_port(), "timeout": 0.5, "side_command": ["true"]})
+    res = run_module("session_ready", {"port": free_port(), "timeout": 0.5, "side_command": ["true"]})
     assert res["failed"] is True and "side_command" in res["msg"], res

@@ -5,32 +5,10 @@ mode, its result and its failure when one kind cannot be undone.
 """
 from __future__ import annotations
 
-import json
-import os
-import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
 from ansible_collections.hpc.interactive.plugins.module_utils import _ports
-
-COLLECTIONS = Path(os.path.abspath(_ports.__file__)).parents[5]
-MODULE = "ansible_collections.hpc.interactive.plugins.modules.session_teardown"
-
-
-def run_module(tmp_path: Path, args: dict, check: bool = False, env: dict | None = None) -> dict:
-    payload = dict(args, _ansible_check_mode=check)
-    argsfile = tmp_path / f"args-{random.randrange(1 << 30)}.json"
-    argsfile.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": payload}))
-    run_env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(COLLECTIONS)] + sys.path), LC_ALL="C", **(env or {}))
-    proc = subprocess.run([sys.executable, "-m", MODULE, str(argsfile)], capture_output=True, text=True,
-                          cwd=tmp_path, env=run_env, timeout=120)
-    try:
-        return json.loads(proc.stdout)
-    except ValueError:
-        pytest.fail(f"module printed no JSON (rc={proc.returncode}): {proc.stdout!r} {proc.stderr!r}")
 
 
 @pytest.fixture
@@ -41,30 +19,31 @@ def reserved(tmp_path):
     return rdir, ports[0]
 
 
-def test_workspace_side_releases_the_port_check_mode_first(tmp_path, reserved):
+def test_workspace_side_releases_the_port_check_mode_first(run_module, reserved):
     rdir, port = reserved
     args = {"id": "sess-1", "side": "workspace", "target": "compute", "scheduler": "slurm",
             "workspace_port": port, "reservation_dir": rdir.path}
-    would = run_module(tmp_path, args, check=True)
+    would = run_module("session_teardown", args, check=True)
     assert would["changed"] is True and would["undone"] == [f"workspace port {port}"], would
     assert [r.port for r in rdir.held("sess-1")] == [port]  # check mode touched nothing
-    done = run_module(tmp_path, args)
+    done = run_module("session_teardown", args)
     assert done["changed"] is True and done["undone"] == [f"workspace port {port}"] and not done.get("failed")
     assert [o["kind"] for o in done["outcomes"]] == ["listeners", "workspace_port"]  # the job lives on the resource
     assert rdir.held("sess-1") == []
-    again = run_module(tmp_path, args)
+    again = run_module("session_teardown", args)
     assert again["changed"] is False and again["undone"] == []
 
 
-def test_resource_side_fails_naming_the_kind_it_could_not_undo_and_still_does_the_rest(tmp_path, reserved):
+def test_resource_side_fails_naming_the_kind_it_could_not_undo_and_still_does_the_rest(tmp_path, reserved, run_module):
     rdir, port = reserved
     bindir = tmp_path / "bin"
     bindir.mkdir()
     squeue = bindir / "squeue"
     squeue.write_text("#!/bin/sh\necho 'slurm_load_jobs error: Unable to contact slurm controller' >&2\nexit 1\n")
     squeue.chmod(0o755)
-    res = run_module(tmp_path, {"id": "sess-1", "side": "resource", "target": "controller", "scheduler": "slurm",
-                                "reservation_dir": rdir.path, "scheduler_path": [str(bindir)], "query_timeout": 5})
+    res = run_module("session_teardown", {"id": "sess-1", "side": "resource", "target": "controller",
+                                          "scheduler": "slurm", "reservation_dir": rdir.path,
+                                          "scheduler_path": [str(bindir)], "query_timeout": 5})
     assert res["failed"] is True and res["msg"].startswith("job: scheduler did not answer"), res
     assert res["undone"] == [f"node port {port}"]  # the node ports were released all the same
     assert rdir.held("sess-1") == []
@@ -77,8 +56,8 @@ def test_resource_side_fails_naming_the_kind_it_could_not_undo_and_still_does_th
     ({"id": "ok", "workspace_port": 70000}, "workspace_port"),
     ({"id": "ok", "scheduler": "slurm", "scheduler_path": ["relative/bin"]}, "scheduler_path"),
 ])
-def test_bad_input_is_refused_naming_the_field_and_nothing_is_done(tmp_path, reserved, args, field):
+def test_bad_input_is_refused_naming_the_field_and_nothing_is_done(run_module, reserved, args, field):
     rdir, port = reserved
-    res = run_module(tmp_path, dict({"side": "workspace", "reservation_dir": rdir.path}, **args))
+    res = run_module("session_teardown", dict({"side": "workspace", "reservation_dir": rdir.path}, **args))
     assert res["failed"] is True and res.get("field") == field, res
     assert [r.port for r in rdir.held("sess-1")] == [port]

@@ -10,8 +10,6 @@ import importlib
 import inspect
 import json
 import os
-import subprocess
-import sys
 import uuid
 from pathlib import Path
 
@@ -52,8 +50,7 @@ REFERENCE = """
 import json, os
 from ansible.module_utils.basic import AnsibleModule
 %s
-with open(os.environ["INPROCESS_REFERENCE_SPEC"]) as handle:
-    spec = json.load(handle)
+spec = json.loads(os.environ["INPROCESS_REFERENCE_SPEC"])
 act(AnsibleModule(argument_spec=spec["argument_spec"], **spec["options"]), spec["plan"])
 """ % inspect.getsource(act)
 
@@ -70,22 +67,14 @@ def warning_texts(result: dict) -> list:
     return [w["event"]["msg"] if isinstance(w, dict) else w for w in result.get("warnings", [])]
 
 
-def reference(tmp_path: Path, argument_spec: dict, params: dict, plan: dict, *, options: dict = None,
+def reference(run_module, argument_spec: dict, params: dict, plan: dict, *, options: dict = None,
               check: bool = False) -> dict:
     """The real AnsibleModule's result for these inputs, run the way Ansible runs a shipped module."""
-    tag = uuid.uuid4().hex[:8]
-    argsfile, specfile = tmp_path / ("args-%s.json" % tag), tmp_path / ("spec-%s.json" % tag)
-    argsfile.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": dict(params, _ansible_check_mode=check,
-                                                                _ansible_module_name=NAME)}))
-    specfile.write_text(json.dumps({"argument_spec": argument_spec, "options": options or {}, "plan": plan}))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([COLLECTIONS, *sys.path]), LC_ALL="C",
-               INPROCESS_REFERENCE_SPEC=str(specfile))
-    proc = subprocess.run([sys.executable, "-c", REFERENCE, str(argsfile)], capture_output=True, text=True,
-                          cwd=tmp_path, env=env, timeout=60, check=False)
-    try:
-        return json.loads(proc.stdout)
-    except ValueError:
-        pytest.fail("reference printed no JSON (rc=%d): %r %r" % (proc.returncode, proc.stdout, proc.stderr))
+    spec = json.dumps({"argument_spec": argument_spec, "options": options or {}, "plan": plan})
+    result = run_module("reference", dict(params, _ansible_module_name=NAME), check=check, code=REFERENCE,
+                        env={"INPROCESS_REFERENCE_SPEC": spec}, timeout=60)
+    result.pop("_rc")
+    return result
 
 
 def in_process(argument_spec: dict, params: dict, plan: dict, *, options: dict = None, check: bool = False) -> dict:
@@ -99,9 +88,9 @@ def in_process(argument_spec: dict, params: dict, plan: dict, *, options: dict =
     pytest.fail("InProcessModule returned without exit_json or fail_json")
 
 
-def both(tmp_path, argument_spec, params, plan=None, *, options=None, check=False):
+def both(run_module, argument_spec, params, plan=None, *, options=None, check=False):
     plan = plan or {}
-    ref = reference(tmp_path, argument_spec, params, plan, options=options, check=check)
+    ref = reference(run_module, argument_spec, params, plan, options=options, check=check)
     got = in_process(argument_spec, params, plan, options=options, check=check)
     return normalise(ref), normalise(got)
 
@@ -129,16 +118,16 @@ OPTIONS = dict(required_together=[["token", "token_path"]], supports_check_mode=
     ({"name": "a", "count": "many"}, "argument 'count' is of type "),
 ], ids=["unsupported", "missing-required", "bad-choice", "required-together", "bad-type"])
 @pytest.mark.parametrize("check", [False, True], ids=["run", "check"])
-def test_validation_failures_are_the_ones_ansiblemodule_gives(tmp_path, params, expect_msg, check):
-    ref, got = both(tmp_path, SPEC, params, {"result": {"changed": True}}, options=OPTIONS, check=check)
+def test_validation_failures_are_the_ones_ansiblemodule_gives(run_module, params, expect_msg, check):
+    ref, got = both(run_module, SPEC, params, {"result": {"changed": True}}, options=OPTIONS, check=check)
     assert got == ref
     assert got["failed"] is True and got["msg"].startswith(expect_msg), got["msg"]
     assert SECRET not in json.dumps(got)  # the no_log value is masked in the invocation too
 
 
-def test_defaults_and_conversions_are_applied(tmp_path):
+def test_defaults_and_conversions_are_applied(run_module):
     params = {"name": "a", "count": "5", "flag": "yes", "where": "~/x", "items": "1,2", "partition": "debug"}
-    ref, got = both(tmp_path, SPEC, params, {"echo_params": True}, options=OPTIONS)
+    ref, got = both(run_module, SPEC, params, {"echo_params": True}, options=OPTIONS)
     assert got == ref
     seen = got["params_seen"]
     assert seen["mode"] == "fast" and seen["count"] == 5 and seen["flag"] is True and seen["items"] == [1, 2]
@@ -146,38 +135,38 @@ def test_defaults_and_conversions_are_applied(tmp_path):
     assert got["invocation"]["module_args"] == seen
 
 
-def test_no_log_values_are_masked_everywhere_in_the_result(tmp_path):
+def test_no_log_values_are_masked_everywhere_in_the_result(tmp_path, run_module):
     params = {"name": "a", "token": SECRET, "token_path": str(tmp_path / "t")}
     result = {"changed": True, "msg": "token is %s!" % SECRET, "stdout": "line\n%s\n" % SECRET, "plain": "visible",
               "nested": {"list": ["x", SECRET, {"k": "<%s>" % SECRET}]}}
     for plan in ({"result": result}, {"result": result, "fail": True}):
-        ref, got = both(tmp_path, SPEC, params, plan, options=OPTIONS)
+        ref, got = both(run_module, SPEC, params, plan, options=OPTIONS)
         assert got == ref
         assert SECRET not in json.dumps(got)
         assert got["invocation"]["module_args"]["token"] == MASK and got["plain"] == "visible"
         assert got["nested"]["list"][1] == MASK
 
 
-def test_warnings_are_returned(tmp_path):
-    ref, got = both(tmp_path, SPEC, {"name": "a"}, {"warn": ["first", "second"]}, options=OPTIONS)
+def test_warnings_are_returned(run_module):
+    ref, got = both(run_module, SPEC, {"name": "a"}, {"warn": ["first", "second"]}, options=OPTIONS)
     assert warning_texts(got) == warning_texts(ref) == ["first", "second"]
     assert {k: v for k, v in got.items() if k != "warnings"} == {k: v for k, v in ref.items() if k != "warnings"}
 
 
-def test_alias_and_option_both_set_warns_in_the_result_like_ansiblemodule(tmp_path):
+def test_alias_and_option_both_set_warns_in_the_result_like_ansiblemodule(run_module):
     """AnsibleModule returns the validator's warning in the result; the registered result should hold it too."""
-    ref, got = both(tmp_path, SPEC, {"name": "a", "queue": "q1", "partition": "q2"}, {}, options=OPTIONS)
+    ref, got = both(run_module, SPEC, {"name": "a", "queue": "q1", "partition": "q2"}, {}, options=OPTIONS)
     assert warning_texts(ref) == ["Both option queue and its alias partition are set."]
     assert warning_texts(got) == warning_texts(ref)
 
 
-def test_check_mode_with_a_module_not_supporting_it_is_skipped(tmp_path):
+def test_check_mode_with_a_module_not_supporting_it_is_skipped(run_module):
     plan = {"result": {"changed": True, "msg": "ran"}}
-    ref, got = both(tmp_path, SPEC, {"name": "a"}, plan, options={"supports_check_mode": False}, check=True)
+    ref, got = both(run_module, SPEC, {"name": "a"}, plan, options={"supports_check_mode": False}, check=True)
     assert got == ref
     assert got["skipped"] is True and got["msg"] == "remote module (%s) does not support check mode" % NAME
     # with support the module runs and sees check mode
-    ref, got = both(tmp_path, SPEC, {"name": "a"}, {"echo_params": True}, options=OPTIONS, check=True)
+    ref, got = both(run_module, SPEC, {"name": "a"}, {"echo_params": True}, options=OPTIONS, check=True)
     assert got == ref and got["check_mode_seen"] is True and "skipped" not in got
 
 
@@ -197,9 +186,9 @@ def _paths(tmp_path: Path) -> dict:
 
 @pytest.mark.parametrize("which", ["file", "dir", "hard", "link", "missing"])
 @pytest.mark.parametrize("key", ["path", "dest"])
-def test_path_info_is_added_like_ansiblemodule(tmp_path, which, key):
+def test_path_info_is_added_like_ansiblemodule(tmp_path, which, key, run_module):
     path = _paths(tmp_path)[which]
-    ref, got = both(tmp_path, SPEC, {"name": "a"}, {"result": {key: path}}, options=OPTIONS)
+    ref, got = both(run_module, SPEC, {"name": "a"}, {"result": {key: path}}, options=OPTIONS)
     assert got == ref
     expect_state = {"file": "file", "dir": "directory", "hard": "hard", "link": "link"}.get(which)
     assert got.get("state") == expect_state
@@ -208,22 +197,22 @@ def test_path_info_is_added_like_ansiblemodule(tmp_path, which, key):
         assert got["mode"] == "0640" and got["size"] == 5 and (got["uid"], got["gid"]) == (st.st_uid, st.st_gid)
 
 
-def test_path_info_for_a_dangling_symlink_is_what_ansiblemodule_gives(tmp_path):
+def test_path_info_for_a_dangling_symlink_is_what_ansiblemodule_gives(tmp_path, run_module):
     """AnsibleModule.add_path_info tests os.path.exists (follows the link): a dangling link gets no info."""
     path = _paths(tmp_path)["dangling"]
-    ref, got = both(tmp_path, SPEC, {"name": "a"}, {"result": {"path": path}}, options=OPTIONS)
+    ref, got = both(run_module, SPEC, {"name": "a"}, {"result": {"path": path}}, options=OPTIONS)
     assert "state" not in ref
     assert got == ref
 
 
-def test_path_info_prefers_path_over_dest(tmp_path):
+def test_path_info_prefers_path_over_dest(tmp_path, run_module):
     paths = _paths(tmp_path)
-    ref, got = both(tmp_path, SPEC, {"name": "a"}, {"result": {"path": paths["dir"], "dest": paths["file"]}},
+    ref, got = both(run_module, SPEC, {"name": "a"}, {"result": {"path": paths["dir"], "dest": paths["file"]}},
                     options=OPTIONS)
     assert got == ref and got["state"] == "directory"
 
 
-def test_get_bin_path_found_not_found_and_required(tmp_path):
+def test_get_bin_path_found_not_found_and_required(tmp_path, run_module):
     tools = tmp_path / "tools"
     tools.mkdir()
     tool = tools / ("hpc-ip-tool-%s" % uuid.uuid4().hex[:6])
@@ -231,10 +220,10 @@ def test_get_bin_path_found_not_found_and_required(tmp_path):
     tool.chmod(0o755)
     missing = "hpc-ip-missing-%s" % uuid.uuid4().hex[:6]
     plan = {"bins": [[tool.name, False, [str(tools)]], [missing, False, []]]}
-    ref, got = both(tmp_path, SPEC, {"name": "a"}, plan, options=OPTIONS)
+    ref, got = both(run_module, SPEC, {"name": "a"}, plan, options=OPTIONS)
     assert got == ref and got["found"] == [str(tool), None]
     plan = {"bins": [[tool.name, True, [str(tools)]], [missing, True, []]], "result": {"changed": True}}
-    ref, got = both(tmp_path, SPEC, {"name": "a"}, plan, options=OPTIONS)
+    ref, got = both(run_module, SPEC, {"name": "a"}, plan, options=OPTIONS)
     assert got == ref
     assert got["failed"] is True and missing in got["msg"] and "found" not in got
 
@@ -264,10 +253,10 @@ def test_each_action_runs_a_module_with_the_in_process_interface(module_name):
 
 
 @pytest.mark.parametrize("module_name", ACTIONS)
-def test_real_modules_refuse_bad_input_the_same_way_in_process(tmp_path, module_name):
+def test_real_modules_refuse_bad_input_the_same_way_in_process(tmp_path, module_name, run_module):
     """Each module's own spec: an unknown option (and no required one), then no options at all, both ways."""
     mod = importlib.import_module(_inprocess.MODULES_PACKAGE + module_name)
-    harness = fake.Harness(tmp_path, COLLECTIONS)
+    harness = fake.Harness(tmp_path, run_module)
     full_name = "hpc.interactive." + module_name
     for params in ({"hpc_no_such_option": 1}, {}):
         shipped = harness.run_module(module_name, dict(params, _ansible_module_name=full_name))
