@@ -196,10 +196,9 @@ def fetch_answer(url: str, timeout: float) -> Tuple[Optional[int], str, Optional
     try:
         conn.request("GET", parts.path + ("?" + parts.query if parts.query else ""),
                      headers={"User-Agent": "hpc.interactive session_ready"})
-        status = conn.getresponse().status
-        sock = conn.sock
+        sock = conn.sock  # before the answer: a server that closes after it leaves conn.sock None
         cert = sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
-        return status, "", cert
+        return conn.getresponse().status, "", cert
     except (OSError, http.client.HTTPException) as exc:
         return None, str(exc) or exc.__class__.__name__, None
     finally:
