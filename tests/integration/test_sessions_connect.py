@@ -42,7 +42,7 @@ umask 077
 printf '%s\n' "$PASSWORD" | vncpasswd -f >passwd
 Xvnc ":$display" -geometry 1280x800 -rfbunixpath "$d/rfb.sock" -rfbport -1 -SecurityTypes VncAuth \
   -PasswordFile "$d/passwd" -nolisten tcp >xvnc.log 2>&1 &
-for _ in $(seq 100); do [ -S rfb.sock ] && break; sleep 0.1; done
+for _i in $(seq 100); do [ -S rfb.sock ] && break; sleep 0.1; done
 DISPLAY=":$display" xterm -bg '#7a1f1f' -geometry 300x100+0+0 >xterm.log 2>&1 &
 mkdir -p "web/me/$wp"
 ln -s /usr/share/novnc/* "web/me/$wp/"
@@ -68,7 +68,7 @@ def processes_in(directory: Path) -> list:
 
 
 def free_port_in(bed, host: str) -> int:
-    for _ in range(200):
+    for _i in range(200):
         port = random.randint(20000, 30000)
         if not listening(bed, host, port):
             return port

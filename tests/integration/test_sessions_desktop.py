@@ -316,7 +316,7 @@ def test_cancel_while_queued_leaves_nothing(desktop_bed, root):
     bed = desktop_bed
     inv = cluster_inventory(bed, "slurm")
     blockers = [bed.slurm(["sbatch", "--parsable", "-p", "small", "-c", "1", "-J", "isession-test-blocker",
-                           "--wrap", "sleep 300"], user=CLUSTER_USER).stdout.strip().split(";")[0] for _ in range(2)]
+                           "--wrap", "sleep 300"], user=CLUSTER_USER).stdout.strip().split(";")[0] for _i in range(2)]
     try:
         assert wait_until(lambda: all("RUNNING" in bed.slurm(["squeue", "-h", "-j", b, "-o", "%T"]).stdout
                                       for b in blockers), 30)
@@ -381,13 +381,13 @@ def test_missing_desktop_binary_and_unwritable_home_are_failed_naming_the_host(d
         (dict(vnc_xvnc_executable="/nonexistent/Xvnc"), rf"/nonexistent/Xvnc not found on {node}"),
     ]
     for i, (extra, pattern) in enumerate(cases):
-        message, _ = _failed(bed, root, f"vnc-miss{i}-{int(time.time())}", inv, **extra)
+        message, _unused = _failed(bed, root, f"vnc-miss{i}-{int(time.time())}", inv, **extra)
         assert re.fullmatch(pattern, message), message
     home = Path(os.path.expanduser(f"~{CLUSTER_USER}"))
     mode = home.stat().st_mode & 0o7777
     os.chmod(home, 0o500)
     try:
-        message, _ = _failed(bed, root, f"vnc-home-{int(time.time())}", inv)
+        message, _unused = _failed(bed, root, f"vnc-home-{int(time.time())}", inv)
     finally:
         os.chmod(home, mode)
     assert re.fullmatch(rf"the home directory {home} is not writable on {node} \(.*\)", message), message
@@ -402,7 +402,7 @@ def test_display_in_use_is_failed_and_a_dead_servers_files_are_reclaimed(desktop
     live = subprocess.Popen(["sleep", "300"])
     try:
         lock.write_text(f"{live.pid:10d}\n")
-        message, _ = _failed(bed, root, f"vnc-inuse-{int(time.time())}", inv, vnc_display=display)
+        message, _unused = _failed(bed, root, f"vnc-inuse-{int(time.time())}", inv, vnc_display=display)
         assert message.startswith(f"vnc_display: display :{display} is in use on compute"), message
         assert lock.read_text().strip() == str(live.pid)
     finally:

@@ -92,7 +92,7 @@ class Attacker:
         """(port, epoch) once it holds a port."""
         for line in self.lines():
             if line.startswith("BOUND "):
-                _, port, at = line.split()
+                _first, port, at = line.split()
                 return int(port), float(at)
         return None
 

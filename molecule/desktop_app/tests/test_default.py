@@ -17,7 +17,7 @@ def test_the_app_window_is_maximised(host):
     display = host.file(f"{SESSION}/vnc/display").content_string.strip()
     env = f"DISPLAY=:{display} XAUTHORITY={SESSION}/vnc/Xauthority"
     out = ""
-    for _ in range(50):
+    for _i in range(50):
         out = host.run(f"{env} wmctrl -lG").stdout
         if "xterm" in out.lower() or re.search(r"@\S+: ", out):
             break

@@ -153,7 +153,7 @@ def test_reserve_is_idempotent_per_owner_with_the_ports_scheme(tmp_path, xtmp):
     res_dir = tmp_path / "res"
     d = ddir(res_dir, xtmp)
     first, reclaimed = d.reserve_display("sess-a", pid=os.getpid(), display_range="900-905")
-    again, _ = d.reserve_display("sess-a", pid=os.getpid(), display_range="900-905")
+    again, _unused = d.reserve_display("sess-a", pid=os.getpid(), display_range="900-905")
     assert first == again and 900 <= first <= 905 and reclaimed == []
     claim = res_dir / f"port-{first}"  # a claim of the ports' scheme, in the displays' own directory
     assert claim.is_file() and stat.S_IMODE(claim.stat().st_mode) == 0o600
@@ -218,7 +218,7 @@ def test_concurrent_reservers_never_share_a_display(tmp_path, xtmp):
 def test_release_removes_the_records_and_a_dead_servers_files(tmp_path, xtmp):
     path = str(tmp_path / "res")
     d = ddir(path, xtmp)
-    display, _ = d.reserve_display("sess-a", pid=os.getpid(), display_range="900-905")
+    display, _unused = d.reserve_display("sess-a", pid=os.getpid(), display_range="900-905")
     Path(lock_path(display, xtmp)).write_text(f"{dead_pid():10d}\n")
     out = release_displays("sess-a", path, xtmp=xtmp)
     assert out == {"released": [display], "removed": [lock_path(display, xtmp)]}
@@ -273,7 +273,7 @@ def _alive(pid_file: Path) -> bool:
 
 
 def _wait_file(path: Path) -> None:
-    for _ in range(100):
+    for _i in range(100):
         if path.exists() and path.read_text().strip():
             return
         time.sleep(0.05)

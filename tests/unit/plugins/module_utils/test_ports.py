@@ -260,7 +260,7 @@ def test_bind_test_sees_time_wait_as_busy():
     srv.listen()
     port = srv.getsockname()[1]
     cli = socket.create_connection(("127.0.0.1", port))
-    conn, _ = srv.accept()
+    conn, _unused = srv.accept()
     conn.close()  # the server side closes first: its end (local port = port) enters TIME_WAIT
     cli.close()
     srv.close()
@@ -274,7 +274,7 @@ def test_reserve_skips_a_listening_port(tmp_path):
     srv.listen()
     try:
         d = ReservationDir(str(tmp_path / "r"), me=ME)  # real bind test
-        got, _ = d.reserve("s1", 2, ports)
+        got, _unused = d.reserve("s1", 2, ports)
         assert sorted(got) == [ports[0], ports[2]]
         with pytest.raises(PortError):
             d.reserve("s2", 1, ports)
@@ -341,7 +341,7 @@ def test_idempotent_present_and_growing_count(tmp_path):
 
 def test_held_ports_outside_a_new_range_do_not_count(tmp_path):
     d = rdir(tmp_path / "r")
-    old, _ = d.reserve("s1", 1, [20000, 20001])
+    old, _unused = d.reserve("s1", 1, [20000, 20001])
     new_ports, new = d.reserve("s1", 1, [21000, 21001])
     assert new == new_ports and new_ports[0] in (21000, 21001)
     assert d.reserve("s1", 1, [20000, 20001, 20002]) == (old, [])
@@ -351,7 +351,7 @@ def test_held_ports_outside_a_new_range_do_not_count(tmp_path):
 def test_idempotence_is_per_host_and_per_uid(tmp_path):
     cands = list(range(20000, 20100))
     a = rdir(tmp_path / "r")
-    ports_a, _ = a.reserve("s1", 1, cands)
+    ports_a, _unused = a.reserve("s1", 1, cands)
     b = rdir(tmp_path / "r", me=Me(uid=ME.uid, user="tester", host="hostB", boot_id="boot-9"))
     ports_b, new_b = b.reserve("s1", 1, cands)
     assert new_b == ports_b and ports_b != ports_a  # another host's reservation is not "held" here
@@ -360,8 +360,8 @@ def test_idempotence_is_per_host_and_per_uid(tmp_path):
 
 def test_absent_releases_only_that_owner_and_is_idempotent(tmp_path):
     d = rdir(tmp_path / "r")
-    mine, _ = d.reserve("s1", 3, list(range(20000, 20100)))
-    theirs, _ = d.reserve("s2", 2, list(range(20000, 20100)))
+    mine, _unused = d.reserve("s1", 3, list(range(20000, 20100)))
+    theirs, _unused = d.reserve("s2", 2, list(range(20000, 20100)))
     assert d.release("s1", dry_run=True) == mine
     assert len(d.ports_on_disk()) == 5
     assert d.release("s1") == mine
@@ -748,7 +748,7 @@ def test_the_directory_is_used_through_the_descriptor_it_was_checked_by(tmp_path
         return True
 
     d.bindable = bindable
-    got, _ = d.reserve("s1", 1, [20000])
+    got, _unused = d.reserve("s1", 1, [20000])
     assert got == [20000] and swapped
     assert json.loads((moved / "port-20000").read_text())["owner"] == "s1"
     assert not list(elsewhere.iterdir())
@@ -831,7 +831,7 @@ def test_claims_of_a_user_over_the_cap_are_ignored_and_swept_by_root(shared_dir)
     later = time.time() + 600
     for port in range(20000, 20005):  # 5 live-looking claims: one more than the cap
         foreign_file(shared_dir / f"port-{port}", mtime=later)
-    got, _ = d.reserve("s1", 2, [20000, 20001])
+    got, _unused = d.reserve("s1", 2, [20000, 20001])
     assert got == [20000, 20001]
     assert not [p for p in shared_dir.iterdir() if p.stat().st_uid == NOBODY]  # root swept them
 

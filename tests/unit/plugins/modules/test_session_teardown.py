@@ -15,7 +15,7 @@ from ansible_collections.hpc.interactive.plugins.module_utils import _ports
 def reserved(tmp_path):
     rdir = _ports.ReservationDir(str(tmp_path / "ports"))
     rdir.ensure()
-    ports, _ = rdir.reserve("sess-1", 1, _ports.build_candidates())
+    ports, _unused = rdir.reserve("sess-1", 1, _ports.build_candidates())
     return rdir, ports[0]
 
 
