@@ -166,4 +166,3 @@ def stop_all(items: List) -> None:
     for item in items:
         with contextlib.suppress(Exception):  # best effort in teardown
             item.stop()
-

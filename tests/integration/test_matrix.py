@@ -210,5 +210,3 @@ def test_cell_start_serve_cancel(bed, apps, service, target):
         if not cancelled:
             run_playbook(bed, "hpc.interactive.cancel", common, inventory=inv)
         stop_watcher(root)
-
-

@@ -195,8 +195,8 @@ def test_tunnel_drop_while_another_user_waits_for_the_port_ends_the_session(bed,
         assert wait_until(lambda: waiter.bound() is not None, 10), "the other user never got the port"
         bound_at = waiter.bound()[1]
         # the watcher's next tick: no longer Running, but ended, naming the other user
-        assert wait_until(lambda: cli.service(sid)["JOB_STATUS"] == "Failed", 10), (cli.service(sid),
-                                                                                   cli.watcher_log()[-3000:])
+        assert wait_until(lambda: cli.service(sid)["JOB_STATUS"] == "Failed", 10), (
+            cli.service(sid), cli.watcher_log()[-3000:])
         svc = cli.service(sid)
         written = (cli.root / sid / "service.json").stat().st_mtime
         print(f"service.json Failed {written - bound_at:.2f} s after the other user bound port {port}")
@@ -357,8 +357,8 @@ def test_junk_claims_for_every_port_block_nobody(bed, cli):
                                      "10000", "--last", "32767", "--live", "300"], user=WS_OTHER, check=True,
                        timeout=120).stdout
         # (other users of the machine may hold a few of those names: the directory is every host's /tmp's)
-        assert int(made) > 22768 + 300 - 50 and len([p for p in PORTS_DIR.iterdir()
-                                                      if p.lstat().st_uid == other]) == int(made)
+        theirs = [p for p in PORTS_DIR.iterdir() if p.lstat().st_uid == other]
+        assert int(made) > 22768 + 300 - 50 and len(theirs) == int(made)
         cp = start(cli, sid, target="workspace")
         assert cp.returncode == 0, cp.stdout + cp.stderr
         port = int(cli.service(sid)["PORT"])

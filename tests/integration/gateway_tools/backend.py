@@ -18,7 +18,7 @@ async def echo(request):
     async for chunk in request.content.iter_any():  # a body, read as it comes
         received += len(chunk)
     return web.json_response({"path": request.path, "raw_path": request.raw_path, "received": received,
-                              "headers": {k: v for k, v in request.headers.items()}})
+                              "headers": dict(request.headers.items())})
 
 
 async def big(request):

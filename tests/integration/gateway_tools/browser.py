@@ -54,6 +54,7 @@ def main(cfg):
 def steps(cfg, page, out, shot):
     errors = []
     page.on("pageerror", lambda exc: errors.append(str(exc)))
+
     def dialog(d):
         if d.type == "beforeunload":  # JupyterLab asks before leaving an unsaved notebook
             d.accept()

@@ -55,6 +55,7 @@ env > "{out}/$(basename "$0").env"
 {tail}
 """
 
+
 def spec(tmp_path: Path, role: str, **extra) -> dict:
     dest = tmp_path / f"{role}-spec.json"
     play = tmp_path / f"{role}-play.yml"
@@ -63,7 +64,7 @@ def spec(tmp_path: Path, role: str, **extra) -> dict:
     env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(COLLECTIONS), ANSIBLE_NOCOLOR="1",
                ANSIBLE_LOCALHOST_WARNING="0", ANSIBLE_INVENTORY_UNPARSED_WARNING="0")
     cp = subprocess.run([*PLAYBOOK, "-i", "localhost,", str(play), "-e", f"@{tmp_path / 'extra.json'}"],
-                        capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path)
+                        capture_output=True, text=True, env=env, timeout=120, cwd=tmp_path, check=False)
     assert cp.returncode == 0, cp.stdout[-3000:] + cp.stderr[-2000:]
     return json.loads(dest.read_text())
 
@@ -94,7 +95,7 @@ class Fragment:
 
     def run(self, timeout: float = 60) -> subprocess.CompletedProcess:
         return subprocess.run(["bash", str(self.dir / "service.sh")], env=self.env, capture_output=True, text=True,
-                              timeout=timeout, cwd=self.dir)
+                              timeout=timeout, cwd=self.dir, check=False)
 
     def popen(self) -> subprocess.Popen:
         return subprocess.Popen(["setsid", "bash", str(self.dir / "service.sh")], env=self.env, cwd=self.dir,
@@ -164,7 +165,7 @@ def test_rstudio_command_line_config_files_and_sign_in(tmp_path):
     # the sign-in helper: the user's own name and the secret on stdin, nothing else
 
     def sign_in(name: str, password: str) -> int:
-        return subprocess.run([str(d / "auth"), name], input=password + "\n", text=True).returncode
+        return subprocess.run([str(d / "auth"), name], input=password + "\n", text=True, check=False).returncode
 
     assert sign_in(user, SECRET) == 0
     assert sign_in(user, SECRET + "x") != 0 and sign_in(user, "") != 0 and sign_in("someone-else", SECRET) != 0

@@ -251,7 +251,7 @@ def test_reserve_command_prints_the_display_and_errors_as_json(tmp_path):
     display = json.loads(cp.stdout)["display"]
     assert 900 <= display <= 905
     bad = subprocess.run([sys.executable, str(SCRIPT), "reserve", "--owner", "cli-test", "--range", "0-5",
-                          "--dir", str(res_dir)], capture_output=True, text=True)
+                          "--dir", str(res_dir)], capture_output=True, text=True, check=False)
     assert bad.returncode == 1 and json.loads(bad.stderr)["field"] == "display_range"
     rel = subprocess.run([sys.executable, str(SCRIPT), "release", "--owner", "cli-test", "--dir", str(res_dir)],
                          capture_output=True, text=True, check=True)

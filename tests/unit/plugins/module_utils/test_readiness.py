@@ -51,8 +51,9 @@ def test_wait_ready_times_out_with_words():
 def test_wait_ready_aborts_at_once():
     clk = FakeClock()
     calls = []
-    ready, _unused1, _unused2, msg = R.wait_ready(lambda: (None, "refused"), 300, clock=clk.clock, sleep=clk.sleep,
-                                    abort=lambda: calls.append(1) or (None if len(calls) < 3 else "cancelled"))
+    ready, _unused1, _unused2, msg = R.wait_ready(
+        lambda: (None, "refused"), 300, clock=clk.clock, sleep=clk.sleep,
+        abort=lambda: calls.append(1) or (None if len(calls) < 3 else "cancelled"))
     assert not ready and msg == "cancelled" and len(calls) == 3 and clk.t < 1
 
 
