@@ -259,9 +259,10 @@ def test_two_desktops_started_together_on_one_node(desktop_bed, root):
     inv = cluster_inventory(bed, "slurm")
     sids = [f"vnc-two{i}-{int(time.time())}" for i in (1, 2)]
     results: Dict[str, object] = {}
-    threads = [threading.Thread(target=lambda s=s: results.update(
-        {s: start(bed, root, "vnc", s, inv=inv, session_partition="small")}))
-               for s in sids]
+    def one(sid: str) -> None:
+        results[sid] = start(bed, root, "vnc", sid, inv=inv, session_partition="small")
+
+    threads = [threading.Thread(target=one, args=(s,)) for s in sids]
     for t in threads:
         t.start()
     for t in threads:
