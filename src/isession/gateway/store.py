@@ -27,11 +27,13 @@ RESCAN_EVERY = 0.5  # an unknown port rescans the root at most this often
 _STATUS_LIVE = ("Submitting", "Queued", "Starting", "Running")
 
 
-def _mtime(path: Path) -> int:
+def _stamp_of(path: str) -> Tuple[int, int]:
+    """A record file's (mtime, inode): a rewrite (atomic: a new inode) or a touch changes it; 0s when missing."""
     try:
-        return os.stat(path).st_mtime_ns
+        st = os.stat(path)
     except OSError:
-        return 0
+        return (0, 0)
+    return (st.st_mtime_ns, st.st_ino)
 
 
 def is_live(sess: sessions.Session) -> bool:
@@ -41,7 +43,8 @@ def is_live(sess: sessions.Session) -> bool:
 @dataclass
 class _Entry:
     sess: sessions.Session
-    stamp: Tuple[int, int]
+    stamp: Tuple[Tuple[int, int], Tuple[int, int]]
+    paths: Tuple[str, str]  # service.json, state.json: plain strings, stat'd on every request
 
 
 class UserSessions:
@@ -52,9 +55,13 @@ class UserSessions:
         self._by_port: Dict[int, _Entry] = {}
         self._last_scan = 0.0
 
-    def _stamp(self, sid: str) -> Tuple[int, int]:
-        d = self.user.root / sid
-        return _mtime(d / "service.json"), _mtime(d / "state.json")
+    def _paths(self, sid: str) -> Tuple[str, str]:
+        d = os.path.join(str(self.user.root), sid)
+        return os.path.join(d, "service.json"), os.path.join(d, "state.json")
+
+    @staticmethod
+    def _stamp(paths: Tuple[str, str]) -> Tuple[Tuple[int, int], Tuple[int, int]]:
+        return _stamp_of(paths[0]), _stamp_of(paths[1])
 
     def all(self) -> List[sessions.Session]:
         return sessions.all_sessions(self.user.root)
@@ -71,7 +78,8 @@ class UserSessions:
         for sess in self.all():
             port = str(sess.service.get("PORT") or "")
             if port.isdigit() and is_live(sess):
-                index[int(port)] = _Entry(sess, self._stamp(sess.id))
+                paths = self._paths(sess.id)
+                index[int(port)] = _Entry(sess, self._stamp(paths), paths)
         self._by_port = index
         self._last_scan = time.monotonic()
 
@@ -79,16 +87,19 @@ class UserSessions:
         """The live session whose service.json PORT is ``port``, or None."""
         entry = self._by_port.get(port)
         if entry is not None:
-            stamp = self._stamp(entry.sess.id)
+            stamp = self._stamp(entry.paths)
             if stamp != entry.stamp:
                 sess = sessions.load(self.user.root, entry.sess.id)
                 if sess is None:
                     self._by_port.pop(port, None)
                     return None
-                entry = _Entry(sess, stamp)
+                entry = _Entry(sess, stamp, entry.paths)
                 self._by_port[port] = entry
-            ok = is_live(entry.sess) and str(entry.sess.service.get("PORT")) == str(port)
-            return entry.sess if ok else None
+            if is_live(entry.sess) and str(entry.sess.service.get("PORT")) == str(port):
+                return entry.sess
+            # ended or moved: forgotten, so a later session given the same port is found by the next rescan
+            self._by_port.pop(port, None)
+            return None
         if time.monotonic() - self._last_scan >= RESCAN_EVERY:
             self._rescan()
             entry = self._by_port.get(port)
