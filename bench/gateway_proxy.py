@@ -267,7 +267,7 @@ def main() -> int:  # noqa: PLR0915
         procs.append(subprocess.Popen(["nginx", "-c", str(nginx_conf(work, ports)), "-p", str(work), "-e",
                                        str(work / "nginx.err"), "-g", "daemon off;"], start_new_session=True))
         procs.append(subprocess.Popen([sys.executable, "-c", WS_BACKEND], start_new_session=True))
-        env = dict(os.environ, ISESSION_ROOT=str(root), ISESSION_COLLECTIONS=str(collections))
+        env = dict(os.environ, ISESSION_ROOT=str(root))  # the collection pip installed with isession
         gateways = {}  # name -> (port, process)
         for i, workers in enumerate(int(w) for w in args.gateway_workers.split(",")):
             name = "gateway" if workers == 1 else f"gateway-{workers}w"
@@ -282,8 +282,13 @@ def main() -> int:  # noqa: PLR0915
                                      "127.0.0.1", "--api-port", str(CHP_API), "--log-level", "error"],
                                     env=dict(os.environ, CONFIGPROXY_AUTH_TOKEN=token), start_new_session=True)
         procs.append(chp_proc)
-        for port in (ports[0], WS_PORT, CHP_PORT, CHP_API, *(p for p, _ in gateways.values())):
+        for port in (ports[0], WS_PORT, CHP_PORT, CHP_API):
             wait_port(port)
+        for name, (port, proc) in gateways.items():
+            try:
+                wait_port(port, timeout=90)  # its start-up imports Ansible: slow on a loaded machine
+            except SystemExit:
+                raise SystemExit(f"{name} did not start:\n{(work / f'{name}.log').read_text()}") from None
         for port in ports + [WS_PORT]:
             req = urllib.request.Request(f"http://127.0.0.1:{CHP_API}/api/routes/me/{port}", method="POST",
                                          data=json.dumps({"target": f"http://127.0.0.1:{port}"}).encode(),
