@@ -9,12 +9,16 @@ port); the gateway logged in with its cookie; CHP (npm, installed once into ``--
 with one route per session. Measured in the same run, interleaved, ``--rounds`` times:
 
 * HTTP: ``wrk`` with 50 connections, every request to a random one of the 50 sessions' paths (direct: one port,
-  as a proxy-less client would): requests/s and p50/p99 latency;
+  as a proxy-less client would): requests/s and p50/p99 latency, and for CHP and the gateways their own CPU time
+  (user + system, workers included) per request served - the figure other load on the machine moves least;
 * WebSocket echo round-trip: one connection, ``--ws-messages`` sequential 64-byte messages to an aiohttp echo
   backend (median and p99);
 * the gateway's memory (RSS and PSS from ``/proc/PID/smaps_rollup``, workers included) after the load.
 
-The gateway is measured with 1 worker process (the default) and with ``--workers 2`` (``--gateway-workers``).
+The gateway is measured with 1 worker process (the default) and with ``--workers 2`` (``--gateway-workers``),
+once it has run its start-up plays (one per service, to read each app's auth entry): those would compete with the
+measurement. The load average before and after goes into the results. To measure another version of the gateway
+with the same script, put its ``src`` first: ``PYTHONPATH=/path/to/other/src python bench/gateway_proxy.py``.
 
 Results: ``bench/results/gateway-<UTC>.json`` and ``.txt``.
 """
@@ -284,7 +288,7 @@ def main() -> int:  # noqa: PLR0915
         procs.append(chp_proc)
         for port in (ports[0], WS_PORT, CHP_PORT, CHP_API):
             wait_port(port)
-        for name, (port, proc) in gateways.items():
+        for name, (port, _) in gateways.items():
             try:
                 wait_port(port, timeout=90)  # its start-up imports Ansible: slow on a loaded machine
             except SystemExit:
