@@ -204,3 +204,28 @@ def test_netlink_listeners_are_the_proc_tables_ones():
         cache = ownership.OwnershipCache()
         assert cache.ok(port, os.geteuid()) and not cache.ok(port, os.geteuid() + 1)
     assert mine not in ownership.dump_listening()
+
+
+def test_the_session_list_is_read_again_where_a_record_changed(tmp_path):
+    from isession import sessions  # noqa: PLC0415
+
+    root = tmp_path / "sessions"
+    root.mkdir(mode=0o700)
+    for i in range(3):
+        make_session(root, f"nginx-{i}", 9001 + i)
+    index = store.UserSessions(user("alice", root, tmp_path))
+
+    def same():  # what the CLI reads from the same files
+        return [(s.id, s.status, s.record.get("step")) for s in index.all()] == \
+            [(s.id, s.status, s.record.get("step")) for s in sessions.all_sessions(root)]
+
+    assert [s.id for s in index.all()] == ["nginx-0", "nginx-1", "nginx-2"] and same()
+    _state.run_op("update", str(root), "nginx-1", {"step": "cancelled"})
+    _service_file.update_service_file(str(root / "nginx-1" / "service.json"), job_status="Cancelled")
+    assert not store.is_live(next(s for s in index.all() if s.id == "nginx-1")) and same()
+    for name in os.listdir(root / "nginx-2"):
+        if (root / "nginx-2" / name).is_file():
+            (root / "nginx-2" / name).unlink()
+    assert [s.id for s in index.all()] == ["nginx-0", "nginx-1"] and same()
+    make_session(root, "nginx-3", 9004)
+    assert [s.id for s in index.all()] == ["nginx-0", "nginx-1", "nginx-3"] and same()
