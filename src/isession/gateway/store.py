@@ -2,7 +2,8 @@
 
 * Sessions come from ``isession.sessions`` (``state.json`` through ``_state``, ``service.json`` through
   ``_service_file``). A port is looked up through a small index that is re-validated on every request by two
-  ``stat`` calls, so a session that ends is refused from the next request on.
+  ``stat`` calls, so a session that ends is refused from the next request on. The list of all sessions reads a
+  session's files again only when their ``stat`` changed.
 * The gateway's own per-session facts live in the user's gateway directory (``<session root>/.gateway`` in
   single-user mode): ``sessions/<id>.json`` (the idle timeout chosen in the start form) and ``activity/<id>``
   (the last time traffic went through the gateway, written at most every ``FLUSH_EVERY`` seconds). A restarted
