@@ -9,12 +9,16 @@ port); the gateway logged in with its cookie; CHP (npm, installed once into ``--
 with one route per session. Measured in the same run, interleaved, ``--rounds`` times:
 
 * HTTP: ``wrk`` with 50 connections, every request to a random one of the 50 sessions' paths (direct: one port,
-  as a proxy-less client would): requests/s and p50/p99 latency;
+  as a proxy-less client would): requests/s and p50/p99 latency, and for CHP and the gateways their own CPU time
+  (user + system, workers included) per request served - the figure other load on the machine moves least;
 * WebSocket echo round-trip: one connection, ``--ws-messages`` sequential 64-byte messages to an aiohttp echo
   backend (median and p99);
 * the gateway's memory (RSS and PSS from ``/proc/PID/smaps_rollup``, workers included) after the load.
 
-The gateway is measured with 1 worker process (the default) and with ``--workers 2`` (``--gateway-workers``).
+The gateway is measured with 1 worker process (the default) and with ``--workers 2`` (``--gateway-workers``),
+once it has run its start-up plays (one per service, to read each app's auth entry): those would compete with the
+measurement. The load average before and after goes into the results. To measure another version of the gateway
+with the same script, put its ``src`` first: ``PYTHONPATH=/path/to/other/src python bench/gateway_proxy.py``.
 
 Results: ``bench/results/gateway-<UTC>.json`` and ``.txt``.
 """
@@ -133,12 +137,15 @@ def login(port: int) -> str:
     raise SystemExit("gateway login failed")
 
 
-def wrk(port: int, script: Path, duration: float, connections: int, cookie: str = "") -> dict:
+def wrk(port: int, script: Path, duration: float, connections: int, cookie: str = "", *, pids=()) -> dict:
     argv = ["wrk", "-t2", f"-c{connections}", f"-d{int(duration)}s", "--latency", "-s", str(script)]
     if cookie:
         argv += ["-H", f"Cookie: isession_gateway={cookie}"]
+    cpu = cpu_seconds(pids)
     out = sh(argv + [f"http://127.0.0.1:{port}/"], timeout=duration + 60).stdout
+    cpu = cpu_seconds(pids) - cpu
     rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    done = int(re.search(r"(\d+) requests in", out).group(1))
 
     def ms(label):
         m = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
@@ -148,7 +155,8 @@ def wrk(port: int, script: Path, duration: float, connections: int, cookie: str 
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     sock = re.search(r"Socket errors: (.*)", out)
     return {"rps": rps, "p50_ms": ms("50"), "p99_ms": ms("99"), "non2xx": int(errors.group(1)) if errors else 0,
-            "socket_errors": sock.group(1) if sock else ""}
+            "socket_errors": sock.group(1) if sock else "",
+            "cpu_us_per_request": round(1e6 * cpu / done, 1) if pids and done else None}
 
 
 async def ws_rtt(url: str, n: int, cookie: str = "", origin: str = "http://127.0.0.1") -> dict:
@@ -170,6 +178,58 @@ async def ws_rtt(url: str, n: int, cookie: str = "", origin: str = "http://127.0
             times.append((time.perf_counter() - t) * 1000)
     times.sort()
     return {"median_ms": statistics.median(times), "p99_ms": times[int(len(times) * 0.99) - 1]}
+
+
+def tree_pids(pid: int) -> list:
+    """``pid`` and all its descendants."""
+    out, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        out.append(p)
+        with contextlib.suppress(OSError):
+            for task in Path(f"/proc/{p}/task").iterdir():
+                todo += [int(c) for c in (task / "children").read_text().split()]
+    return out
+
+
+def cpu_seconds(pids) -> float:
+    """User + system CPU time of ``pids`` (those still running)."""
+    total = 0
+    for p in pids:
+        with contextlib.suppress(OSError):
+            fields = Path(f"/proc/{p}/stat").read_text().rpartition(")")[2].split()
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def settle(pids, timeout: float = 300) -> float:
+    """Wait until no ``ansible-playbook`` has run under ``pids`` for 5 s: a fresh gateway reads each service's auth
+    entry by running the service role once, one service per idle round (2 s), and those plays would compete with
+    the measurement. Returns the seconds waited."""
+    start = quiet_since = time.monotonic()
+    while time.monotonic() - start < timeout:
+        now = time.monotonic()
+        if any(b"ansible-playbook" in _cmdline(p) for pid in pids for p in tree_pids(pid)):
+            quiet_since = now
+        elif now - quiet_since >= 5:
+            break
+        time.sleep(0.5)
+    return round(time.monotonic() - start, 1)
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def proxy_pids(pid: int) -> list:
+    """A proxy's own processes: ``pid`` and its worker children (not the plays or watchers it starts)."""
+    with contextlib.suppress(OSError):
+        kids = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+        return [pid] + [k for k in kids if _cmdline(k) == _cmdline(pid)]  # forked workers keep the command line
+    return [pid]
 
 
 def tree_memory(pid: int) -> dict:
@@ -195,6 +255,7 @@ def main() -> int:  # noqa: PLR0915
     ap.add_argument("--out", help="results file stem (default bench/results/gateway-<UTC>)")
     args = ap.parse_args()
     venv = Path(sys.executable).parent
+    load_before = os.getloadavg()
     collections = venv.parent / "collections"
     chp = ensure_chp(Path(args.chp_dir))
     ports = list(range(BASE_PORT, BASE_PORT + args.sessions))
@@ -210,7 +271,7 @@ def main() -> int:  # noqa: PLR0915
         procs.append(subprocess.Popen(["nginx", "-c", str(nginx_conf(work, ports)), "-p", str(work), "-e",
                                        str(work / "nginx.err"), "-g", "daemon off;"], start_new_session=True))
         procs.append(subprocess.Popen([sys.executable, "-c", WS_BACKEND], start_new_session=True))
-        env = dict(os.environ, ISESSION_ROOT=str(root), ISESSION_COLLECTIONS=str(collections))
+        env = dict(os.environ, ISESSION_ROOT=str(root))  # the collection pip installed with isession
         gateways = {}  # name -> (port, process)
         for i, workers in enumerate(int(w) for w in args.gateway_workers.split(",")):
             name = "gateway" if workers == 1 else f"gateway-{workers}w"
@@ -221,29 +282,38 @@ def main() -> int:  # noqa: PLR0915
             procs.append(gw)
             gateways[name] = (port, gw)
         token = "bench-chp-api-token"  # noqa: S105
-        procs.append(subprocess.Popen([str(chp), "--ip", "127.0.0.1", "--port", str(CHP_PORT), "--api-ip",
-                                       "127.0.0.1", "--api-port", str(CHP_API), "--log-level", "error"],
-                                      env=dict(os.environ, CONFIGPROXY_AUTH_TOKEN=token), start_new_session=True))
-        for port in (ports[0], WS_PORT, CHP_PORT, CHP_API, *(p for p, _ in gateways.values())):
+        chp_proc = subprocess.Popen([str(chp), "--ip", "127.0.0.1", "--port", str(CHP_PORT), "--api-ip",
+                                     "127.0.0.1", "--api-port", str(CHP_API), "--log-level", "error"],
+                                    env=dict(os.environ, CONFIGPROXY_AUTH_TOKEN=token), start_new_session=True)
+        procs.append(chp_proc)
+        for port in (ports[0], WS_PORT, CHP_PORT, CHP_API):
             wait_port(port)
+        for name, (port, _) in gateways.items():
+            try:
+                wait_port(port, timeout=90)  # its start-up imports Ansible: slow on a loaded machine
+            except SystemExit:
+                raise SystemExit(f"{name} did not start:\n{(work / f'{name}.log').read_text()}") from None
         for port in ports + [WS_PORT]:
             req = urllib.request.Request(f"http://127.0.0.1:{CHP_API}/api/routes/me/{port}", method="POST",
                                          data=json.dumps({"target": f"http://127.0.0.1:{port}"}).encode(),
                                          headers={"Authorization": f"token {token}"})
             urllib.request.urlopen(req, timeout=10).close()  # noqa: S310 - loopback
         cookies = {name: login(port) for name, (port, _) in gateways.items()}
+        settled = settle([proc.pid for _, proc in gateways.values()])
         script = work / "random.lua"
         script.write_text(WRK_LUA % (42, BASE_PORT, args.sessions - 1))
         one = work / "one.lua"
         one.write_text(WRK_LUA % (42, BASE_PORT, 0))
-        targets = {"direct": (ports[0], one, ""), "chp": (CHP_PORT, script, "")}
-        targets.update({name: (port, script, cookies[name]) for name, (port, _) in gateways.items()})
-        for port, scr, ck in targets.values():  # warm-up
+        targets = {"direct": (ports[0], one, "", ()), "chp": (CHP_PORT, script, "", proxy_pids(chp_proc.pid))}
+        targets.update({name: (port, script, cookies[name], proxy_pids(proc.pid))
+                        for name, (port, proc) in gateways.items()})
+        for port, scr, ck, _ in targets.values():  # warm-up
             wrk(port, scr, 2, args.sessions, ck)
         http = {name: [] for name in targets}
         for _ in range(args.rounds):
-            for name, (port, scr, ck) in targets.items():
-                http[name].append(wrk(port, scr, args.duration, args.sessions, ck))
+            for name, (port, scr, ck, pids) in targets.items():
+                http[name].append(wrk(port, scr, args.duration, args.sessions, ck, pids=pids))
+        load_after = os.getloadavg()
         mem = {name: tree_memory(proc.pid) for name, (_, proc) in gateways.items()}
         ws = {"direct": asyncio.run(ws_rtt(f"ws://127.0.0.1:{WS_PORT}/me/{WS_PORT}/ws", args.ws_messages)),
               "chp": asyncio.run(ws_rtt(f"ws://127.0.0.1:{CHP_PORT}/me/{WS_PORT}/ws", args.ws_messages))}
@@ -266,17 +336,24 @@ def main() -> int:  # noqa: PLR0915
 
     gateways_seen = [name for name in http if name.startswith("gateway")]
     summary = {name: {"rps": round(med(name, "rps")), "p50_ms": round(med(name, "p50_ms"), 2),
-                      "p99_ms": round(med(name, "p99_ms"), 2)} for name in http}
+                      "p99_ms": round(med(name, "p99_ms"), 2),
+                      "cpu_us_per_request": med(name, "cpu_us_per_request") if name != "direct" else None}
+               for name in http}
     result = {"when": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "sessions": args.sessions,
               "duration_s": args.duration, "rounds": args.rounds, "connections": args.sessions,
-              "nproc": os.cpu_count(), "loadavg_before": os.getloadavg(), "http_runs": http, "http": summary,
+              "nproc": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": load_after,
+              "settle_s": settled, "http_runs": http, "http": summary,
               "ws_echo": ws, "gateway_memory": mem, "chp_version": CHP_VERSION}
     lines = [f"isession gateway benchmark {result['when']} ({args.sessions} sessions, {args.rounds} rounds x "
-             f"{args.duration:g} s, wrk -t2 -c{args.sessions}; medians)", "",
-             f"{'path':<14}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'ws echo med ms':>16}{'ws p99 ms':>11}"]
+             f"{args.duration:g} s, wrk -t2 -c{args.sessions}; medians; load average "
+             f"{' '.join(f'{x:.2f}' for x in load_before)} before, {' '.join(f'{x:.2f}' for x in load_after)} "
+             f"after)", "",
+             f"{'path':<14}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}{'CPU us/req':>12}{'ws echo med ms':>16}"
+             f"{'ws p99 ms':>11}"]
     for name, s in summary.items():
         w = ws[name]
-        lines.append(f"{name:<14}{s['rps']:>10}{s['p50_ms']:>10}{s['p99_ms']:>10}{w['median_ms']:>16.3f}"
+        cpu = "-" if s["cpu_us_per_request"] is None else f"{s['cpu_us_per_request']:.0f}"
+        lines.append(f"{name:<14}{s['rps']:>10}{s['p50_ms']:>10}{s['p99_ms']:>10}{cpu:>12}{w['median_ms']:>16.3f}"
                      f"{w['p99_ms']:>11.3f}")
     lines.append("")
     for name in gateways_seen:

@@ -141,6 +141,9 @@ class AppAuth:
         if status == 401 or (300 <= status < 400 and location.split("?", 1)[0].endswith("/" + path)):
             self._form_cookies = {k: v for k, v in self._form_cookies.items() if k[0] != str(sess_dir)}
 
+    def is_form(self, service: Optional[str]) -> bool:
+        return self.spec(service).get("type") == "form"
+
     def drop_headers(self, service: Optional[str]) -> Tuple[str, ...]:
         """Headers of the browser's request that must not reach the app (the secret's own)."""
         spec = self.spec(service)

@@ -29,6 +29,9 @@ import yaml
 
 COOKIE = "isession_gateway"
 TOKEN_RE = re.compile(r"[A-Za-z0-9_-]{40,64}\Z")
+# the login cookie's value in a Cookie header (any value: lookup() judges it); the last one wins, as in aiohttp's
+# own request.cookies, which this replaces on the proxy's path (it parses every cookie of the app's, each request)
+_COOKIE_RE = re.compile(r"(?:^|;)[ \t]*" + COOKIE + r"=([^;]*)")
 USER_RE = re.compile(r"[a-z_][a-z0-9_.-]{0,31}\Z")
 # a local path to go to after login: one leading slash, no scheme, no "//" or "/\" (another host), printable
 _NEXT_RE = re.compile(r"/(?![/\\])[\x21-\x7e]*\Z")
@@ -129,6 +132,14 @@ def single_user(root: Path, secret_file: Path, state_dir: Optional[Path]) -> Use
     return User(name, root, os.getuid(), os.getgid(), secret_file, state_dir or root / ".gateway")
 
 
+def cookie_token(header: Optional[str]) -> Optional[str]:
+    """The login cookie's value in the ``Cookie`` header ``header``, or None."""
+    if not header:
+        return None
+    found = _COOKIE_RE.findall(header)
+    return found[-1].strip() if found else None
+
+
 def check_password(user: User, given: str) -> bool:
     """Compare ``given`` with the user's secret file in constant time; a user without a file cannot log in."""
     if user.secret_file is None or not given:
@@ -152,6 +163,7 @@ class Logins:
 
     def __init__(self, directory: Path, ttl: float) -> None:
         self.dir = directory
+        self._prefix = str(directory) + os.sep
         self.ttl = ttl
         self._cache: Dict[str, Login] = {}
         self.dir.mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -178,15 +190,16 @@ class Logins:
         now = time.time() if now is None else now
         key = self._key(token)
         login = self._cache.get(key)
-        path = self.dir / key
+        path = self._prefix + key
         if login is None:
             try:
-                data = json.loads(path.read_text(encoding="utf-8"))
+                with open(path, encoding="utf-8") as fh:
+                    data = json.load(fh)
                 login = Login(str(data["user"]), float(data["expires"]), str(data["csrf"]))
             except (OSError, ValueError, KeyError, TypeError):
                 return None
             self._cache[key] = login
-        elif not path.exists():  # revoked by another gateway process or by hand
+        elif not os.path.exists(path):  # revoked by another gateway process or by hand: seen at the next request
             self._cache.pop(key, None)
             return None
         if login.expires <= now:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Callable, Iterable, Optional
+from typing import Callable, Dict, FrozenSet, Iterable, Optional, Tuple
 
 import aiohttp
 from aiohttp import web
@@ -28,6 +28,19 @@ def strip_cookie(value: str, name: str) -> str:
     return "; ".join(kept)
 
 
+_SKIP: Dict[Tuple[Tuple[str, ...], bool], FrozenSet[str]] = {}
+
+
+def _skip(drop: Tuple[str, ...], ws: bool) -> FrozenSet[str]:
+    """The request headers never forwarded for this ``drop`` list (a few per gateway: made once)."""
+    skip = _SKIP.get((drop, ws))
+    if skip is None:
+        skip = HOP_BY_HOP | {d.lower() for d in drop} | (WS_HANDSHAKE if ws else frozenset()) | {"cookie"}
+        if len(_SKIP) < 256:
+            _SKIP[(drop, ws)] = skip
+    return skip
+
+
 def request_headers(request: web.Request, *, backend: str, cookie_name: str, drop: Iterable[str] = (),
                     ws: bool = False, add: Optional[dict] = None, extra_cookie: Optional[str] = None) -> CIMultiDict:
     """Headers for the backend request made from the browser's ``request``.
@@ -37,9 +50,11 @@ def request_headers(request: web.Request, *, backend: str, cookie_name: str, dro
     calling this) becomes the backend's origin. Apps that guard against DNS rebinding or cross-origin WebSockets
     (Jupyter, code-server) then accept the request whatever name the gateway is reached by.
     """
-    named = {h.strip().lower() for h in request.headers.get("Connection", "").split(",")}
-    skip = HOP_BY_HOP | named | {d.lower() for d in drop} | (WS_HANDSHAKE if ws else frozenset()) | {"cookie"}
-    out = CIMultiDict((k, v) for k, v in request.headers.items() if k.lower() not in skip)
+    skip = _skip(tuple(drop), ws)
+    connection = request.headers.get("Connection")
+    if connection:
+        skip = skip | {h.strip().lower() for h in connection.split(",")}
+    out = CIMultiDict([(k, v) for k, v in request.headers.items() if k.lower() not in skip])
     out["Host"] = backend.split("://", 1)[1]
     if "Origin" in out:
         out["Origin"] = backend
@@ -77,6 +92,12 @@ def response_headers(resp: aiohttp.ClientResponse, cookie_name: str, backend: st
     return out
 
 
+class _Coalesced(web.StreamResponse):
+    """A streamed answer whose headers go out with its first body bytes (already received: no wait)."""
+
+    _send_headers_immediately = False
+
+
 async def http(request: web.Request, client: aiohttp.ClientSession, url, headers: CIMultiDict, *, ssl,
                on_traffic: Callable[[], None], cookie_name: str,
                on_answer: Optional[Callable[[aiohttp.ClientResponse], None]] = None) -> web.StreamResponse:
@@ -85,9 +106,16 @@ async def http(request: web.Request, client: aiohttp.ClientSession, url, headers
                               auto_decompress=False) as resp:
         if on_answer is not None:
             on_answer(resp)
-        out = web.StreamResponse(status=resp.status, reason=resp.reason, headers=response_headers(resp, cookie_name, backend=f"{url.scheme}://{url.raw_authority}"))
+        headers = response_headers(resp, cookie_name, backend=f"{url.scheme}://{url.raw_authority}")
+        # the body bytes that came in with the backend's headers: when there are any (or the body is complete),
+        # the browser's headers wait for them and leave in the same write - one send instead of two, no waiting
+        first = resp.content.read_nowait()
+        coalesce = bool(first) or resp.content.at_eof()
+        out = (_Coalesced if coalesce else web.StreamResponse)(status=resp.status, reason=resp.reason, headers=headers)
         await out.prepare(request)
         try:
+            if first:
+                await out.write(first)
             async for chunk in resp.content.iter_any():
                 await out.write(chunk)
                 on_traffic()
