@@ -207,6 +207,11 @@ def cmd_start(args: argparse.Namespace) -> int:
                          "inventory or ~/.config/isession/inventory.yml); without one only the workspace target exists")
     inputs = {k: s.value for k, s in plan["inputs"].items()}
     sid = config.check_session_id(args.id) if args.id else config.new_session_id(service)
+    taken = sessions.load(root, sid) if args.id else None
+    if taken is not None:
+        # an id names one session for good: its record, logs and service.json stay after it ends
+        raise UsageError(f"--id {sid}: the id is taken (that session is {taken.status}); leave --id out for a new "
+                         "id or choose another")
     extravars = config.build_extravars(service, sid, root, target=target, resource=resource, inputs=inputs)
     out = Output(args.json)
 

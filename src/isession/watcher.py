@@ -194,6 +194,18 @@ def decide_listener(record: Mapping[str, Any], current: Optional[str], owner: An
     return None
 
 
+def with_agent_words(words: str, job_id: str, info: Optional[Mapping[str, Any]]) -> str:
+    """A failure in the agent's own words (its ``agent.error``), with the scheduler's short detail after it.
+
+    The agent knows what happened ("the nginx server exited with status 137 on cn1; see logs/server.log"); the
+    scheduler only that the job failed, so its text stays as the detail in parentheses. "" when the agent said nothing.
+    """
+    line = next((ln.strip() for ln in words.splitlines() if ln.strip()), "")[:500]
+    if not line:
+        return ""
+    return f"{line} ({_detail(job_id, info)})" if info else line
+
+
 def walltime_text(value: Any) -> str:
     """A walltime input (minutes, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``) as the scheduler shows it: ``HH:MM:SS``.
 
@@ -341,6 +353,19 @@ class Watcher:
                 server = self.servers[resource] = RemoteServer(conn, mu_dir)
             return server
 
+    def agent_error(self, sid: str, rec: Mapping[str, Any]) -> str:
+        """The agent's ``agent.error`` (its words for a failure), read where the agent ran; "" when there is none."""
+        resource, _scheduler = group_key(rec)
+        directory = str(rec.get("remote_dir") or (self.root / sid))
+        try:
+            if not resource:
+                return (Path(directory) / "agent.error").read_text(errors="replace")
+            server = self.server_for(resource, self.inventory_for(sid))
+            answer = server.ask({"op": "tail", "dir": directory, "lines": 5}, self.query_timeout + 3)
+            return str((answer.get("files") or {}).get("agent.error") or "")
+        except (RemoteError, LookupError, OSError, ValueError):
+            return ""
+
     def teardown(self, key: Tuple[str, str], sid: str, rec: Mapping[str, Any],
                  skip: Tuple[str, ...] = ()) -> Tuple[str, List[str]]:
         """The one teardown of a session: its resource side over the connection held, then its workspace side.
@@ -425,6 +450,10 @@ class Watcher:
         d = decide(rec, current, info, reachable, absent=self.absent.get(sid, 0), confirm=self.confirm)
         with self._lock:
             self.absent[sid] = d.absent
+        if d.status == "Failed" and d.status != current:
+            words = with_agent_words(self.agent_error(sid, rec), str(rec.get("job_id") or ""), info)
+            if words:  # the agent's own explanation wins over the scheduler's generic one
+                d = dataclasses.replace(d, message=words)
         if d.status is None or (d.status == current and not d.terminal):
             if d.status is None and d.reason.startswith("job") and "not listed" in d.reason:
                 self.log(f"{sid}: {d.reason}")
