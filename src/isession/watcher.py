@@ -50,6 +50,7 @@ CONFIRM_ABSENT = 3
 QUERY_TIMEOUT = 5.0
 CANCEL_INTERVAL = 0.1  # poll period while a cancel is under way ...
 CANCEL_FAST_FOR = 30.0  # ... for at most this long after the watcher sent it
+LINGER_FOR = 600.0  # how long an ended session's workspace port is retried while a listener of the user stays on it
 PIDFILE = ".watcher.pid"
 WATCHFILE = "watch.json"  # written by the start play (roles/session/tasks/watcher.yml)
 LOGFILE = ".watcher.log"
@@ -273,6 +274,9 @@ class Watcher:
         self.wake = threading.Event()  # set by nudge(): tick now (a cancel was requested)
         self.cancel_sent: Dict[str, float] = {}  # session -> when the watcher sent its cancel
         self.undone: Dict[str, set] = {}  # session -> kinds this watcher's teardown already undid
+        # ended sessions with a kind left for later (the workspace port while the user's listener is still on it):
+        # session -> (resource key, record, since when); tried again every tick
+        self.lingering: Dict[str, Tuple[Tuple[str, str], Dict[str, Any], float]] = {}
         self.cancelling = False  # a live session carries the tombstone: poll fast
         self._lock = threading.Lock()
         self.st = _state
@@ -367,12 +371,13 @@ class Watcher:
             return ""
 
     def teardown(self, key: Tuple[str, str], sid: str, rec: Mapping[str, Any],
-                 skip: Tuple[str, ...] = ()) -> Tuple[str, List[str]]:
+                 skip: Tuple[str, ...] = (), listener_wait: float = 1.0) -> Tuple[str, List[str]]:
         """The one teardown of a session: its resource side over the connection held, then its workspace side.
 
         ``skip`` names kinds not to undo (the job, when the scheduler just said it ended); kinds an earlier call
         already undid are skipped too. Returns (what was undone in words, what could not be done); raises nothing:
-        the cancel playbook still confirms every kind.
+        the cancel playbook still confirms every kind. A kind left for later (``_teardown.TeardownPending``: the
+        user's listener still on the workspace port) puts the session into ``lingering``, tried again every tick.
         """
         td = _teardown
         held = holding_of(sid, rec)
@@ -388,17 +393,39 @@ class Watcher:
                 answer = server.ask(dict(req, **scheduler_setup_of(server.conn)), self.query_timeout + 3)
             except (RemoteError, LookupError, OSError, ValueError) as exc:
                 answer = {"error": str(exc)}
-            got = [td.Outcome(o["kind"], o["side"], list(o["undone"]), o.get("error", ""))
+            got = [td.Outcome(o["kind"], o["side"], list(o["undone"]), o.get("error", ""), o.get("pending", ""))
                    for o in answer.get("outcomes") or []]
             outcomes += got
             if answer.get("error") and not got:
                 problems.append(str(answer["error"]))
         ctx = td.Context(reservation_dir=self.reservation_dir, timeout=self.query_timeout,
-                         query_timeout=self.query_timeout)
+                         query_timeout=self.query_timeout, listener_wait=listener_wait)
         outcomes += td.teardown(held, td.WORKSPACE, ctx, skip=skip_now)
         problems += td.errors(outcomes)
-        done.update(o.kind for o in outcomes if not o.error)
+        done.update(o.kind for o in outcomes if not o.error and not o.pending)
+        later = td.pending(outcomes)
+        with self._lock:
+            if later and sid not in self.lingering:
+                self.lingering[sid] = (key, dict(rec), time.monotonic())
+                self.log(f"{sid}: left for later: {'; '.join(later)}")
+            elif not later:
+                self.lingering.pop(sid, None)
         return summary(outcomes), problems
+
+    def retry_lingering(self) -> None:
+        """Try again what ended sessions left for later; give up after ``LINGER_FOR`` s (the lease ends anyway)."""
+        for sid, (key, rec, since) in list(self.lingering.items()):
+            said, problems = self.teardown(key, sid, rec, listener_wait=0.0)
+            if sid not in self.lingering:
+                self.undone.pop(sid, None)
+                self.log(f"{sid}: the listener on its workspace port is gone: released {said or 'nothing'}"
+                         + (f"; not carried out: {'; '.join(problems)}" if problems else ""))
+            elif time.monotonic() - since > LINGER_FOR:
+                with self._lock:
+                    self.lingering.pop(sid, None)
+                self.undone.pop(sid, None)
+                self.log(f"{sid}: a listener is still on its workspace port after {LINGER_FOR:.0f} s; its "
+                         "reservation is left to its lease")
 
     def send_cancel(self, key: Tuple[str, str], sid: str, rec: Mapping[str, Any]) -> None:
         """Tear one session down now (once); the cancel playbook confirms it whatever happens here."""
@@ -478,7 +505,8 @@ class Watcher:
             self.cancel_sent.pop(sid, None)
             # the scheduler says the job ended: what it left behind goes, on both sides (the same table as a cancel)
             said, problems = self.teardown(group_key(rec), sid, rec, skip=("job",))
-            self.undone.pop(sid, None)
+            if sid not in self.lingering:
+                self.undone.pop(sid, None)
             if said or problems:
                 self.log(f"{sid}: cleaned up after the end: {said or 'nothing'}"
                          + (f"; not carried out: {'; '.join(problems)}" if problems else ""))
@@ -533,13 +561,15 @@ class Watcher:
         except Exception as exc:  # noqa: BLE001 - the job still ends by itself (its tunnel cannot come back)
             self.log(f"{sid}: cancel failed: {type(exc).__name__}: {exc}")
         finally:  # the session has ended already: no end-of-job clean-up will read what was undone
-            self.undone.pop(sid, None)
+            if sid not in self.lingering:
+                self.undone.pop(sid, None)
             self.cancel_sent.pop(sid, None)
 
     def tick(self) -> int:
         """One round; returns how many live sessions there are."""
         live = self.live_sessions()
         self.check_listeners(live)
+        self.retry_lingering()
         groups: Dict[Tuple[str, str], Dict[str, Dict[str, Any]]] = {}
         for sid, rec in live.items():
             groups.setdefault(group_key(rec), {})[sid] = rec
@@ -551,7 +581,7 @@ class Watcher:
             if fut is not None and not fut.done():
                 continue  # the previous poll of this resource is still waiting: never pile up
             self.busy[key] = self.pool.submit(self._safe_poll, key, sessions)
-        return len(live)
+        return len(live) + len(self.lingering)
 
     def _safe_poll(self, key: Tuple[str, str], sessions: Dict[str, Dict[str, Any]]) -> None:
         try:
