@@ -14,6 +14,8 @@ Requests (``path``/``env``: the resource's ``isession_scheduler_path``/``isessio
 
 ``{"op": "query", "scheduler": S, "job_ids": [...], "timeout": T, "state_dir": D?, "path": P?, "env": E?}``
     -> ``{"jobs": {id: JobInfo dict}, "reachable": bool, "error": str}``
+``{"op": "queue", "scheduler": S, "job_ids": [...], "timeout": T, "path": P?, "env": E?}``
+    -> ``{"details": {id: {queue_position, queue_pending, start_time}}}``: where queued jobs wait (one query for all)
 ``{"op": "tail", "dir": D, "lines": N}``
     -> ``{"files": {name: text}}`` (log files only, never the secret)
 ``{"op": "teardown", "holding": {...}, "skip": [kind, ...]?, "timeout": T, "path": P?, "env": E?}``
@@ -125,6 +127,13 @@ class Server:
         return {"jobs": {k: v.as_dict() for k, v in res.jobs.items()}, "reachable": res.reachable,
                 "error": res.error}
 
+    def queue(self, req: Mapping[str, Any]) -> Dict[str, Any]:
+        from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._registry import get_backend  # noqa: PLC0415
+
+        backend = get_backend(req["scheduler"], state_dir=expand(req.get("state_dir")))
+        return {"details": backend.queue_details(self.runner_for(req), [str(j) for j in req["job_ids"]],
+                                                 timeout=float(req.get("timeout", 5)))}
+
     def teardown(self, req: Mapping[str, Any]) -> Dict[str, Any]:
         from ansible_collections.hpc.interactive.plugins.module_utils import _teardown as T  # noqa: PLC0415
 
@@ -141,6 +150,8 @@ class Server:
             return tail(req["dir"], int(req.get("lines", 200)))
         if op == "teardown":
             return self.teardown(req)
+        if op == "queue":
+            return self.queue(req)
         if op == "query":
             return self.query(req)
         raise ValueError("unknown op %r" % (op,))

@@ -30,11 +30,14 @@ import os
 import pwd
 import shutil
 import signal
+import stat
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Collection, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ansible_collections.hpc.interactive.plugins.module_utils._vocabulary import job_name
 
+AGENT_STOP = "agent.stop"  # the file the agent polls in its session directory (agent.sh.j2)
 RESOURCE = "resource"
 WORKSPACE = "workspace"
 SIDES = (RESOURCE, WORKSPACE)
@@ -84,6 +87,7 @@ class Context:
     timeout: float = 30.0  # a cancel command
     query_timeout: float = 5.0  # a scheduler query
     check: bool = False  # say what would be undone, undo nothing
+    listener_wait: float = 1.0  # how long the workspace port's release waits for this user's listener to go
     spare_pids: Tuple[int, ...] = ()  # never signalled (the process doing the teardown)
 
     def __post_init__(self) -> None:
@@ -101,13 +105,15 @@ class Outcome:
     side: str
     undone: List[str] = field(default_factory=list)
     error: str = ""
+    pending: str = ""  # not undone yet, for a reason that passes (TeardownPending): try again later
 
     @property
     def changed(self) -> bool:
         return bool(self.undone)
 
     def as_dict(self) -> Dict[str, Any]:
-        return {"kind": self.kind, "side": self.side, "undone": list(self.undone), "error": self.error}
+        return {"kind": self.kind, "side": self.side, "undone": list(self.undone), "error": self.error,
+                "pending": self.pending}
 
 
 # ---------------------------------------------------------------------------- the undo functions
@@ -143,6 +149,36 @@ def undo_job(h: Holding, ctx: Context) -> List[str]:
             raise TeardownError("cancel of job %s failed: %s" % (job_id, (out.stderr or out.stdout).strip()))
         undone.append("job " + job_id)
     return undone
+
+
+def undo_agent(h: Holding, ctx: Context) -> List[str]:
+    """Ask the agent of a compute session to stop, through ``agent.stop`` in its session directory.
+
+    The job's cancel reaches the agent through the scheduler, but a node the scheduler lost (slurmd gone, the job
+    declared NODE_FAIL) is reached by nothing: its agent, server and tunnel go on running. The session directory is
+    on the file system the compute nodes share with the controller, and the agent polls it every 0.5 s (then stops
+    as on a cancel: server, tunnel, node port). Written once (exclusive create, 0600, never through a symlink), and
+    only into a directory of this user's.
+    """
+    directory = _expand(h.remote_dir) or ""
+    try:
+        st = os.lstat(directory)
+    except FileNotFoundError:
+        return []  # cancelled before the submit made it: no agent
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid():
+        raise TeardownError("%s is not a directory of %s; no stop request written there" % (directory, ctx.user))
+    path = os.path.join(directory, AGENT_STOP)
+    if os.path.lexists(path):
+        return []
+    if ctx.check:
+        return ["agent stop request"]
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        return []
+    with os.fdopen(fd, "w") as handle:
+        handle.write("the session ended\n")
+    return ["agent stop request"]
 
 
 def undo_tunnel(h: Holding, ctx: Context) -> List[str]:
@@ -193,7 +229,22 @@ def undo_listeners(h: Holding, ctx: Context) -> List[str]:
 
 
 def undo_workspace_port(h: Holding, ctx: Context) -> List[str]:
-    """Release the workspace port's reservation (made first of all by a start, so any state may hold it)."""
+    """Release the workspace port's reservation (made first of all by a start, so any state may hold it).
+
+    Only once nothing of this user's listens on the port any more, judged from the kernel's socket table by uid: the
+    workspace end of a node's tunnel belongs to the user's sshd session process, whose descriptors the user cannot
+    read, so ``listeners`` cannot signal it; it goes when the tunnel's other end does (the job's end, or the agent's
+    own stop on a lost node). Waits ``ctx.listener_wait`` s for that, then leaves the reservation to a later try
+    (:class:`TeardownPending`; the watcher tries again every tick).
+    """
+    port = h.workspace_port
+    if port is not None and not ctx.check:
+        deadline = time.monotonic() + ctx.listener_wait
+        while listening_inodes(port, os.getuid()):
+            if time.monotonic() >= deadline:
+                raise TeardownPending("a listener of %s is still on workspace port %d (the end of a tunnel that is "
+                                      "still connected?): its reservation stays until it is gone" % (ctx.user, port))
+            time.sleep(0.05)
     return _release_ports(h, ctx, "workspace port")
 
 
@@ -215,6 +266,10 @@ def _on_job_side(h: Holding) -> Optional[str]:
 
 def _on_controller(h: Holding) -> Optional[str]:
     return RESOURCE if h.target == "controller" else None
+
+
+def _on_compute_with_dir(h: Holding) -> Optional[str]:
+    return RESOURCE if h.target == "compute" and h.remote_dir else None
 
 
 def _on_controller_with_dir(h: Holding) -> Optional[str]:
@@ -246,6 +301,8 @@ class Kind:
 
 KINDS: Tuple[Kind, ...] = (
     Kind("job", _on_job_side, undo_job, "the batch job, or the detached agent (local scheduler)"),
+    Kind("agent", _on_compute_with_dir, undo_agent,
+         "a compute session's agent, asked to stop through agent.stop (it may run on a node the scheduler lost)"),
     Kind("tunnel", _on_controller_with_dir, undo_tunnel,
          "the controller-side reverse tunnel (controller target, connect mode)"),
     Kind("node_ports", _on_controller, undo_node_ports, "ports reserved on the controller for the server"),
@@ -257,6 +314,10 @@ KINDS: Tuple[Kind, ...] = (
 
 class TeardownError(RuntimeError):
     """An undo that could not be carried out (the scheduler did not answer, a cancel was refused)."""
+
+
+class TeardownPending(TeardownError):
+    """An undo that must wait for something already on its way out (a listener that has not closed yet)."""
 
 
 def plan(h: Holding, side: str, skip: Collection[str] = (), kinds: Sequence[Kind] = KINDS) -> List[Kind]:
@@ -277,6 +338,8 @@ def teardown(h: Holding, side: str, ctx: Context, skip: Collection[str] = (),
         out = Outcome(kind.name, side)
         try:
             out.undone = kind.undo(h, ctx)  # type: ignore[misc]
+        except TeardownPending as exc:
+            out.pending = str(exc)
         except Exception as exc:  # noqa: BLE001 - the next kinds must still be undone; the caller reports it
             out.error = str(exc) if isinstance(exc, TeardownError) else "%s: %s" % (type(exc).__name__, exc)
         outcomes.append(out)
@@ -285,6 +348,10 @@ def teardown(h: Holding, side: str, ctx: Context, skip: Collection[str] = (),
 
 def errors(outcomes: Sequence[Outcome]) -> List[str]:
     return ["%s: %s" % (o.kind, o.error) for o in outcomes if o.error]
+
+
+def pending(outcomes: Sequence[Outcome]) -> List[str]:
+    return ["%s: %s" % (o.kind, o.pending) for o in outcomes if o.pending]
 
 
 def scheduler_context(scheduler: Optional[str], path: Sequence[str] = (), env: Optional[Mapping[str, str]] = None,

@@ -196,6 +196,8 @@ state: {description: "queued, running, completed, failed, cancelled, timeout or 
         type: str, sample: running}
 nodes: {description: "Hosts the job runs on, when known.", returned: always, type: list, elements: str,
         sample: [compute1]}
+reason: {description: "The scheduler's reason for a job still queued (e.g. C(Resources)), when it gave one.",
+         returned: state=present and a job was submitted, type: str, sample: Resources}
 script_path: {description: Where the rendered script was (or would be) written., returned: state=present, type: str,
               sample: /home/alice/isession/abc123/isession-abc123.sh}
 workdir: {description: "O(workdir) with C(~) expanded on the host that runs the job, when given.",
@@ -344,7 +346,8 @@ class SchedulerSubmit:
                 result.update(job_id=job_id, state=info.state, nodes=info.nodes)
                 self.fail(why, **result)
         if info is not None:
-            result.update(state=info.state, nodes=info.nodes)
+            result.update(state=info.state, nodes=info.nodes,
+                          reason="" if info.reason in (None, "None", "none") else info.reason)
         result["job_id"] = job_id
         self.module.exit_json(**result)
 

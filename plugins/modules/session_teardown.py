@@ -13,10 +13,12 @@ description:
     collection's one teardown order (C(plugins/module_utils/_teardown.py), C(docs/design/teardown.md)). The cancel
     playbook and the start's rescue call it once per side; the user's watcher runs the same table.
   - O(side=resource) (the controller) - the batch job, or the detached agent of the controller target (found by
-    its name C(isession-<id>)), then the controller-side tunnel (controller target, needs O(remote_dir)), then the
-    node ports reserved there (controller target).
+    its name C(isession-<id>)), then a stop request to a compute session's agent (C(agent.stop) in O(remote_dir),
+    which the agent polls; it reaches an agent on a node the scheduler lost), then the controller-side tunnel
+    (controller target, needs O(remote_dir)), then the node ports reserved there (controller target).
   - O(side=workspace) - the local agent (workspace target), then this user's processes still listening on
-    O(workspace_port), then the workspace port's reservation.
+    O(workspace_port), then the workspace port's reservation, released only once no listener of this user is left
+    on the port (waited for a second; otherwise it stays, a warning says so and RV(pending) names it).
   - Every kind is undone only if it is still there, so the module is safe in every state of a session (nothing
     reserved yet, queued, starting, running, already ended) and safe to run twice. One kind that cannot be undone
     (the scheduler does not answer, a cancel is refused) does not stop the others; the module then fails naming it.
@@ -57,7 +59,8 @@ options:
     description: The session's workspace port (the record's C(ports.workspace)).
     type: int
   skip:
-    description: Resource kinds not to undo (V(job), V(tunnel), V(node_ports), V(listeners), V(workspace_port)).
+    description: Resource kinds not to undo (V(job), V(agent), V(tunnel), V(node_ports), V(listeners),
+      V(workspace_port)).
     type: list
     elements: str
     default: []
@@ -109,11 +112,17 @@ undone:
   elements: str
   sample: ["job 4711", "tunnel isession-abc", "node port 30001"]
 outcomes:
-  description: One entry per resource kind looked at on this side - C(kind), C(side), C(undone), C(error).
+  description: One entry per resource kind looked at on this side - C(kind), C(side), C(undone), C(error), C(pending).
   returned: always
   type: list
   elements: dict
-  sample: [{kind: job, side: resource, undone: ["job 4711"], error: ""}]
+  sample: [{kind: job, side: resource, undone: ["job 4711"], error: "", pending: ""}]
+pending:
+  description: Kinds left for a later try, with why (a listener still on the workspace port); not a failure.
+  returned: always
+  type: list
+  elements: str
+  sample: ["workspace_port: a listener of alice is still on workspace port 23456 ..."]
 """
 
 from ansible.module_utils.basic import AnsibleModule
@@ -123,6 +132,7 @@ from ansible_collections.hpc.interactive.plugins.module_utils._teardown import (
     KINDS,
     Holding,
     errors,
+    pending,
     scheduler_context,
     teardown,
 )
@@ -171,7 +181,9 @@ def run_module(module: AnsibleModule) -> None:
         module.fail_json(msg=str(exc), field="scheduler_path")
     outcomes = teardown(held, p["side"], ctx, skip=p["skip"])
     result = dict(changed=any(o.changed for o in outcomes), undone=[u for o in outcomes for u in o.undone],
-                  outcomes=[o.as_dict() for o in outcomes])
+                  outcomes=[o.as_dict() for o in outcomes], pending=pending(outcomes))
+    for why in result["pending"]:
+        module.warn(why)
     problems = errors(outcomes)
     if problems:
         module.fail_json(msg="; ".join(problems), **result)

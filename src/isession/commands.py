@@ -24,7 +24,7 @@ from . import config, sessions, view
 from .cli import EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK
 from .collection import active, find_collection
 from .config import UsageError
-from .progress import Progress
+from .progress import QUEUE_FILE, Progress, read_queue_file
 
 
 class Output:
@@ -207,6 +207,11 @@ def cmd_start(args: argparse.Namespace) -> int:
                          "inventory or ~/.config/isession/inventory.yml); without one only the workspace target exists")
     inputs = {k: s.value for k, s in plan["inputs"].items()}
     sid = config.check_session_id(args.id) if args.id else config.new_session_id(service)
+    taken = sessions.load(root, sid) if args.id else None
+    if taken is not None:
+        # an id names one session for good: its record, logs and service.json stay after it ends
+        raise UsageError(f"--id {sid}: the id is taken (that session is {taken.status}); leave --id out for a new "
+                         "id or choose another")
     extravars = config.build_extravars(service, sid, root, target=target, resource=resource, inputs=inputs)
     out = Output(args.json)
 
@@ -218,7 +223,7 @@ def cmd_start(args: argparse.Namespace) -> int:
     cli_json.chmod(0o600)
     where = target if target == "workspace" else f"{target} of {resource}"
     out.say(f"Starting {service} session {sid} on {where}")
-    progress = Progress(verbose=args.verbose)
+    progress = Progress(verbose=args.verbose, queue_source=lambda: read_queue_file(session_dir / QUEUE_FILE))
     # one handler from the start to the end of the command: a Ctrl-C at any point (the start's play, the report,
     # the wait) cancels the session, and none turns into a KeyboardInterrupt half-way
     with Interrupts() as intr:

@@ -132,6 +132,7 @@ def stop_runs_in_progress(session_dir: Path, grace: float = 3.0, exclude_pid: Op
     """
     pdd = session_dir / RUNNER_DIR
     hit: List[int] = []
+    clis: List[int] = []
     for pidfile in sorted(pdd.glob("*.pid")) if pdd.is_dir() else []:
         try:
             data = json.loads(pidfile.read_text())
@@ -145,11 +146,14 @@ def stop_runs_in_progress(session_dir: Path, grace: float = 3.0, exclude_pid: Op
         if isinstance(cli, int) and cli != exclude_pid and cli != os.getpid() and _ours(cli, b"isession"):
             _signal(cli, signal.SIGTERM)
             hit.append(cli)
+            clis.append(cli)
     deadline = time.monotonic() + grace
     while hit and time.monotonic() < deadline and any(_alive(p) for p in hit):
         time.sleep(0.1)
     for pid in hit:
-        if _alive(pid):
+        # only the playbook is killed: the start's CLI exits by itself once its playbook is gone, with 130 like every
+        # interrupted start (a SIGKILL here ended some with 137, Killed)
+        if pid not in clis and _alive(pid):
             _signal_group(pid, signal.SIGKILL)
     return hit
 

@@ -1,15 +1,23 @@
-"""Follow a playbook run through ansible-runner's events: the step under way, the queue, the failures (pure; no I/O).
+"""Follow a playbook run through ansible-runner's events: the step under way, the queue, the failures.
 
 :class:`Progress` is fed every event. It keeps what a progress view shows (the current step and since when, the
 queue wait's scheduler reason, position and estimated start) and returns, for ``verbose`` plain output, one line
 per finished task. Tasks that only check arguments or set variables never become "the current step".
+
+While the start waits on the user's watcher for its queued job (the ``session_wait`` task) no scheduler answer comes
+through the events; the queue is then what the watcher keeps in the session's ``queue.json`` (``queue_source``, read
+by :func:`read_queue_file`, the one reader of a file here; all else is pure).
 """
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Callable, Dict, List, Optional
+
+QUEUE_FILE = "queue.json"  # in the session directory, written by the watcher while the session's job is queued
+WAIT_ACTIONS = frozenset({"session_wait", "hpc.interactive.session_wait"})  # the start waits on the watcher
 
 _RESULT_EVENTS = {
     "runner_on_ok": "ok",
@@ -97,6 +105,20 @@ def queue_info(res: Dict[str, Any]) -> Optional[QueueInfo]:
     return None
 
 
+def read_queue_file(path: Any) -> Optional[QueueInfo]:
+    """The watcher's ``queue.json`` of a queued session as a :class:`QueueInfo`; None when absent or unreadable."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            doc = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(doc, dict) or not doc.get("job_id"):
+        return None
+    return QueueInfo(job_id=str(doc["job_id"]), reason=str(doc.get("reason") or ""),
+                     position=_int(doc.get("queue_position")), pending=_int(doc.get("queue_pending")),
+                     start_time=_float(doc.get("start_time")))
+
+
 def duration(seconds: float) -> str:
     """``4s``, ``3m 10s``, ``1h 02m``."""
     seconds = max(0, int(seconds))
@@ -125,6 +147,14 @@ class Progress:
     step_since: Optional[float] = None
     queue: Optional[QueueInfo] = None
     began: Optional[float] = None
+    queue_source: Optional[Callable[[], Optional[QueueInfo]]] = None  # the watcher's queue.json of this session
+    on_watcher: bool = False  # a session_wait task runs: the queue comes from queue_source
+
+    def current_queue(self) -> Optional[QueueInfo]:
+        """What a view shows of the queue now: the watcher's word while the start waits on it, else the events'."""
+        if self.on_watcher and self.queue_source is not None:
+            return self.queue_source() or self.queue
+        return self.queue
 
     def line(self, event: Dict[str, Any]) -> Optional[str]:
         kind = event.get("event", "")
@@ -133,8 +163,10 @@ class Progress:
             self.began = self.clock()
         if self.playbook_pid is None and isinstance(event.get("pid"), int):
             self.playbook_pid = event["pid"]
-        quiet = str(data.get("task_action") or "") in QUIET_ACTIONS
+        action = str(data.get("task_action") or "")
+        quiet = action in QUIET_ACTIONS
         if kind == "playbook_on_task_start":
+            self.on_watcher = action in WAIT_ACTIONS
             self.started[str(data.get("task_uuid") or data.get("uuid") or "")] = _ts(event)
             if not quiet and _step_label(data):
                 self.step, self.step_since = _step_label(data), self.clock()
@@ -148,6 +180,8 @@ class Progress:
         res = data.get("res") or {}
         if status == "ok":
             self._note_queue(res)
+        if action in WAIT_ACTIONS:  # the job left the queue (or the wait failed): nothing waits any more
+            self.on_watcher, self.queue = False, None
         if status == "ok" and res.get("changed"):
             status = "changed"
         ignored = bool(data.get("ignore_errors"))

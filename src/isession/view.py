@@ -41,8 +41,9 @@ class LiveView:
         line = Text.assemble((step, "bold"), (f"  {duration(p.step_elapsed())}", "dim"))
         self.spinner.update(text=line)
         rows: list = [self.spinner, Text(f"  {self.title} · {duration(p.elapsed())} elapsed", style="dim")]
-        if p.queue is not None:
-            rows.append(Text("  " + p.queue.describe(), style="yellow"))
+        queue = p.current_queue()
+        if queue is not None:
+            rows.append(Text("  " + queue.describe(), style="yellow"))
         return Group(*rows)
 
     def __enter__(self) -> LiveView:

@@ -1,5 +1,8 @@
 """The watcher: one per user, polls every resource once a second and applies the JOB_STATUS table.
 
+It is also what a queued start waits on (``session_wait`` reads the record it writes): while any session is queued it
+ticks every ``WAITING_INTERVAL`` s and keeps each queued session's ``queue.json`` (reason, position, estimated start).
+
 ``decide`` is the pure heart (docs/design/sessions.md, "JOB_STATUS"); :class:`Watcher` does the I/O:
 it groups live sessions by resource, asks each resource ONCE per tick for all of their jobs (see
 ``remote.py`` for why over one persistent ssh session), writes service.json (``_service_file``)
@@ -44,12 +47,19 @@ from ansible_collections.hpc.interactive.plugins.module_utils import (
 )
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import _base, _registry, _runtime
 
+from .progress import QUEUE_FILE
 from .remote import RemoteError, RemoteServer, inventory_conn
 
 CONFIRM_ABSENT = 3
 QUERY_TIMEOUT = 5.0
 CANCEL_INTERVAL = 0.1  # poll period while a cancel is under way ...
 CANCEL_FAST_FOR = 30.0  # ... for at most this long after the watcher sent it
+# poll period while a start waits on this watcher for its queued job (session_wait): still one query per resource per
+# tick for all sessions, so the cost does not grow with the number queued, and a job that starts is seen sooner
+WAITING_INTERVAL = 0.5
+QUEUE_DETAILS_EVERY = 5.0  # the queue's position and estimated start (one more query per resource) at most this often
+QUEUEFILE = QUEUE_FILE  # where a queued session waits, for isession's progress view (progress.read_queue_file)
+LINGER_FOR = 600.0  # how long an ended session's workspace port is retried while a listener of the user stays on it
 PIDFILE = ".watcher.pid"
 WATCHFILE = "watch.json"  # written by the start play (roles/session/tasks/watcher.yml)
 LOGFILE = ".watcher.log"
@@ -194,6 +204,18 @@ def decide_listener(record: Mapping[str, Any], current: Optional[str], owner: An
     return None
 
 
+def with_agent_words(words: str, job_id: str, info: Optional[Mapping[str, Any]]) -> str:
+    """A failure in the agent's own words (its ``agent.error``), with the scheduler's short detail after it.
+
+    The agent knows what happened ("the nginx server exited with status 137 on cn1; see logs/server.log"); the
+    scheduler only that the job failed, so its text stays as the detail in parentheses. "" when the agent said nothing.
+    """
+    line = next((ln.strip() for ln in words.splitlines() if ln.strip()), "")[:500]
+    if not line:
+        return ""
+    return f"{line} ({_detail(job_id, info)})" if info else line
+
+
 def walltime_text(value: Any) -> str:
     """A walltime input (minutes, ``HH:MM:SS``, ``D-HH[:MM[:SS]]``) as the scheduler shows it: ``HH:MM:SS``.
 
@@ -261,7 +283,14 @@ class Watcher:
         self.wake = threading.Event()  # set by nudge(): tick now (a cancel was requested)
         self.cancel_sent: Dict[str, float] = {}  # session -> when the watcher sent its cancel
         self.undone: Dict[str, set] = {}  # session -> kinds this watcher's teardown already undid
+        # ended sessions with a kind left for later (the workspace port while the user's listener is still on it):
+        # session -> (resource key, record, since when); tried again every tick
+        self.lingering: Dict[str, Tuple[Tuple[str, str], Dict[str, Any], float]] = {}
         self.cancelling = False  # a live session carries the tombstone: poll fast
+        self.waiting = False  # a live session's job is queued: a start may wait on this watcher (session_wait)
+        self.details_at: Dict[Tuple[str, str], float] = {}  # resource -> when its queue details were last asked
+        self.details: Dict[str, Dict[str, Any]] = {}  # job id -> its last queue details
+        self.queue_files: Dict[str, Dict[str, Any]] = {}  # session -> what its queue.json says now
         self._lock = threading.Lock()
         self.st = _state
         self.sf = _service_file
@@ -341,13 +370,27 @@ class Watcher:
                 server = self.servers[resource] = RemoteServer(conn, mu_dir)
             return server
 
+    def agent_error(self, sid: str, rec: Mapping[str, Any]) -> str:
+        """The agent's ``agent.error`` (its words for a failure), read where the agent ran; "" when there is none."""
+        resource, _scheduler = group_key(rec)
+        directory = str(rec.get("remote_dir") or (self.root / sid))
+        try:
+            if not resource:
+                return (Path(directory) / "agent.error").read_text(errors="replace")
+            server = self.server_for(resource, self.inventory_for(sid))
+            answer = server.ask({"op": "tail", "dir": directory, "lines": 5}, self.query_timeout + 3)
+            return str((answer.get("files") or {}).get("agent.error") or "")
+        except (RemoteError, LookupError, OSError, ValueError):
+            return ""
+
     def teardown(self, key: Tuple[str, str], sid: str, rec: Mapping[str, Any],
-                 skip: Tuple[str, ...] = ()) -> Tuple[str, List[str]]:
+                 skip: Tuple[str, ...] = (), listener_wait: float = 1.0) -> Tuple[str, List[str]]:
         """The one teardown of a session: its resource side over the connection held, then its workspace side.
 
         ``skip`` names kinds not to undo (the job, when the scheduler just said it ended); kinds an earlier call
         already undid are skipped too. Returns (what was undone in words, what could not be done); raises nothing:
-        the cancel playbook still confirms every kind.
+        the cancel playbook still confirms every kind. A kind left for later (``_teardown.TeardownPending``: the
+        user's listener still on the workspace port) puts the session into ``lingering``, tried again every tick.
         """
         td = _teardown
         held = holding_of(sid, rec)
@@ -363,17 +406,39 @@ class Watcher:
                 answer = server.ask(dict(req, **scheduler_setup_of(server.conn)), self.query_timeout + 3)
             except (RemoteError, LookupError, OSError, ValueError) as exc:
                 answer = {"error": str(exc)}
-            got = [td.Outcome(o["kind"], o["side"], list(o["undone"]), o.get("error", ""))
+            got = [td.Outcome(o["kind"], o["side"], list(o["undone"]), o.get("error", ""), o.get("pending", ""))
                    for o in answer.get("outcomes") or []]
             outcomes += got
             if answer.get("error") and not got:
                 problems.append(str(answer["error"]))
         ctx = td.Context(reservation_dir=self.reservation_dir, timeout=self.query_timeout,
-                         query_timeout=self.query_timeout)
+                         query_timeout=self.query_timeout, listener_wait=listener_wait)
         outcomes += td.teardown(held, td.WORKSPACE, ctx, skip=skip_now)
         problems += td.errors(outcomes)
-        done.update(o.kind for o in outcomes if not o.error)
+        done.update(o.kind for o in outcomes if not o.error and not o.pending)
+        later = td.pending(outcomes)
+        with self._lock:
+            if later and sid not in self.lingering:
+                self.lingering[sid] = (key, dict(rec), time.monotonic())
+                self.log(f"{sid}: left for later: {'; '.join(later)}")
+            elif not later:
+                self.lingering.pop(sid, None)
         return summary(outcomes), problems
+
+    def retry_lingering(self) -> None:
+        """Try again what ended sessions left for later; give up after ``LINGER_FOR`` s (the lease ends anyway)."""
+        for sid, (key, rec, since) in list(self.lingering.items()):
+            said, problems = self.teardown(key, sid, rec, listener_wait=0.0)
+            if sid not in self.lingering:
+                self.undone.pop(sid, None)
+                self.log(f"{sid}: the listener on its workspace port is gone: released {said or 'nothing'}"
+                         + (f"; not carried out: {'; '.join(problems)}" if problems else ""))
+            elif time.monotonic() - since > LINGER_FOR:
+                with self._lock:
+                    self.lingering.pop(sid, None)
+                self.undone.pop(sid, None)
+                self.log(f"{sid}: a listener is still on its workspace port after {LINGER_FOR:.0f} s; its "
+                         "reservation is left to its lease")
 
     def send_cancel(self, key: Tuple[str, str], sid: str, rec: Mapping[str, Any]) -> None:
         """Tear one session down now (once); the cancel playbook confirms it whatever happens here."""
@@ -407,6 +472,55 @@ class Watcher:
                      f"as they are ({took:.2f}s)")
         for sid, rec in sessions.items():
             self.apply(sid, rec, answer.get("jobs", {}).get(str(rec["job_id"])), bool(answer.get("reachable")))
+        if answer.get("reachable"):
+            self.note_queue(key, sessions, answer.get("jobs") or {})
+
+    def queue_details(self, key: Tuple[str, str], job_ids: List[str], inventory: Optional[Path]) -> Dict[str, Any]:
+        """Position and estimated start of queued jobs, one query for all of them (``Backend.queue_details``)."""
+        resource, scheduler = key
+        if not resource:
+            return _registry.get_backend(scheduler).queue_details(_runtime.make_runner(shutil.which), job_ids,
+                                                                  timeout=self.query_timeout)
+        server = self.server_for(resource, inventory)
+        req = {"op": "queue", "scheduler": scheduler, "job_ids": job_ids, "timeout": self.query_timeout,
+               **scheduler_setup_of(server.conn)}
+        return dict(server.ask(req, self.query_timeout + 3).get("details") or {})
+
+    def note_queue(self, key: Tuple[str, str], sessions: Mapping[str, Mapping[str, Any]],
+                   jobs: Mapping[str, Any]) -> None:
+        """Keep each queued session's ``queue.json`` (reason, position, estimated start) for a start that waits.
+
+        The details are asked at most every ``QUEUE_DETAILS_EVERY`` s per resource (they change slowly; Slurm's
+        backfill estimates every 30 s); the file goes once the job left the queue.
+        """
+        queued = {sid: str(rec["job_id"]) for sid, rec in sessions.items()
+                  if (jobs.get(str(rec["job_id"])) or {}).get("state") == "queued"}
+        now = time.monotonic()
+        if queued and now - self.details_at.get(key, -QUEUE_DETAILS_EVERY) >= QUEUE_DETAILS_EVERY:
+            self.details_at[key] = now
+            try:
+                self.details.update(self.queue_details(key, sorted(set(queued.values())),
+                                                       self.inventory_for(next(iter(queued)))))
+            except (RemoteError, LookupError, OSError, ValueError) as exc:
+                self.log(f"{key[0] or 'workspace'}: queue details not available: {exc}")
+        for sid in sessions:
+            path = self.root / sid / QUEUEFILE
+            if sid not in queued:
+                if self.queue_files.pop(sid, None) is not None:
+                    path.unlink(missing_ok=True)
+                continue
+            job = queued[sid]
+            reason = str(jobs[job].get("reason") or "")
+            doc = {"job_id": job, "reason": "" if reason in ("None", "none") else reason,
+                   **{k: v for k, v in (self.details.get(job) or {}).items()
+                      if k in ("queue_position", "queue_pending", "start_time")}}
+            if self.queue_files.get(sid) != doc:
+                try:
+                    write_private(path, json.dumps(doc) + "\n")
+                except OSError as exc:
+                    self.log(f"{sid}: cannot write {QUEUEFILE}: {exc}")
+                    continue
+                self.queue_files[sid] = doc
 
     def apply(self, sid: str, rec: Dict[str, Any], info: Optional[Dict[str, Any]], reachable: bool) -> None:
         directory = self.root / sid
@@ -415,9 +529,10 @@ class Watcher:
         except (ValueError, OSError):
             pass
         try:
-            current = (self.sf.read_service_file(str(directory / "service.json")) or {}).get("JOB_STATUS")
+            doc = self.sf.read_service_file(str(directory / "service.json")) or {}
         except ValueError:
-            current = None
+            doc = {}
+        current, current_message = doc.get("JOB_STATUS"), doc.get("ERROR_MESSAGE") or ""
         if info and timed_out(info):
             walltime = self.walltime_for(sid)
             if walltime:
@@ -425,7 +540,13 @@ class Watcher:
         d = decide(rec, current, info, reachable, absent=self.absent.get(sid, 0), confirm=self.confirm)
         with self._lock:
             self.absent[sid] = d.absent
-        if d.status is None or (d.status == current and not d.terminal):
+        if d.status == "Failed" and d.status != current:
+            words = with_agent_words(self.agent_error(sid, rec), str(rec.get("job_id") or ""), info)
+            if words:  # the agent's own explanation wins over the scheduler's generic one
+                d = dataclasses.replace(d, message=words)
+        # a queued job's new reason (Priority -> Resources) is written too: the user sees why it still waits
+        new_reason = d.status == "Queued" == current and d.message != current_message
+        if d.status is None or (d.status == current and not d.terminal and not new_reason):
             if d.status is None and d.reason.startswith("job") and "not listed" in d.reason:
                 self.log(f"{sid}: {d.reason}")
             return
@@ -449,7 +570,8 @@ class Watcher:
             self.cancel_sent.pop(sid, None)
             # the scheduler says the job ended: what it left behind goes, on both sides (the same table as a cancel)
             said, problems = self.teardown(group_key(rec), sid, rec, skip=("job",))
-            self.undone.pop(sid, None)
+            if sid not in self.lingering:
+                self.undone.pop(sid, None)
             if said or problems:
                 self.log(f"{sid}: cleaned up after the end: {said or 'nothing'}"
                          + (f"; not carried out: {'; '.join(problems)}" if problems else ""))
@@ -504,25 +626,28 @@ class Watcher:
         except Exception as exc:  # noqa: BLE001 - the job still ends by itself (its tunnel cannot come back)
             self.log(f"{sid}: cancel failed: {type(exc).__name__}: {exc}")
         finally:  # the session has ended already: no end-of-job clean-up will read what was undone
-            self.undone.pop(sid, None)
+            if sid not in self.lingering:
+                self.undone.pop(sid, None)
             self.cancel_sent.pop(sid, None)
 
     def tick(self) -> int:
         """One round; returns how many live sessions there are."""
         live = self.live_sessions()
         self.check_listeners(live)
+        self.retry_lingering()
         groups: Dict[Tuple[str, str], Dict[str, Dict[str, Any]]] = {}
         for sid, rec in live.items():
             groups.setdefault(group_key(rec), {})[sid] = rec
         now = time.monotonic()  # poll fast for a while after a cancel was sent, not forever if it never ends
         self.cancelling = any(rec.get("cancel_requested") and now - self.cancel_sent.get(sid, now) < CANCEL_FAST_FOR
                               for sid, rec in live.items())
+        self.waiting = any(rec.get("step") in ("submitted", "queued") for rec in live.values())
         for key, sessions in groups.items():
             fut = self.busy.get(key)
             if fut is not None and not fut.done():
                 continue  # the previous poll of this resource is still waiting: never pile up
             self.busy[key] = self.pool.submit(self._safe_poll, key, sessions)
-        return len(live)
+        return len(live) + len(self.lingering)
 
     def _safe_poll(self, key: Tuple[str, str], sessions: Dict[str, Dict[str, Any]]) -> None:
         try:
@@ -540,7 +665,8 @@ class Watcher:
             elif self.idle_exit and started - idle_since > self.idle_exit:
                 self.log(f"no live session for {self.idle_exit:.0f} s: exiting")
                 break
-            interval = min(self.interval, CANCEL_INTERVAL) if self.cancelling else self.interval
+            interval = min(self.interval, CANCEL_INTERVAL) if self.cancelling else \
+                min(self.interval, WAITING_INTERVAL) if self.waiting else self.interval
             self.wake.wait(max(0.0, interval - (time.monotonic() - started)))
         self.close()
 
@@ -556,6 +682,15 @@ class Watcher:
         self.pool.shutdown(wait=True, cancel_futures=True)
         for server in self.servers.values():
             server.close()
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write ``path`` atomically, mode 0600 (a temp file in the same directory, then a rename)."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    os.replace(tmp, path)
 
 
 # ---------------------------------------------------------------------------- one per user

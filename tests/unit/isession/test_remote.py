@@ -215,7 +215,7 @@ def test_teardown_runs_scancel_for_the_sessions_live_job_only(tmp_path, fake_bin
         ans = srv.ask({"op": "teardown", "holding": {"session_id": "s1", "target": "compute", "scheduler": "slurm"}},
                       10)
         assert ans["error"] == "" and ans["outcomes"] == [
-            {"kind": "job", "side": "resource", "undone": ["job 1"], "error": ""}], ans
+            {"kind": "job", "side": "resource", "undone": ["job 1"], "error": "", "pending": ""}], ans
         assert calls.read_text().split() == ["1"]
         # another session's name: no job of it is listed, nothing is cancelled
         ans = srv.ask({"op": "teardown", "holding": {"session_id": "s2", "target": "compute", "scheduler": "slurm"}},

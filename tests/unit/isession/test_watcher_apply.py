@@ -229,9 +229,11 @@ def test_a_controller_session_that_ended_by_itself_loses_its_tunnel_and_node_por
     watch = FastCancel(root, [died], srv)
     run_ticks(watch, 1)
     assert service(root, "c")["JOB_STATUS"] == "Failed"
-    assert srv.requests == [{"op": "teardown", "timeout": w.QUERY_TIMEOUT, "skip": ["job"],
-                             "holding": holding("c", target="controller", scheduler="local",
-                                                remote_dir="/home/u/.isession/c")}]
+    # first the agent's own words for the failure (agent.error, none here), then the end's clean-up
+    assert srv.requests == [
+        {"op": "tail", "dir": "/home/u/.isession/c", "lines": 5},
+        {"op": "teardown", "timeout": w.QUERY_TIMEOUT, "skip": ["job"],
+         "holding": holding("c", target="controller", scheduler="local", remote_dir="/home/u/.isession/c")}]
     assert any("c: cleaned up after the end: tunnel isession-c, node port 30001" in line for line in watch.lines)
     watch.close()
 

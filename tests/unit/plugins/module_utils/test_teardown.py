@@ -53,9 +53,10 @@ CASES = [
     ("controller", "running", "record", {"job", "tunnel", "node_ports", "listeners", "workspace_port"}),
     ("controller", "ended, tunnel left", "record", {"tunnel", "node_ports", "listeners", "workspace_port"}),
     ("compute", "ports_reserved", "record", {"workspace_port"}),
-    ("compute", "queued", "record", {"job", "workspace_port"}),
-    ("compute", "running", "record", {"job", "listeners", "workspace_port"}),
+    ("compute", "queued", "record", {"job", "agent", "workspace_port"}),
+    ("compute", "running", "record", {"job", "agent", "listeners", "workspace_port"}),
     ("compute", "ended, tunnel end left", "record", {"listeners", "workspace_port"}),
+    ("compute", "ended, the node lost", "record", {"agent", "listeners", "workspace_port"}),
 ]
 
 
@@ -66,8 +67,8 @@ def test_the_cases_cover_every_kind_that_has_an_undo():
 
 def test_the_order_is_job_tunnel_ports_listeners_workspace_port():
     # what serves or forwards traffic goes before the ports it uses are given back
-    assert [k.name for k in _teardown.KINDS] == ["job", "tunnel", "node_ports", "listeners", "workspace_port",
-                                                  "files"]
+    assert [k.name for k in _teardown.KINDS] == ["job", "agent", "tunnel", "node_ports", "listeners",
+                                                  "workspace_port", "files"]
 
 
 class Bed:
@@ -168,6 +169,8 @@ class Bed:
                 _teardown.listening_inodes(self.ws_port, os.getuid())))
         if kind == "workspace_port":
             return bool(self.ports[_teardown.WORKSPACE].held(self.sid))
+        if kind == "agent":  # not asked to stop yet
+            return not (self.remote_dir / _teardown.AGENT_STOP).exists()
         raise AssertionError(kind)
 
     def close(self) -> None:
@@ -204,7 +207,7 @@ def make_holding(b: Bed, target, recorded: str, held: set) -> _teardown.Holding:
         return _teardown.Holding.from_record({"id": b.sid, "step": "created", "ports": {}}, b.sid)
     scheduler = "slurm" if target == "compute" else "local"
     record = {"id": b.sid, "target": target, "scheduler": scheduler, "ports": {"workspace": b.ws_port}}
-    if recorded == "play" or "tunnel" in held or target == "compute" and "job" in held:
+    if recorded == "play" or "tunnel" in held or "agent" in held:
         record["remote_dir"] = str(b.remote_dir)
     return _teardown.Holding.from_record(record, b.sid)
 
@@ -304,7 +307,7 @@ def test_a_new_kind_is_one_entry(bed):
     seen = []
     display = _teardown.Kind("display", lambda h: _teardown.RESOURCE if h.target == "controller" else None,
                              lambda h, ctx: seen.append(h.session_id) or ["display :7"], "an X display")
-    kinds = _teardown.KINDS[:2] + (display,) + _teardown.KINDS[2:]
+    kinds = _teardown.KINDS[:3] + (display,) + _teardown.KINDS[3:]
     h = _teardown.Holding("td-new", target="controller", scheduler="local", remote_dir=str(b.remote_dir))
     assert [k.name for k in _teardown.plan(h, _teardown.RESOURCE, kinds=kinds)] == [
         "job", "tunnel", "display", "node_ports"]
@@ -318,3 +321,47 @@ def test_unknown_side_or_kind_is_refused():
         _teardown.plan(h, "moon")
     with pytest.raises(ValueError, match="skip: unknown resource kinds nope"):
         _teardown.plan(h, _teardown.WORKSPACE, skip=("nope",))
+
+
+def test_the_agent_stop_request_goes_only_into_the_users_own_directory(tmp_path):
+    ctx = _teardown.Context()
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o700)
+    h = _teardown.Holding("td-stop", target="compute", scheduler="slurm", remote_dir=str(mine))
+    ctx.check = True
+    assert _teardown.undo_agent(h, ctx) == ["agent stop request"] and not (mine / _teardown.AGENT_STOP).exists()
+    ctx.check = False
+    assert _teardown.undo_agent(h, ctx) == ["agent stop request"]
+    assert (mine / _teardown.AGENT_STOP).stat().st_mode & 0o777 == 0o600
+    assert _teardown.undo_agent(h, ctx) == []  # asked once
+    link = tmp_path / "link"
+    link.symlink_to(mine)
+    with pytest.raises(_teardown.TeardownError, match="is not a directory of"):
+        _teardown.undo_agent(_teardown.Holding("td-stop", target="compute", remote_dir=str(link)), ctx)
+    assert _teardown.undo_agent(_teardown.Holding("td-stop", target="compute", remote_dir=str(tmp_path / "no")),
+                                ctx) == []  # cancelled before the submit made the directory
+    if os.geteuid() == 0:
+        other = tmp_path / "other"
+        other.mkdir()
+        os.chown(other, 65534, 65534)
+        with pytest.raises(_teardown.TeardownError):
+            _teardown.undo_agent(_teardown.Holding("td-stop", target="compute", remote_dir=str(other)), ctx)
+        assert not (other / _teardown.AGENT_STOP).exists()
+
+
+def test_the_workspace_port_stays_reserved_while_the_users_listener_is_on_it(bed):
+    b = bed("td-pending")
+    h = _teardown.Holding("td-pending", target="compute", scheduler="slurm", workspace_port=b.ws_port)
+    ctx = b.ctx(_teardown.WORKSPACE, "slurm")
+    ctx.listener_wait = 0.2
+    with socket.socket() as s:  # held by this process, which the teardown never signals
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", b.ws_port))
+        s.listen()
+        got = _teardown.teardown(h, _teardown.WORKSPACE, ctx, skip=("job",))
+        assert [(o.kind, o.undone) for o in got] == [("listeners", []), ("workspace_port", [])]
+        assert _teardown.errors(got) == [] and "still on workspace port %d" % b.ws_port in got[1].pending
+        assert b.present("workspace_port", "compute")
+    got = _teardown.teardown(h, _teardown.WORKSPACE, ctx, skip=("job", "listeners"))
+    assert got[0].undone == ["workspace port %d" % b.ws_port] and not got[0].pending
+    assert not b.present("workspace_port", "compute")

@@ -1,0 +1,259 @@
+"""Queued sessions under load (issue 11): what waiting in the queue costs, how fast a queued job that starts is
+``Running``, and how fast twenty cancels at once leave nothing behind. Not a test: it measures and prints.
+
+1. Two 1-CPU filler jobs fill the bed's ``small`` partition; then ``--sessions`` (default 50) nginx sessions are
+   started on it (``isession start ... -e session_partition=small``, at most ``--parallel`` starting at once) and
+   wait, Queued.
+2. CPU while they wait: utime+stime of every process in the workspace and the controller namespaces (the starts'
+   ansible-playbook processes, the watcher and its ssh, sshd, slurmctld, ...), summed over a ``--window`` s window
+   and given as % of one core, for each count in ``--steps`` (default 10, 50): it must not grow with the count.
+   slurmctld's job-query RPC rate (``sdiag``) over the same window shows who asks the scheduler.
+3. Queued job start -> Running: a filler job is cancelled, so the oldest queued session's job starts; from the job's
+   ``StartTime`` (Slurm, whole seconds) and from the moment the filler's scancel returned, to ``Running`` in the
+   session's record (``history``), ``--runs`` times.
+4. ``--cancels`` (default 20) cancels at once: per session, from the moment its ``isession cancel`` started until
+   nothing of it is left (no job alive, no process, no port reservation, no workspace listener).
+
+Targets (issue 11): CPU under 5% of one core in all and not growing with the number queued; queued job start ->
+Running <= 1 s; cancel -> nothing left <= 3 s.
+
+    flock /run/hpci-bed.lock python bench/queue_load.py [--sessions 50]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List, Tuple
+
+import benchlib as bl
+
+HERE = Path(__file__).resolve().parent
+TICKS = os.sysconf("SC_CLK_TCK")
+PORTS_DIR = Path("/tmp/isession-ports")  # noqa: S108 - the reservation directory the bed's hosts share
+
+
+def ns_processes(hosts: List[str]) -> Dict[int, Tuple[str, int]]:
+    """pid -> (command name, utime+stime in ticks) of every process whose network namespace is one of ``hosts``'."""
+    wanted = set()
+    for host in hosts:
+        try:
+            wanted.add(os.stat(f"/run/netns/hpcbed-{host}").st_ino)
+        except OSError:
+            pass
+    out = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            if os.stat(f"/proc/{entry}/ns/net").st_ino not in wanted:
+                continue
+            head, tail = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)
+        except OSError:
+            continue
+        fields = [int(f) for f in tail.split()[11:15]]  # utime, stime, cutime, cstime
+        out[int(entry)] = (head.split("(", 1)[-1], sum(fields))
+    return out
+
+
+def cpu_percent(window: float) -> Tuple[float, Dict[str, float]]:
+    """% of one core used by the workspace's and the controller's processes over ``window`` seconds, in all and per
+    command name (who pays for the wait)."""
+    before, t0 = ns_processes(["workspace", "controller"]), time.monotonic()
+    time.sleep(window)
+    after, took = ns_processes(["workspace", "controller"]), time.monotonic() - t0
+    by_name: Dict[str, float] = {}
+    for pid, (name, ticks) in after.items():
+        by_name[name] = by_name.get(name, 0.0) + ticks - before.get(pid, (name, 0))[1]
+    shares = {n: round(100.0 * t / TICKS / took, 2) for n, t in sorted(by_name.items(), key=lambda i: -i[1]) if t}
+    return round(sum(shares.values()), 2), shares
+
+
+def job_info_rpcs(bed: bl.Bed) -> int:
+    out = bed.slurm(["sdiag"], check=True).stdout
+    return sum(int(n) for n in re.findall(r"REQUEST_JOB_INFO(?:_SINGLE)?\s+\(\s*\d+\)\s+count:(\d+)", out))
+
+
+def status(cli: bl.Cli, sid: str) -> str:
+    return cli.read(sid, "service.json").get("JOB_STATUS", "-")
+
+
+def start_queued(bed: bl.Bed, cli: bl.Cli, sids: List[str], parallel: int) -> List[subprocess.Popen]:
+    """Start the sessions (detached ``isession start``), ``parallel`` at a time until each is Queued."""
+    argv = [str(bed.venv / "bin" / "python"), "-m", "isession"]
+    procs = []
+    for i in range(0, len(sids), parallel):
+        batch = sids[i:i + parallel]
+        for sid in batch:
+            procs.append(bed.popen("workspace", argv + [
+                "start", "nginx", "--id", sid, "--target", "compute", "--resource", "controller",
+                "-e", "session_partition=small", "-e", "session_queue_timeout=3600"],
+                user=bl.WS_USER, env=cli.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and any(status(cli, s) != "Queued" for s in batch):
+            time.sleep(0.5)
+    return procs
+
+
+def fillers(bed: bl.Bed, n: int, tag: str) -> List[str]:
+    ids = []
+    for i in range(n):
+        cp = bed.slurm(["sbatch", "--parsable", "-p", "small", "-c", "1", "-J", f"bench-fill-{tag}-{i}",
+                        "--wrap", "sleep 3600"], user=bl.CLUSTER_USER, check=True)
+        ids.append(cp.stdout.strip().split(";")[0])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        states = bed.slurm(["squeue", "-h", "-j", ",".join(ids), "-o", "%T"], check=False).stdout.split()
+        if states.count("RUNNING") == n:
+            break
+        time.sleep(0.5)
+    return ids
+
+
+def slurm_start(bed: bl.Bed, job: str) -> float:
+    out = bed.slurm(["scontrol", "show", "job", "-o", job], check=False).stdout
+    m = re.search(r"\bStartTime=(\S+)", out)
+    try:
+        return time.mktime(time.strptime(m.group(1), "%Y-%m-%dT%H:%M:%S")) if m else 0.0
+    except ValueError:
+        return 0.0
+
+
+def left_of(bed: bl.Bed, cli: bl.Cli, sid: str, table) -> List[str]:
+    what = []
+    state = cli.read(sid, "state.json")
+    job = str(state.get("job_id") or "")
+    if job and bed.slurm(["squeue", "-h", "-j", job, "-t", "PD,R,CG", "-o", "%i"], check=False).stdout.strip():
+        what.append("job")
+    if bl.session_pids(table, sid):
+        what.append("processes")
+    ports = list(PORTS_DIR.glob("port-*")) if PORTS_DIR.is_dir() else []
+    for f in ports:
+        try:
+            if json.loads(f.read_text()).get("owner") == sid:
+                what.append("reservation")
+                break
+        except (OSError, ValueError):
+            continue
+    port = (state.get("ports") or {}).get("workspace")
+    if port and bed.run("workspace", ["ss", "-Hltn", f"sport = :{port}"]).stdout.strip():
+        what.append("listener")
+    return what
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--sessions", type=int, default=50)
+    ap.add_argument("--steps", default="10,50", help="queued counts at which CPU is measured (default 10,50)")
+    ap.add_argument("--parallel", type=int, default=5)
+    ap.add_argument("--window", type=float, default=20.0)
+    ap.add_argument("--runs", type=int, default=3, help="queued job start -> Running measurements")
+    ap.add_argument("--cancels", type=int, default=20)
+    ap.add_argument("--reuse-collection", action="store_true")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    bed = bl.Bed()
+    if not bed.status()[0]:
+        print("the test bed is not healthy: run `tests/bed/bed up` first", file=sys.stderr)
+        return 2
+    if not args.reuse_collection:
+        bed.install_collection()
+    stamp = datetime.now(timezone.utc)
+    tag = stamp.strftime("%H%M%S")
+    tmp = bed.user_tmpdir(bl.WS_USER)
+    cli = bl.Cli(bed, tmp, "sessions-queue", bl.cluster_inventory(bed, tmp))
+    steps = sorted({min(int(s), args.sessions) for s in args.steps.split(",") if s.strip()})
+    sids = [f"bench-q-{tag}-{i:02d}" for i in range(args.sessions)]
+    res: Dict[str, Any] = {"meta": {"date": stamp.strftime("%Y-%m-%d %H:%M UTC"), "machine": bl.machine(),
+                                    "commit": bl.git_commit(), "args": {k: str(v) for k, v in vars(args).items()}},
+                           "cpu": [], "to_running_s": [], "cancel_s": {}}
+    fill, procs = fillers(bed, 2, tag), []
+    try:
+        started = 0
+        for count in steps:
+            procs += start_queued(bed, cli, sids[started:count], args.parallel)
+            started = count
+            time.sleep(5)  # the starts settle into their wait
+            rpc0 = job_info_rpcs(bed)
+            t0 = time.monotonic()
+            cpu, shares = cpu_percent(args.window)
+            rpcs = (job_info_rpcs(bed) - rpc0) / (time.monotonic() - t0)
+            queued = sum(status(cli, s) == "Queued" for s in sids[:count])
+            res["cpu"].append({"queued": queued, "cpu_percent_of_one_core": cpu, "job_info_rpcs_per_s": round(rpcs, 2),
+                               "by_command": shares})
+            top = ", ".join(f"{n} {v:.2f}%" for n, v in list(shares.items())[:6])
+            print(f"{queued} queued: {cpu:.2f}% of one core (workspace + controller), {rpcs:.2f} job queries/s; {top}")
+        for i in range(min(args.runs, len(fill))):
+            waiting = [s for s in sids[:started] if status(cli, s) == "Queued"]
+            t_cancel = time.time()
+            bed.slurm(["scancel", fill[i]], user=bl.CLUSTER_USER, check=True)
+            t_cancelled = time.time()
+            deadline = time.monotonic() + 120
+            runner = None
+            while time.monotonic() < deadline and runner is None:
+                runner = next((s for s in waiting if status(cli, s) == "Running"), None)
+                time.sleep(0.05)
+            if runner is None:
+                print("no queued session reached Running after the filler was cancelled")
+                continue
+            hist = cli.read(runner, "state.json").get("history", [])
+            running_at = bl.first_at(hist, "running") or time.time()
+            job_start = slurm_start(bed, str(cli.read(runner, "state.json").get("job_id")))
+            res["to_running_s"].append({"session": runner, "from_job_start": round(running_at - job_start, 2),
+                                        "from_scancel": round(running_at - t_cancelled, 2),
+                                        "scancel_took": round(t_cancelled - t_cancel, 2)})
+            print(f"{runner}: Running {running_at - job_start:.2f} s after its job's StartTime (whole seconds), "
+                  f"{running_at - t_cancelled:.2f} s after the filler's scancel returned")
+        victims = sids[:min(args.cancels, started)]
+        marks: Dict[str, float] = {}
+
+        def cancel(sid: str) -> None:
+            marks[sid] = time.time()
+            cli.run("cancel", sid, timeout=600)
+
+        with ThreadPoolExecutor(max_workers=len(victims) or 1) as pool:
+            futures = [pool.submit(cancel, s) for s in victims]
+            gone: Dict[str, float] = {}
+            deadline = time.monotonic() + 300
+            while len(gone) < len(victims) and time.monotonic() < deadline:
+                table = bl.proc_table()
+                for sid in victims:
+                    if sid in marks and sid not in gone and not left_of(bed, cli, sid, table):
+                        gone[sid] = time.time() - marks[sid]
+                time.sleep(0.1)
+            for f in futures:
+                f.result()
+        res["cancel_s"] = {"sessions": len(victims), "nothing_left_s": bl.stats(gone.values()),
+                           "not_clean": [s for s in victims if s not in gone]}
+        print(f"{len(victims)} cancels at once -> nothing left: {bl.fmt_stats(res['cancel_s']['nothing_left_s'])}"
+              f"; not clean: {res['cancel_s']['not_clean']}")
+    finally:
+        with ThreadPoolExecutor(max_workers=10) as pool:
+            list(pool.map(lambda s: cli.run("cancel", s, timeout=600),
+                          [s for s in sids if (cli.root / s / "state.json").exists()
+                           and status(cli, s) not in ("Cancelled", "Completed", "Failed")]))
+        bed.slurm(["scancel", *fill], user=bl.CLUSTER_USER, check=False)
+        for p in procs:
+            try:
+                p.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                pass
+        cli.stop_watcher()
+    out = args.out or HERE / "results" / f"queue_load-{stamp.strftime('%Y%m%dT%H%M%SZ')}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1, default=str) + "\n")
+    print("targets: CPU < 5% of one core, not growing with the number queued; queued job start -> Running <= 1 s; "
+          "cancel -> nothing left <= 3 s")
+    print(f"results: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
