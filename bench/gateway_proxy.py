@@ -168,10 +168,10 @@ async def ws_rtt(url: str, n: int, cookie: str = "", origin: str = "http://127.0
     times = []
     async with aiohttp.ClientSession() as s, s.ws_connect(url, headers=headers) as ws:
         payload = "x" * 64
-        for _ in range(50):
+        for _i in range(50):
             await ws.send_str(payload)
             await ws.receive()
-        for _ in range(n):
+        for _i in range(n):
             t = time.perf_counter()
             await ws.send_str(payload)
             await ws.receive()
@@ -288,7 +288,7 @@ def main() -> int:  # noqa: PLR0915
         procs.append(chp_proc)
         for port in (ports[0], WS_PORT, CHP_PORT, CHP_API):
             wait_port(port)
-        for name, (port, _) in gateways.items():
+        for name, (port, _proc) in gateways.items():
             try:
                 wait_port(port, timeout=90)  # its start-up imports Ansible: slow on a loaded machine
             except SystemExit:
@@ -298,8 +298,8 @@ def main() -> int:  # noqa: PLR0915
                                          data=json.dumps({"target": f"http://127.0.0.1:{port}"}).encode(),
                                          headers={"Authorization": f"token {token}"})
             urllib.request.urlopen(req, timeout=10).close()  # noqa: S310 - loopback
-        cookies = {name: login(port) for name, (port, _) in gateways.items()}
-        settled = settle([proc.pid for _, proc in gateways.values()])
+        cookies = {name: login(port) for name, (port, _proc) in gateways.items()}
+        settled = settle([proc.pid for _port, proc in gateways.values()])
         script = work / "random.lua"
         script.write_text(WRK_LUA % (42, BASE_PORT, args.sessions - 1))
         one = work / "one.lua"
@@ -307,17 +307,17 @@ def main() -> int:  # noqa: PLR0915
         targets = {"direct": (ports[0], one, "", ()), "chp": (CHP_PORT, script, "", proxy_pids(chp_proc.pid))}
         targets.update({name: (port, script, cookies[name], proxy_pids(proc.pid))
                         for name, (port, proc) in gateways.items()})
-        for port, scr, ck, _ in targets.values():  # warm-up
+        for port, scr, ck, _extra in targets.values():  # warm-up
             wrk(port, scr, 2, args.sessions, ck)
         http = {name: [] for name in targets}
-        for _ in range(args.rounds):
+        for _i in range(args.rounds):
             for name, (port, scr, ck, pids) in targets.items():
                 http[name].append(wrk(port, scr, args.duration, args.sessions, ck, pids=pids))
         load_after = os.getloadavg()
-        mem = {name: tree_memory(proc.pid) for name, (_, proc) in gateways.items()}
+        mem = {name: tree_memory(proc.pid) for name, (_port, proc) in gateways.items()}
         ws = {"direct": asyncio.run(ws_rtt(f"ws://127.0.0.1:{WS_PORT}/me/{WS_PORT}/ws", args.ws_messages)),
               "chp": asyncio.run(ws_rtt(f"ws://127.0.0.1:{CHP_PORT}/me/{WS_PORT}/ws", args.ws_messages))}
-        for name, (port, _) in gateways.items():
+        for name, (port, _proc) in gateways.items():
             ws[name] = asyncio.run(ws_rtt(f"ws://127.0.0.1:{port}/me/{WS_PORT}/ws", args.ws_messages, cookies[name],
                                           origin=f"http://127.0.0.1:{port}"))
     finally:

@@ -351,8 +351,8 @@ class Watcher:
     def query(self, key: Tuple[str, str], job_ids: List[str], inventory: Optional[Path]) -> Dict[str, Any]:
         resource, scheduler = key
         if not resource:
-            res = _registry.get_backend(scheduler).query(_runtime.make_runner(shutil.which), job_ids=job_ids,
-                                                           timeout=self.query_timeout)
+            backend = _registry.get_backend(scheduler)
+            res = backend.query(_runtime.make_runner(shutil.which), job_ids=job_ids, timeout=self.query_timeout)
             return {"jobs": {k: v.as_dict() for k, v in res.jobs.items()}, "reachable": res.reachable,
                     "error": res.error}
         server = self.server_for(resource, inventory)

@@ -256,7 +256,7 @@ def test_multi_user_mode_maps_each_login_to_its_own_root(gw):
 def test_idle_auto_cancel_ends_an_unused_session_and_leaves_a_used_one(gw):
     cli = gw["cli"]
     ids = []
-    for _ in range(2):
+    for _i in range(2):
         res = json.loads(cli.run("start", "nginx", "--json", check_rc=0, timeout=300).stdout)
         ids.append(res["id"])
     used, unused = ids

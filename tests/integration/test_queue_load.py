@@ -54,7 +54,10 @@ def test_twenty_at_once_most_queued_then_cancelled_at_once(bed):
                 "start", "nginx", "--id", sid, "--target", "compute", "--resource", "controller",
                 "-e", "session_partition=small", "-e", "session_queue_timeout=900", "-e", "session_start_timeout=120"],
                 user="wsuser", env=cli.env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        counts = lambda: [status(cli, s) for s in sids]  # noqa: E731
+
+        def counts():
+            return [status(cli, s) for s in sids]
+
         assert wait_until(lambda: counts().count("Running") == 2 and counts().count("Queued") == N - 2, 600,
                           step=1), counts()
         # the queued starts wait on the workspace: the controller's job queries do not grow with them

@@ -259,6 +259,7 @@ def test_two_desktops_started_together_on_one_node(desktop_bed, root):
     inv = cluster_inventory(bed, "slurm")
     sids = [f"vnc-two{i}-{int(time.time())}" for i in (1, 2)]
     results: Dict[str, object] = {}
+
     def one(sid: str) -> None:
         results[sid] = start(bed, root, "vnc", sid, inv=inv, session_partition="small")
 

@@ -136,7 +136,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, stop)
     code = 0
     for pid in children:  # one worker's end ends the gateway: the others are told to stop too
-        _, status = os.waitpid(pid, 0)
+        _pid, status = os.waitpid(pid, 0)
         code = code or os.waitstatus_to_exitcode(status)
         stop(signal.SIGTERM, None)
     return 0 if code in (0, -signal.SIGTERM) else 1

@@ -51,7 +51,7 @@ def dump_listening() -> List[_listeners.Listener]:
                     raise OSError("netlink: empty answer")
                 at = 0
                 while at + _NLMSGHDR.size <= len(data):
-                    length, kind, _, got_seq, _ = _NLMSGHDR.unpack_from(data, at)
+                    length, kind, _flags, got_seq, _pid = _NLMSGHDR.unpack_from(data, at)
                     if length < _NLMSGHDR.size:
                         raise OSError("netlink: malformed answer")
                     if got_seq == seq:
@@ -60,8 +60,8 @@ def dump_listening() -> List[_listeners.Listener]:
                         elif kind == _NLMSG_ERROR:
                             raise OSError("netlink: sock_diag refused the dump")
                         elif kind == _SOCK_DIAG_BY_FAMILY:
-                            fam, state, _, _, sport, _, src, _, _, _, _, uid, inode = _DIAG_MSG.unpack_from(
-                                data, at + _NLMSGHDR.size)
+                            msg = _DIAG_MSG.unpack_from(data, at + _NLMSGHDR.size)
+                            fam, state, sport, src, uid, inode = msg[0], msg[1], msg[4], msg[6], msg[11], msg[12]
                             if state == _TCP_LISTEN:
                                 raw = src[:4] if fam == socket.AF_INET else src
                                 found.append(_listeners.Listener(socket.inet_ntop(fam, raw),

@@ -229,7 +229,7 @@ class Gateway:
         raise resp
 
     async def logout(self, request: web.Request) -> web.Response:
-        user, login, _ = self.who(request)
+        user, login, _token = self.who(request)
         if user is None or login is None:
             raise web.HTTPSeeOther("/login")
         await self._form(request, login)
@@ -271,7 +271,7 @@ class Gateway:
                                                     idle_default_min=self.s.idle_timeout / 60), token)
 
     async def start(self, request: web.Request) -> web.Response:
-        user, login, _ = await self._page_user(request)
+        user, login, _token = await self._page_user(request)
         form = await self._form(request, login)
         info = self._describe(request.match_info["service"])
         try:
@@ -284,7 +284,7 @@ class Gateway:
         user.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         store.set_session_prefs(user, sid, idle_timeout=idle, service=info["service"], requested=time.time())
         self._spawned(actions.start(user, sid, info["service"], target=target, resource=resource, inputs=inputs,
-                                   inventory=self.s.inventory))
+                                    inventory=self.s.inventory))
         log.info("user %s started %s session %s on %s", user.name, info["service"], sid, target)
         raise web.HTTPSeeOther(f"/session/{sid}")
 
@@ -319,7 +319,7 @@ class Gateway:
                                                       pending=v["pending"]), token)
 
     async def session_json(self, request: web.Request) -> web.Response:
-        user, _, _ = self.who(request)
+        user, _login, _token = self.who(request)
         if user is None:
             raise web.HTTPUnauthorized(text="log in first\n")
         v = await asyncio.to_thread(self._session_view, user, request.match_info["sid"])
@@ -332,7 +332,7 @@ class Gateway:
                                   "warning": row["warning"]}, headers={"Cache-Control": "no-store"})
 
     async def cancel(self, request: web.Request) -> web.Response:
-        user, login, _ = await self._page_user(request)
+        user, login, _token = await self._page_user(request)
         await self._form(request, login)
         sid = request.match_info["sid"]
         try:
@@ -379,7 +379,7 @@ class Gateway:
         return fp
 
     async def proxy(self, request: web.Request) -> web.StreamResponse:
-        user, login, _ = self.who(request)
+        user, login, _token = self.who(request)
         if user is None:
             return self._need_login(request)
         scheme_url = "/" + request.path.split("/", 2)[1]  # "/me" or "/sme"

@@ -95,7 +95,7 @@ class UserSessions:
             if sess is not None:
                 loaded[name] = (stamp, sess)
         self._loaded = loaded
-        out = [sess for _, sess in loaded.values()]
+        out = [sess for _key, sess in loaded.values()]
         out.sort(key=lambda s: (s.record.get("created") or 0, s.id))
         return out
 

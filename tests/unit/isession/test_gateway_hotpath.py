@@ -26,7 +26,7 @@ NGINX_AUTH = {"type": "header", "header": "Authorization", "format": "Bearer {se
 def make_session(root: Path, sid: str, port: int) -> str:
     """A running session record as a start writes it (``_state`` and ``_service_file``); returns its app secret."""
     _state.run_op("create", str(root), sid, {"service": "nginx", "target": "workspace", "url": "/me",
-                                              "ports": {"workspace": port}})
+                                             "ports": {"workspace": port}})
     _state.run_op("update", str(root), sid, {"step": "running"})
     _service_file.update_service_file(str(root / sid / "service.json"), url="/me", port=str(port), slug="",
                                       job_status="Running")
@@ -115,7 +115,7 @@ def test_an_ended_session_is_refused_from_the_next_request_without_contacting_th
             # the watcher (or a cancel) records the end: the next request, not a later one, is refused
             _state.run_op("update", str(root), "nginx-1", {"step": "cancelled"})
             _service_file.update_service_file(str(root / "nginx-1" / "service.json"), job_status="Cancelled")
-            status, _ = await rig.get(f"/me/{rig.port}/", token)
+            status, _body = await rig.get(f"/me/{rig.port}/", token)
             assert status == 403 and len(rig.seen) == reached
             # a session directory removed by hand: refused as well
             make_session(root, "nginx-2", rig.port)
@@ -126,7 +126,7 @@ def test_an_ended_session_is_refused_from_the_next_request_without_contacting_th
                 path = root / "nginx-2" / name
                 if path.is_file():
                     path.unlink()
-            status, _ = await rig.get(f"/me/{rig.port}/", token)
+            status, _body = await rig.get(f"/me/{rig.port}/", token)
             assert status == 403 and len(rig.seen) == reached
 
     run(go())
@@ -139,7 +139,7 @@ def test_another_users_port_stays_forbidden(tmp_path):
             alice, bob = rig.login("alice"), rig.login("bob")
             assert (await rig.get(f"/me/{rig.port}/", alice))[0] == 200
             reached = len(rig.seen)
-            for _ in range(3):  # alice's session is in every cache now; bob still gets nothing
+            for _i in range(3):  # alice's session is in every cache now; bob still gets nothing
                 assert (await rig.get(f"/me/{rig.port}/", bob))[0] == 403
                 ws = {"Upgrade": "websocket", "Connection": "Upgrade", "Sec-WebSocket-Version": "13",
                       "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==", "Origin": rig.base}
@@ -158,7 +158,7 @@ def test_a_revoked_login_is_refused_at_once_even_by_another_worker(tmp_path):
             reached = len(rig.seen)
             # another worker's logout removes the login's file; this process still has the login in its cache
             (rig.gw.logins.dir / auth.Logins._key(token)).unlink()
-            status, _ = await rig.get(f"/me/{rig.port}/", token)
+            status, _body = await rig.get(f"/me/{rig.port}/", token)
             assert status == 401 and len(rig.seen) == reached
             # this process's own logout
             other = rig.login("alice")
@@ -196,7 +196,7 @@ def test_netlink_listeners_are_the_proc_tables_ones():
         port = sock.getsockname()[1]
         mine = _listeners.Listener("127.0.0.1", port, os.geteuid(), os.fstat(sock.fileno()).st_ino)
         assert mine in ownership.dump_listening() and mine in ownership.read_listening()
-        for _ in range(5):  # other processes open and close listeners meanwhile: equal on one of a few tries
+        for _i in range(5):  # other processes open and close listeners meanwhile: equal on one of a few tries
             if set(ownership.dump_listening()) == set(ownership.read_listening()):
                 break
         else:

@@ -194,7 +194,7 @@ def rfb_exchange(password: str, chunk: int):
 
 @pytest.mark.parametrize("chunk", [1, 5, 1000])
 def test_rfb_handshake_answers_the_password_and_offers_the_browser_none(chunk):
-    to_client, to_server, _ = rfb_exchange("pa55word", chunk)
+    to_client, to_server, _rest = rfb_exchange("pa55word", chunk)
     assert to_client == b"RFB 003.008\n" + bytes([1, 1]) + b"\0\0\0\0"
     assert to_server.endswith(bytes([1]))  # the ClientInit went on to the server
 
@@ -215,7 +215,7 @@ def test_rfb_refused_password_is_told_to_the_browser():
     hs.from_server(b"RFB 003.008\n")
     hs.from_client(b"RFB 003.008\n")
     hs.from_server(bytes([1, 2]) + bytes(16))
-    to_client, _ = hs.from_server(b"\0\0\0\1")
+    to_client, _rest = hs.from_server(b"\0\0\0\1")
     assert hs.failed and to_client[0] == 0 and b"refused" in to_client
 
 

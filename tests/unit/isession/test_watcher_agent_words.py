@@ -26,7 +26,7 @@ def make_session(root: Path, sid: str, **fields) -> Path:
 
 
 def run_ticks(watch: w.Watcher, n: int) -> None:
-    for _ in range(n):
+    for _i in range(n):
         watch.tick()
         for fut in list(watch.busy.values()):
             fut.result(timeout=30)
@@ -93,4 +93,3 @@ def test_workspace_agent_words_read_locally(tmp_path):
     watch = LocalServer(root, [json.loads(json.dumps(FAILED))])
     run_ticks(watch, 1)
     assert service(root, "a")["ERROR_MESSAGE"].startswith(WORDS + " (job 42: FAILED")
-

@@ -174,6 +174,8 @@ def undid(*pairs: tuple) -> dict:
 def holding(sid: str, **fields) -> dict:
     return {"session_id": sid, "target": "compute", "scheduler": "slurm", "remote_dir": None,
             "workspace_port": None, **fields}
+
+
 RUNNING = {"jobs": {"42": JOB_RUNNING, "43": JOB_RUNNING}, "reachable": True, "error": ""}
 CANCELLED = {"jobs": {"42": {"state": "cancelled", "raw_state": "CANCELLED", "found": True}, "43": JOB_RUNNING},
              "reachable": True, "error": ""}

@@ -44,7 +44,7 @@ class Answers(w.Watcher):
 
 
 def run_ticks(watch: w.Watcher, n: int) -> None:
-    for _ in range(n):
+    for _i in range(n):
         watch.tick()
         for fut in list(watch.busy.values()):
             fut.result(timeout=30)

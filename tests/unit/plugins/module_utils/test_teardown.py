@@ -62,13 +62,13 @@ CASES = [
 
 def test_the_cases_cover_every_kind_that_has_an_undo():
     undoable = {k.name for k in _teardown.KINDS if k.undo is not None}
-    assert set().union(*(held for *_, held in CASES)) == undoable
+    assert set().union(*(held for *_rest, held in CASES)) == undoable
 
 
 def test_the_order_is_job_tunnel_ports_listeners_workspace_port():
     # what serves or forwards traffic goes before the ports it uses are given back
     assert [k.name for k in _teardown.KINDS] == ["job", "agent", "tunnel", "node_ports", "listeners",
-                                                  "workspace_port", "files"]
+                                                 "workspace_port", "files"]
 
 
 class Bed:
@@ -96,7 +96,7 @@ class Bed:
                                  reservation_dir=str(self.dirs[side] / "ports"), timeout=10, query_timeout=10)
 
     def reserve(self, side: str) -> int:
-        ports, _ = self.ports[side].reserve(self.sid, 1, _ports.build_candidates())
+        ports, _unused = self.ports[side].reserve(self.sid, 1, _ports.build_candidates())
         return ports[0]
 
     # -- the things

@@ -1,20 +1,16 @@
 """session_wait, run for real as Ansible runs it, while another process writes the record as the watcher does."""
 from __future__ import annotations
 
-import json
 import os
-import random
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-import pytest
 
 from ansible_collections.hpc.interactive.plugins.module_utils import _service_file, _state
 
 COLLECTIONS = Path(os.path.abspath(_state.__file__)).parents[5]
-MODULE = "ansible_collections.hpc.interactive.plugins.modules.session_wait"
 # the watcher's writes (state.json first, then service.json), from another process after a delay
 WRITER = r"""
 import sys, time
@@ -26,17 +22,6 @@ if step == "failed":
     fields["error"] = "job 9 ended before it ran (failed): BadConstraints"
 _state.update_state(root, sid, **fields)
 """
-
-
-def run_module(tmp_path: Path, args: dict, check: bool = False) -> dict:
-    argsfile = tmp_path / f"args-{random.randrange(1 << 30)}.json"
-    argsfile.write_text(json.dumps({"ANSIBLE_MODULE_ARGS": dict(args, _ansible_check_mode=check)}))
-    proc = subprocess.run([sys.executable, "-m", MODULE, str(argsfile)], capture_output=True, text=True, cwd=tmp_path,
-                          env=dict(os.environ, PYTHONPATH=str(COLLECTIONS), LC_ALL="C"), timeout=60)
-    try:
-        return json.loads(proc.stdout)
-    except ValueError:
-        pytest.fail(f"module printed no JSON (rc={proc.returncode}): {proc.stdout!r} {proc.stderr!r}")
 
 
 def queued(root: Path, sid: str) -> None:
@@ -51,12 +36,12 @@ def writer(root: Path, sid: str, delay: float, step: str) -> subprocess.Popen:
                             env=dict(os.environ, PYTHONPATH=str(COLLECTIONS)))
 
 
-def test_returns_within_its_interval_of_the_watchers_write(tmp_path):
+def test_returns_within_its_interval_of_the_watchers_write(tmp_path, run_module):
     root = tmp_path / "s"
     queued(root, "a")
     proc = writer(root, "a", 1.0, "starting")
     started = time.monotonic()
-    res = run_module(tmp_path, {"id": "a", "root": str(root), "timeout": 30})
+    res = run_module("session_wait", {"id": "a", "root": str(root), "timeout": 30})
     took = time.monotonic() - started
     proc.wait(timeout=10)
     written = (root / "a" / "state.json").stat().st_mtime
@@ -65,20 +50,20 @@ def test_returns_within_its_interval_of_the_watchers_write(tmp_path):
     assert time.time() - written < 5
 
 
-def test_an_end_while_queued_fails_with_the_records_words(tmp_path):
+def test_an_end_while_queued_fails_with_the_records_words(tmp_path, run_module):
     root = tmp_path / "s"
     queued(root, "b")
     proc = writer(root, "b", 0.3, "failed")
-    res = run_module(tmp_path, {"id": "b", "root": str(root), "timeout": 30})
+    res = run_module("session_wait", {"id": "b", "root": str(root), "timeout": 30})
     proc.wait(timeout=10)
     assert res["failed"] is True and res["step"] == "failed", res
     assert res["msg"] == "job 9 ended before it ran (failed): BadConstraints"
 
 
-def test_timeout_says_the_job_waited_in_the_queue_with_the_reason(tmp_path):
+def test_timeout_says_the_job_waited_in_the_queue_with_the_reason(tmp_path, run_module):
     root = tmp_path / "s"
     queued(root, "c")
-    res = run_module(tmp_path, {"id": "c", "root": str(root), "timeout": 0.5})
+    res = run_module("session_wait", {"id": "c", "root": str(root), "timeout": 0.5})
     assert res["failed"] is True and res["msg"] == "the job waited in the queue longer than 0.5 s: Resources", res
-    check = run_module(tmp_path, {"id": "c", "root": str(root), "timeout": 30}, check=True)
+    check = run_module("session_wait", {"id": "c", "root": str(root), "timeout": 30}, check=True)
     assert check.get("failed") is not True and check["step"] == "queued" and check["waited"] < 1, check
