@@ -234,6 +234,13 @@ def walltime_text(value: Any) -> str:
     return f"{days}-{hms}" if days else hms
 
 
+def is_connect(record: Mapping[str, Any]) -> bool:
+    """A connect-mode session: no job, only the tunnel it made to a server that runs (a ``remote_dir``, no job id).
+
+    No scheduler knows it, so it is never polled; its workspace port's listener is judged like any other's."""
+    return not record.get("job_id") and bool(record.get("remote_dir"))
+
+
 def group_key(record: Mapping[str, Any]) -> Tuple[str, str]:
     """(resource, scheduler) a session is polled through; the workspace itself is ``("", "local")``."""
     if record.get("target") == "workspace" or not record.get("resource"):
@@ -309,7 +316,7 @@ class Watcher:
                 rec = self.st.read_record(str(self.root / name / "state.json"))
             except (ValueError, OSError):
                 continue
-            if rec and rec.get("step") in LIVE_STEPS and rec.get("job_id"):
+            if rec and rec.get("step") in LIVE_STEPS and (rec.get("job_id") or is_connect(rec)):
                 out[name] = rec
         return out
 
@@ -637,7 +644,8 @@ class Watcher:
         self.retry_lingering()
         groups: Dict[Tuple[str, str], Dict[str, Dict[str, Any]]] = {}
         for sid, rec in live.items():
-            groups.setdefault(group_key(rec), {})[sid] = rec
+            if not is_connect(rec):
+                groups.setdefault(group_key(rec), {})[sid] = rec
         now = time.monotonic()  # poll fast for a while after a cancel was sent, not forever if it never ends
         self.cancelling = any(rec.get("cancel_requested") and now - self.cancel_sent.get(sid, now) < CANCEL_FAST_FOR
                               for sid, rec in live.items())

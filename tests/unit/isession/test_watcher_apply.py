@@ -430,3 +430,37 @@ def test_another_users_listener_ends_the_session_and_cancels_its_job(tmp_path):
         other.kill()
         other.wait()
         watch.close()
+
+
+def test_a_connect_session_is_watched_for_its_tunnel_and_never_asked_of_a_scheduler(tmp_path):
+    root = tmp_path / "s"
+    sock = listen_on(0)
+    port = sock.getsockname()[1]
+    # connect mode: no job, the tunnel's directory on the controller
+    make_session(root, "c", job_id=None, remote_dir="/home/u/.isession/sessions/c", ports={"workspace": port})
+    watch = Listening(root, [])  # any scheduler query would pop from an empty list and fail the poll
+    try:
+        assert list(watch.live_sessions()) == ["c"]
+        run_ticks(watch, 1)
+        assert service(root, "c")["JOB_STATUS"] == "Running" and watch.calls == []
+        sock.close()  # the tunnel's listening end is gone
+        run_ticks(watch, 1)
+        doc = service(root, "c")
+        assert doc["JOB_STATUS"] == "Starting" and f"nothing listens on workspace port {port}" in doc["ERROR_MESSAGE"]
+        sock = listen_on(port)  # the tunnel reconnected
+        run_ticks(watch, 1)
+        assert service(root, "c")["JOB_STATUS"] == "Running"
+        assert watch.calls == [] and watch.cancels == []
+    finally:
+        sock.close()
+        watch.close()
+
+
+def test_a_record_with_neither_job_nor_tunnel_is_not_watched(tmp_path):
+    root = tmp_path / "s"
+    make_session(root, "n", job_id=None)
+    watch = Listening(root, [])
+    try:
+        assert watch.live_sessions() == {}
+    finally:
+        watch.close()
