@@ -5,7 +5,7 @@
 Steps: log in; the pages of sessions whose status or ERROR_MESSAGE hold markup (must show as text, run nothing);
 start a JupyterLab session on the cluster's compute nodes from the start form; wait on the loading page until it
 opens the app (and notifies); JupyterLab's launcher; a notebook cell run over the kernel WebSocket; Cancel from the
-session list. Optional step "vnc" (when a desktop service exists): the XFCE desktop through noVNC.
+session list. Step "vnc": a VNC desktop started from the form, the XFCE desktop through noVNC.
 """
 import contextlib
 import json
