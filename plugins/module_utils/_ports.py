@@ -599,8 +599,9 @@ class ReservationDir:
             return False
         return True
 
-    def _publish(self, fd: int, res: Reservation, name: str) -> bool:
-        """Publish ``res`` under ``name`` atomically (0600, mtime = lease end); False if ``name`` exists."""
+    def _publish(self, fd: int, res: Reservation, name: str) -> Optional[Tuple[int, int]]:
+        """Publish ``res`` under ``name`` atomically (0600, mtime = lease end) -> the claim file's (dev, inode);
+        None if ``name`` exists."""
         while True:
             tmp = f".tmp.{os.getpid()}.{os.urandom(8).hex()}"
             try:
@@ -613,52 +614,59 @@ class ReservationDir:
                 os.write(tfd, res.to_json().encode())
                 os.fsync(tfd)
                 os.utime(tfd, (res.expires, res.expires))
+                st = os.fstat(tfd)
             finally:
                 os.close(tfd)
             try:
                 os.link(tmp, name, src_dir_fd=fd, dst_dir_fd=fd, follow_symlinks=False)
-                return True
+                return st.st_dev, st.st_ino
             except FileExistsError:
-                return False
+                return None
             except FileNotFoundError:
                 continue  # the temp file was swept (an old-looking clock): write it again
             finally:
                 with contextlib.suppress(OSError):
                     os.unlink(tmp, dir_fd=fd)
 
-    def _claim_port(self, fd: int, res: Reservation) -> Optional[str]:
-        """Take ``res.port`` -> the claim's name, or None when another valid claim holds the port.
+    def _claim_port(self, fd: int, res: Reservation) -> Optional[Tuple[int, int]]:
+        """Take ``res.port`` -> the claim file's (dev, inode), or None when another valid claim holds the port.
 
         Publish, then look: a claim that sees another valid claim of its port withdraws. Two contenders that
         published at once both withdraw; each then waits a random, growing while and tries again unless a claim
-        has stayed meanwhile. So a port is never held twice, and a race for it ends with one holder.
+        has stayed meanwhile. So a port is never held twice, and a race for it ends with one holder. A claim is
+        known by its file, not its name: a sweeper that raced it may have renamed it aside (see ``_remove``).
         """
         for attempt in range(CONTEND_TRIES):
-            name = self._publish_claim(fd, res)
-            if name is None:
+            ident = self._publish_claim(fd, res)
+            if ident is None:
                 return None
             now = self.clock()
             every = self._claims(fd, res.port)
             capped = over_cap(self._claims(fd), now, self.cap)
-            if not any(o.name != name and self._valid(fd, o, now, capped) for o in every):
-                return name
-            mine = self._claim(fd, name)
-            if mine is not None:
-                self._remove(fd, mine)
-            self.sleep(_JITTER.uniform(0.0, CONTEND_BACKOFF * (2 ** attempt)))
+            if not any((o.dev, o.ino) != ident and self._valid(fd, o, now, capped) for o in every):
+                return ident
+            self._withdraw(fd, res.port, ident)
+            self.sleep(_JITTER.uniform(0.0, CONTEND_BACKOFF * (2**attempt)))
             now = self.clock()
             if any(self._valid(fd, o, now, capped) for o in self._claims(fd, res.port)):
                 return None  # a contender stayed: the port is taken
         return None
 
-    def _publish_claim(self, fd: int, res: Reservation) -> Optional[str]:
-        """Publish a claim of ``res.port`` under its first free or invalid name -> that name; None when a valid
-        claim holds a name in the way."""
+    def _withdraw(self, fd: int, port: int, ident: Tuple[int, int]) -> None:
+        """Remove this caller's claim file ``ident`` of ``port``, under whatever name it has now."""
+        for claim in self._claims(fd, port):
+            if (claim.dev, claim.ino) == ident:
+                self._remove(fd, claim)
+
+    def _publish_claim(self, fd: int, res: Reservation) -> Optional[Tuple[int, int]]:
+        """Publish a claim of ``res.port`` under its first free or invalid name -> the file's (dev, inode); None
+        when a valid claim holds a name in the way."""
         generation, capped, vanished = 0, None, 0
         while generation <= MAX_GENERATION:
             name = claim_name(res.port, generation, self.prefix)
-            if self._publish(fd, res, name):
-                return name
+            ident = self._publish(fd, res, name)
+            if ident is not None:
+                return ident
             there = self._claim(fd, name)
             if there is None and vanished < 10:
                 vanished += 1
@@ -795,23 +803,21 @@ class ReservationDir:
                 raise PortError("count", f"you hold {mine} live port reservations in {self.path} and at most "
                                          f"{self.cap} count for other users; release ended sessions' ports "
                                          "(free_port state=absent) or wait for their leases to end")
-            made: Dict[int, str] = {}
+            made: Dict[int, Tuple[int, int]] = {}
 
             def act(port: int) -> bool:
                 me = self.me
                 res = Reservation(port=port, owner=owner, host=me.host, boot_id=me.boot_id, created=now,
                                   expires=now + lease, pid=pid, pid_start=pid_start)
-                name = self._claim_port(fd, res)
-                if name:
-                    made[port] = name
-                return name is not None
+                ident = self._claim_port(fd, res)
+                if ident is not None:
+                    made[port] = ident
+                return ident is not None
 
             new = self._scan(fd, held, count - len(held), candidates, act)
             if len(held) + len(new) < count:
                 for port in new:
-                    claim = self._claim(fd, made[port])
-                    if claim is not None:
-                        self._remove(fd, claim)
+                    self._withdraw(fd, port, made[port])
                 raise PortError("count", f"only {len(held) + len(new)} of {count} ports are free in the range "
                                          "(after exclusions)")
             return sorted(held + new), sorted(new)

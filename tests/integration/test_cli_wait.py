@@ -189,7 +189,9 @@ def test_server_exit_ends_the_attached_cli_with_failed(bed, attached):
     assert rc == 1, out
     assert "Interrupted" not in out
     last = out.rstrip().splitlines()[-1]
-    assert last.startswith("session ended: Failed: the job failed"), out
+    # the agent's own words first, the scheduler's (here the local agent's) detail after them
+    assert last.startswith("session ended: Failed: the nginx server exited with status 0 on workspace; see "
+                           "logs/server.log ("), out
     svc = att.service()
     assert svc["JOB_STATUS"] == "Failed" and last == f"session ended: Failed: {svc['ERROR_MESSAGE']}", svc
     assert wait_until(lambda: not listening(bed, "workspace", port), 10), f"port {port} still listens"

@@ -234,7 +234,12 @@ def test_marked_processes_finds_escaped_children_but_not_the_caller():
     # a daemon that left the process group (setsid), as ssh-agent does
     proc = subprocess.Popen(["setsid", "sleep", "30"], env=env)
     try:
+        # until the child has exec'd, its /proc environ is still this process's (no marker)
+        deadline = time.monotonic() + 5
         found = _desktop.marked_processes(marker)
+        while proc.pid not in found and time.monotonic() < deadline:
+            time.sleep(0.01)
+            found = _desktop.marked_processes(marker)
         assert proc.pid in found and os.getpid() not in found
         assert _desktop.stop_marked(marker, grace=2) == found
         proc.wait(5)

@@ -880,7 +880,7 @@ def test_a_name_that_keeps_vanishing_is_given_up_for_the_next(tmp_path):
         def _publish(self, fd, res, name):
             if name == f"port-{res.port}":
                 self.tries += 1
-                return False  # "exists" ...
+                return None  # "exists" ...
             return super()._publish(fd, res, name)
 
         def _claim(self, fd, name):
@@ -950,3 +950,28 @@ def test_a_contender_that_stays_keeps_the_port(tmp_path):
     with pytest.raises(PortError):
         r.reserve("mine", 1, [20000])
     assert len(waits) == 1 and [rec["owner"] for rec in claims_of(d, 20000).values()] == ["other"]
+
+
+def test_a_claim_renamed_aside_by_a_racing_sweeper_is_still_its_owners(tmp_path):
+    """A sweeper that judged an old claim stale renames whatever file has its name by then (``_remove``): a fresh
+    claim published under that name meanwhile survives under the aside name. Its owner knows it by its file, so it
+    neither takes it for a contender nor gives the port up; a release finds it there."""
+
+    class Swept(ReservationDir):
+        renamed = False
+
+        def _publish(self, fd, res, name):
+            ident = super()._publish(fd, res, name)
+            if ident is not None and not self.renamed:
+                self.renamed = True
+                os.rename(name, f"port-{res.port}.r{'0' * 16}", src_dir_fd=fd, dst_dir_fd=fd)
+            return ident
+
+    d = Swept(str(tmp_path / "r"), me=ME, bindable=lambda p: True)
+    if os.geteuid() != 0:
+        (tmp_path / "r").mkdir(mode=0o700)
+    assert d.reserve("s1", 1, [20000]) == ([20000], [20000])
+    assert {name: rec["owner"] for name, rec in claims_of(tmp_path / "r", 20000).items()} == {
+        f"port-20000.r{'0' * 16}": "s1"}
+    assert rdir(tmp_path / "r").reserve("s2", 1, [20000, 20001])[0] == [20001]  # the port is held
+    assert d.release("s1") == [20000] and claims_of(tmp_path / "r", 20000) == {}
