@@ -148,7 +148,6 @@ import hashlib
 import http.client
 import os
 import ssl
-import tempfile
 from typing import Optional, Tuple
 from urllib.parse import urlsplit
 
@@ -166,6 +165,7 @@ from ansible_collections.hpc.interactive.plugins.module_utils._readiness import 
 from ansible_collections.hpc.interactive.plugins.module_utils._service_file import (
     ServiceFileError,
     update_service_file,
+    write_atomic,
 )
 from ansible_collections.hpc.interactive.plugins.module_utils._state import (
     STATE_FILE,
@@ -297,23 +297,16 @@ class SessionReady:
         if not self.cert:
             self.module.fail_json(msg="the https backend presented no certificate to pin", field="pin_certificate",
                                   **result)
-        pem = ssl.DER_cert_to_PEM_cert(self.cert).encode("ascii")
+        pem = ssl.DER_cert_to_PEM_cert(self.cert)
         try:
-            with open(path, "rb") as old:
+            with open(path, encoding="ascii") as old:
                 same = old.read() == pem
-        except OSError:
+        except (OSError, ValueError):
             same = False
         if not same:
             try:
-                fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".pin.")
-                try:
-                    os.fchmod(fd, 0o600)
-                    os.write(fd, pem)
-                    os.fsync(fd)
-                finally:
-                    os.close(fd)
-                os.replace(tmp, path)
-            except OSError as exc:
+                write_atomic(path, pem, 0o600)
+            except (OSError, ServiceFileError) as exc:
                 self.module.fail_json(msg="cannot save the pinned certificate to %s: %s" % (path, exc),
                                       field="pin_certificate", **result)
         result.update(changed=result["changed"] or not same, certificate_sha256=hashlib.sha256(self.cert).hexdigest())
