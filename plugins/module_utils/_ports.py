@@ -641,9 +641,10 @@ class ReservationDir:
             if ident is None:
                 return None
             now = self.clock()
-            every = self._claims(fd, res.port)
-            capped = over_cap(self._claims(fd), now, self.cap)
-            if not any((o.dev, o.ino) != ident and self._valid(fd, o, now, capped) for o in every):
+            every = self._claims(fd)
+            capped = over_cap(every, now, self.cap)
+            if not any(o.port == res.port and (o.dev, o.ino) != ident and self._valid(fd, o, now, capped)
+                       for o in every):
                 return ident
             self._withdraw(fd, res.port, ident)
             self.sleep(_JITTER.uniform(0.0, CONTEND_BACKOFF * (2**attempt)))
