@@ -74,6 +74,13 @@ def ensure_chp(directory: Path) -> Path:
     return exe
 
 
+def ensure_wrk() -> None:
+    """wrk, the load generator: Debian's package, installed here when missing (it is a benchmark's tool, not a
+    test's, so the test bed does not carry it)."""
+    if shutil.which("wrk") is None:
+        sh(["apt-get", "install", "-y", "--no-install-recommends", "wrk"], timeout=600)
+
+
 def nginx_conf(work: Path, ports) -> Path:
     servers = "".join(f"  server {{ listen 127.0.0.1:{p}; location / {{ return 200 \"ok {p}\\n\"; }} }}\n"
                       for p in ports)
@@ -258,6 +265,7 @@ def main() -> int:  # noqa: PLR0915
     load_before = os.getloadavg()
     collections = venv.parent / "collections"
     chp = ensure_chp(Path(args.chp_dir))
+    ensure_wrk()
     ports = list(range(BASE_PORT, BASE_PORT + args.sessions))
     work = Path(tempfile.mkdtemp(prefix="gateway-bench-"))
     procs = []
