@@ -24,6 +24,8 @@ from .config import embedded_inventory
 from .progress import Progress
 
 RUNNER_DIR = Path("logs") / "runner"
+STRATEGY = "hpc.interactive.linear_idle"
+RUNNER_WAKE = 1.0  # seconds
 
 
 @dataclass
@@ -52,6 +54,9 @@ def runner_env(col: Collection, base: Optional[Mapping[str, str]] = None) -> Dic
     venv_bin = str(Path(sys.executable).parent)
     path = base.get("PATH", "/usr/bin:/bin")
     return {
+        # linear, minus its 1000 checks a second for a result while a task runs: a start waiting in the queue keeps
+        # its ansible-playbook waiting for as long as the job does (see plugins/strategy/linear_idle.py)
+        "ANSIBLE_STRATEGY": base.get("ANSIBLE_STRATEGY") or STRATEGY,
         "ANSIBLE_COLLECTIONS_PATH": str(col.root),
         "ANSIBLE_COLLECTIONS_SCAN_SYS_PATH": "False",
         "ANSIBLE_PIPELINING": "True",
@@ -115,7 +120,9 @@ def run_playbook(col: Collection, session_dir: Path, playbook: str, extravars: M
             quiet=True,
             event_handler=on_event,
             cancel_callback=cancel.is_set,
-            settings={"suppress_ansible_output": True, "pexpect_timeout": 0.2},
+            # how often the runner's loop wakes when ansible-playbook is silent (a start waiting in the queue): it
+            # checks the cancel event (Ctrl-C) then, so a Ctrl-C stops the play within this time
+            settings={"suppress_ansible_output": True, "pexpect_timeout": RUNNER_WAKE},
         )
         thread.join()
     finally:

@@ -1,0 +1,75 @@
+# Copyright (c) hpc.interactive contributors
+# GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
+"""Sleep until a file in a directory changes (Linux inotify), for waits that may last hours.
+
+Private to the hpc.interactive collection. A session's record is rewritten by renaming a new file over it, which
+inotify reports on the directory as ``IN_MOVED_TO``; waiting on that costs nothing until it happens. Where inotify
+is not available (another kernel, a limit reached) :meth:`Changes.wait` simply sleeps, and the caller goes back to
+checking the file's modification time at its own pace.
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import select
+import time
+from typing import Optional
+
+IN_CLOSE_WRITE = 0x008
+IN_MOVED_TO = 0x080
+IN_CREATE = 0x100
+IN_DELETE_SELF = 0x400
+IN_MOVE_SELF = 0x800
+IN_NONBLOCK = 0o4000
+IN_CLOEXEC = 0o2000000
+WATCHED = IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE_SELF | IN_MOVE_SELF
+
+
+class Changes:
+    """Changes to the files of one directory; a context manager that closes the inotify descriptor."""
+
+    def __init__(self, directory: str, libc: Optional[ctypes.CDLL] = None) -> None:
+        self.fd = -1
+        try:
+            lib = libc if libc is not None else ctypes.CDLL(None, use_errno=True)
+            fd = lib.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+            if fd < 0:
+                return
+            if lib.inotify_add_watch(fd, os.fsencode(directory), WATCHED) < 0:
+                os.close(fd)
+                return
+            self.fd = fd
+        except (OSError, AttributeError, TypeError):
+            self.fd = -1
+
+    @property
+    def active(self) -> bool:
+        """True when changes are reported (inotify); False when :meth:`wait` only sleeps."""
+        return self.fd >= 0
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until something in the directory changes or ``timeout`` seconds pass; True when a change came."""
+        if self.fd < 0:
+            time.sleep(max(0.0, timeout))
+            return False
+        ready, _w, _x = select.select([self.fd], [], [], max(0.0, timeout))
+        if not ready:
+            return False
+        while True:  # drain every pending event: one wake-up per burst of writes
+            try:
+                if not os.read(self.fd, 65536):
+                    break
+            except BlockingIOError:
+                break
+        return True
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> Changes:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

@@ -1,0 +1,191 @@
+"""The linear_idle strategy: linear's plays, with a wait for results that sleeps until a result arrives.
+
+The wait loop is driven with a stand-in task queue manager and a thread that hands results over as ansible-core's
+results thread does;
+real plays run through ansible-playbook with the strategy selected the way ``isession`` selects it (the
+environment), and must give linear's results: every host through each task, a failed host dropped, a rescue run.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from pathlib import Path
+
+import pytest
+
+from ansible.errors import AnsibleError
+from ansible_collections.hpc.interactive.plugins.strategy import linear_idle
+from ansible_collections.hpc.interactive.plugins.strategy.linear_idle import CHECK_EVERY, StrategyModule, _WakingDeque
+
+REPO = Path(__file__).resolve().parents[4]
+COLLECTIONS = REPO / ".cache" / "collections"  # tests/conftest.py links the checkout there
+sys.path.insert(0, str(REPO / "src"))
+from isession.play import STRATEGY, runner_env  # noqa: E402
+
+
+def _strategy(tqm, deliver):
+    """A strategy whose results come from ``deliver(strategy)``, run in a thread like ansible-core's results thread."""
+    strategy = StrategyModule.__new__(StrategyModule)  # no task queue manager of ansible's: only the wait is driven
+    strategy._tqm = tqm
+    strategy._results_lock = threading.Condition(threading.Lock())
+    strategy._results = _WakingDeque([], strategy._results_lock)
+    strategy._pending_results = 0
+    checks = {"n": 0}
+
+    def process(iterator):
+        checks["n"] += 1
+        out = []
+        with strategy._results_lock:
+            while strategy._results:
+                out.append(strategy._results.popleft())
+        strategy._pending_results -= len(out)
+        return out
+
+    strategy._process_pending_results = process
+    return strategy, checks
+
+
+class _Tqm:
+    def __init__(self, dead_after=None):
+        self._terminated = False
+        self.calls = 0
+        self.dead_after = dead_after
+
+    def has_dead_workers(self):
+        self.calls += 1
+        return self.dead_after is not None and self.calls > self.dead_after
+
+
+def _results_thread(strategy, results, pause):
+    """Hand ``results`` over as ansible-core's results thread does (appended under the lock), ``pause`` s apart."""
+    def run():
+        for item in results:
+            time.sleep(pause)
+            with strategy._results_lock:
+                strategy._results.append(item)
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread
+
+
+def test_a_result_appended_by_the_results_thread_wakes_the_waiter():
+    cond = threading.Condition(threading.Lock())
+    results = _WakingDeque([], cond)
+    woke = {}
+
+    def waiter():
+        with cond:
+            woke["notified"] = cond.wait(timeout=60)  # False only if it timed out
+
+    thread = threading.Thread(target=waiter)
+    with cond:
+        thread.start()
+    time.sleep(0.05)  # the waiter is in wait() once it got the lock back
+    with cond:
+        results.append("r")
+    thread.join(timeout=60)
+    assert woke == {"notified": True}
+    results.append("without the lock")  # no waiter to wake, and no error either
+    assert list(results) == ["r", "without the lock"]
+
+
+def test_the_wait_takes_each_result_as_it_comes_without_polling_in_between():
+    strategy, checks = _strategy(_Tqm(), None)
+    strategy._pending_results = 3
+    _results_thread(strategy, ["a", "b", "c"], pause=0.4)
+    assert strategy._wait_on_pending_results(iterator=None) == ["a", "b", "c"]
+    # 1.2 s of waiting: linear checks about 1,200 times; here each result wakes one check, plus one check per
+    # CHECK_EVERY at most while nothing comes (for dead workers and a stopped run)
+    assert checks["n"] <= 1 + 3 + int(1.2 / CHECK_EVERY) + 1, checks
+
+
+def test_the_wait_still_checks_for_dead_workers_and_a_stopped_run_while_nothing_comes():
+    strategy, checks = _strategy(_Tqm(dead_after=2), None)
+    strategy._pending_results = 1
+    with pytest.raises(AnsibleError, match="dead state"):
+        strategy._wait_on_pending_results(iterator=None)
+    assert checks["n"] == 2
+    tqm = _Tqm()
+    tqm._terminated = True
+    strategy, checks = _strategy(tqm, None)
+    strategy._pending_results = 1
+    assert strategy._wait_on_pending_results(iterator=None) == []
+    assert checks["n"] == 0
+
+
+def test_the_strategy_puts_its_waking_queue_in_place_of_ansibles(monkeypatch):
+    def linear_init(self, tqm):
+        self._results_lock = threading.Condition(threading.Lock())
+        self._results = deque(["already there"])
+
+    monkeypatch.setattr(linear_idle.LinearStrategyModule, "__init__", linear_init)
+    strategy = StrategyModule(tqm=None)
+    assert isinstance(strategy._results, _WakingDeque)
+    assert list(strategy._results) == ["already there"]
+
+
+def test_isession_runs_its_plays_with_it_unless_the_user_chose_a_strategy():
+    assert STRATEGY == "hpc.interactive.linear_idle"
+    assert runner_env_of({})["ANSIBLE_STRATEGY"] == STRATEGY
+    assert runner_env_of({"ANSIBLE_STRATEGY": "free"})["ANSIBLE_STRATEGY"] == "free"
+
+
+def runner_env_of(base):
+    class _Col:
+        root = COLLECTIONS
+
+    return runner_env(_Col(), base=dict(base, PATH="/usr/bin:/bin"))
+
+
+PLAY = """
+- name: Linear's semantics under linear_idle
+  hosts: one,two
+  gather_facts: false
+  tasks:
+    - name: A task that runs long enough for the wait to back off
+      ansible.builtin.command: sleep 1.5
+      changed_when: false
+    - name: One host fails
+      ansible.builtin.fail:
+        msg: two fails here
+      when: inventory_hostname == 'two'
+    - name: Only the host left runs on, and a rescue runs
+      block:
+        - name: Fail inside a block
+          ansible.builtin.command: "false"
+      rescue:
+        - name: Rescued
+          ansible.builtin.copy:
+            content: "{{ inventory_hostname }} rescued after {{ ansible_failed_task.name }}\\n"
+            dest: "{{ out }}/{{ inventory_hostname }}.txt"
+            mode: "0600"
+"""
+
+
+def test_a_real_play_under_the_strategy_gives_linears_results(tmp_path):
+    (tmp_path / "play.yml").write_text(PLAY)
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(COLLECTIONS), ANSIBLE_COLLECTIONS_SCAN_SYS_PATH="False",
+               ANSIBLE_NOCOLOR="1", ANSIBLE_STRATEGY=STRATEGY)
+    playbook_cmd = Path(sys.executable).with_name("ansible-playbook")
+    argv = [str(playbook_cmd)] if playbook_cmd.exists() else [sys.executable, "-m", "ansible.cli.playbook"]
+    if not playbook_cmd.exists() and shutil.which("ansible-playbook"):
+        argv = [shutil.which("ansible-playbook")]
+    cp = subprocess.run(argv + ["-i", "one,two,", "-c", "local", "play.yml", "-e", f"out={tmp_path}",
+                                "-e", "ansible_python_interpreter=" + sys.executable],
+                        capture_output=True, text=True, env=env, timeout=180, cwd=tmp_path, check=False)
+    assert cp.returncode == 2, cp.stdout[-2000:] + cp.stderr[-2000:]  # a host failed
+    recap = dict(re.findall(r"^(one|two)\s+:\s+(.*)$", cp.stdout, re.M))
+    assert "failed=0" in recap["one"] and "rescued=1" in recap["one"], cp.stdout[-2000:]
+    assert "failed=1" in recap["two"] and "rescued=0" in recap["two"], cp.stdout[-2000:]
+    assert (tmp_path / "one.txt").read_text() == "one rescued after Fail inside a block\n"
+    assert not (tmp_path / "two.txt").exists()
+    # both hosts ran the long task before either went on (linear: task by task)
+    long_task = cp.stdout.index("TASK [A task that runs long enough")
+    assert cp.stdout.index("ok: [one]", long_task) < cp.stdout.index("TASK [One host fails]")
+    assert cp.stdout.index("ok: [two]", long_task) < cp.stdout.index("TASK [One host fails]")
