@@ -13,7 +13,9 @@ description:
     ends, reading only the workspace's own files - never the cluster. The user's watcher writes the record; it asks
     each resource once per tick for the jobs of all the user's sessions over its one connection, so a queued start
     costs the cluster nothing and N queued starts cost the watcher one query per resource.
-  - Checks the record's modification time every O(interval) seconds and reads it only when it changed.
+  - Sleeps until a file of the session directory changes (Linux inotify; the record is rewritten by a rename there),
+    so a wait of hours costs nothing; reads the record only when its modification time changed. Without inotify
+    it checks the modification time every O(interval) seconds.
   - Fails when the session ends while waiting (with the record's error, or "the session was cancelled") and when
     O(timeout) passes first ("the job waited in the queue longer than N s", with the scheduler's last reason from
     C(service.json)).
@@ -47,7 +49,7 @@ options:
     type: float
     default: 3600
   interval:
-    description: Seconds between checks of the record's modification time.
+    description: Seconds between checks of the record's modification time where inotify is not available.
     type: float
     default: 0.1
 author: [hpc.interactive developers (@hpc-interactive)]
@@ -73,6 +75,7 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
+from ansible_collections.hpc.interactive.plugins.module_utils._dirwatch import Changes
 from ansible_collections.hpc.interactive.plugins.module_utils._state import (
     TERMINAL_STEPS,
     StateError,
@@ -87,6 +90,7 @@ ARGUMENT_SPEC = dict(
     timeout=dict(type="float", default=3600), interval=dict(type="float", default=0.1),
 )
 MODULE_OPTIONS = dict(supports_check_mode=True)
+RECHECK = 5.0  # seconds: a re-read of the record while inotify reports no change (a change it could miss)
 
 
 def queued_reason(directory: str) -> str:
@@ -128,8 +132,11 @@ def run_module(module: AnsibleModule) -> None:
         module.fail_json(msg="timeout must not be negative and interval must be positive", field="timeout")
     try:
         paths = session_paths(p["root"] or default_root(), p["id"])
-        record, waited, why = wait_steps(paths["state"], p["steps"], 0.0 if module.check_mode else p["timeout"],
-                                         p["interval"])
+        # the record changes by a rename in its directory: with inotify the wait sleeps until then (and re-reads the
+        # record every RECHECK s besides); without it, it checks the modification time every interval
+        with Changes(paths["dir"]) as changes:
+            record, waited, why = wait_steps(paths["state"], p["steps"], 0.0 if module.check_mode else p["timeout"],
+                                             RECHECK if changes.active else p["interval"], sleep=changes.wait)
     except (StateError, ValueError, OSError) as exc:
         module.fail_json(msg="cannot read the session record: %s" % exc, field="id")
     step = (record or {}).get("step") or ""
