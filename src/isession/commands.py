@@ -144,12 +144,16 @@ def ensure_watcher(root: Path, inventory: Optional[Path]) -> None:
     subprocess.run(argv, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30, env=env)
 
 
+WATCHER_CANCEL_WAIT = 30.0  # seconds a cancel waits for the watcher's teardown before it runs the cancel playbook
+
+
 def request_fast_cancel(root: Path, session_id: str) -> bool:
     """Set the cancel tombstone now and wake the user's watcher, which cancels the job over the connection it holds.
 
     The tombstone is the cancel playbook's first step (``session_state`` op cancel, the same ``_state`` call), done
-    here ~1 s earlier than ansible-playbook could; the playbook then does and confirms every step as always. True
-    when a running watcher was woken. Any trouble here only means the playbook does all the work.
+    here ~1 s earlier than ansible-playbook could. True when a running watcher was woken (then
+    :func:`watcher_cancelled` tells whether it undid everything). Any trouble here only means the playbook does all
+    the work.
     """
     from .watcher import running_pid  # noqa: PLC0415
 
@@ -164,16 +168,59 @@ def request_fast_cancel(root: Path, session_id: str) -> bool:
     return False
 
 
+def watcher_cancelled(root: Path, session_id: str, timeout: float = WATCHER_CANCEL_WAIT) -> bool:
+    """Wait until the user's watcher, woken by :func:`request_fast_cancel`, has ended the session and undone it all.
+
+    True when the record reached a terminal step during the wait and the watcher's ``teardown.json`` says complete.
+    False at once for what the watcher does not tear down (no job recorded yet, a connect-mode session, a session that
+    had ended before), when its teardown left something, when the watcher is gone, or after ``timeout``: the cancel
+    playbook then does and confirms every step.
+    """
+    from ansible_collections.hpc.interactive.plugins.module_utils._dirwatch import Changes  # noqa: PLC0415
+
+    from . import watcher as w  # noqa: PLC0415
+
+    directory = root / session_id
+    state_path = str(directory / "state.json")
+    try:
+        rec = _state.read_record(state_path) or {}
+    except ValueError:
+        return False
+    if not rec.get("job_id") or w.is_connect(rec) or rec.get("step") in w.TERMINAL_STEPS:
+        return False
+    deadline = time.monotonic() + timeout
+    with Changes(str(directory)) as changes:
+        while time.monotonic() < deadline:
+            pid = w.running_pid(root)
+            if not pid or pid < 0:
+                return False
+            try:
+                rec = _state.read_record(state_path) or {}
+            except ValueError:
+                return False
+            if rec.get("step") in w.TERMINAL_STEPS:
+                note = w.read_teardown(directory)
+                if note is not None:  # written after the teardown that follows the end
+                    return bool(note.get("complete"))
+            changes.wait(min(0.5, max(0.0, deadline - time.monotonic())))
+    return False
+
+
 def run_cancel(root: Path, session_id: str, inventory: Optional[Path], emit: Callable[[str], None],
                out: Optional[Output] = None) -> int:
     from .play import run_playbook, stop_runs_in_progress  # noqa: PLC0415
 
     col = _collection()
     session_dir = root / session_id
-    request_fast_cancel(root, session_id)
+    woke = request_fast_cancel(root, session_id)
     stopped = stop_runs_in_progress(session_dir)
     if stopped:
         emit(f"  stopped the start in progress (pids {', '.join(map(str, stopped))})")
+    # the watcher undoes the session with the one teardown over the connection it holds; when it says all is undone,
+    # a cancel playbook would only confirm it (and costs an ansible-playbook, ~1 s of CPU, per cancel)
+    if woke and watcher_cancelled(root, session_id):
+        emit("  the user's watcher ended the session and undid everything it held")
+        return 0
     progress = Progress()
     live = out.live(progress, f"cancel of {session_id}") if out else contextlib.nullcontext()
     with live:

@@ -12,8 +12,10 @@ one teardown, ``_teardown``: on the resource through the server it holds, then o
 Fast cancel: a live session whose record carries the cancel tombstone is torn down by the watcher at once, over the
 connection it already holds (the same ``_teardown`` table the cancel playbook's ``session_teardown`` runs), and
 polled every ``CANCEL_INTERVAL`` s until the scheduler confirms the end. ``isession cancel`` sets the tombstone and
-wakes the watcher (SIGUSR1) before it runs the cancel playbook, which then confirms every step; so the resources go
-while ansible-playbook is still starting (docs/design/sessions.md, "Fast cancel"; docs/design/teardown.md).
+wakes the watcher (SIGUSR1); once the end is recorded and the teardown run again for what the end left, the
+watcher notes in ``teardown.json`` whether everything is undone, and the cancel command ends on a complete note
+without a playbook; otherwise the cancel playbook does and confirms every step (docs/design/sessions.md, "Fast
+cancel"; docs/design/teardown.md).
 
 The workspace port: every tick, for each running session, the watcher asks the kernel who listens on the session's
 workspace port (``_listeners``; ``decide_listener`` is the pure rule). A session whose own listener is gone (its
@@ -63,6 +65,8 @@ LINGER_FOR = 600.0  # how long an ended session's workspace port is retried whil
 PIDFILE = ".watcher.pid"
 WATCHFILE = "watch.json"  # written by the start play (roles/session/tasks/watcher.yml)
 LOGFILE = ".watcher.log"
+# what the watcher's teardown of an ended session came to; `isession cancel` reads it (see teardown_note)
+TEARDOWN_FILE = "teardown.json"
 _WORDS = _vocabulary  # steps, statuses and the table between them
 LIVE_STEPS = _WORDS.LIVE_STEPS
 TERMINAL_STEPS = _WORDS.TERMINAL_STEPS
@@ -437,6 +441,7 @@ class Watcher:
         for sid, (key, rec, since) in list(self.lingering.items()):
             said, problems = self.teardown(key, sid, rec, listener_wait=0.0)
             if sid not in self.lingering:
+                self.note_teardown(sid, problems)
                 self.undone.pop(sid, None)
                 self.log(f"{sid}: the listener on its workspace port is gone: released {said or 'nothing'}"
                          + (f"; not carried out: {'; '.join(problems)}" if problems else ""))
@@ -446,6 +451,20 @@ class Watcher:
                 self.undone.pop(sid, None)
                 self.log(f"{sid}: a listener is still on its workspace port after {LINGER_FOR:.0f} s; its "
                          "reservation is left to its lease")
+
+    def note_teardown(self, sid: str, problems: List[str]) -> None:
+        """Write ``teardown.json``: whether everything the ended session held is undone (``complete``), or what not.
+
+        ``isession cancel`` finishes on it without running the cancel playbook when it is complete; anything else
+        (problems, a listener left for later, no note at all) and the playbook does and confirms every step.
+        """
+        pending = sid in self.lingering
+        doc = {"complete": not problems and not pending, "problems": list(problems), "pending": pending,
+               "at": round(time.time(), 3)}
+        try:
+            write_private(self.root / sid / TEARDOWN_FILE, json.dumps(doc, sort_keys=True) + "\n")
+        except OSError as exc:
+            self.log(f"{sid}: cannot write {TEARDOWN_FILE}: {exc}")
 
     def send_cancel(self, key: Tuple[str, str], sid: str, rec: Mapping[str, Any]) -> None:
         """Tear one session down now (once); the cancel playbook confirms it whatever happens here."""
@@ -577,6 +596,7 @@ class Watcher:
             self.cancel_sent.pop(sid, None)
             # the scheduler says the job ended: what it left behind goes, on both sides (the same table as a cancel)
             said, problems = self.teardown(group_key(rec), sid, rec, skip=("job",))
+            self.note_teardown(sid, problems)
             if sid not in self.lingering:
                 self.undone.pop(sid, None)
             if said or problems:
@@ -717,6 +737,15 @@ def lock_pidfile(root: Path) -> Optional[int]:
 def write_pid(fd: int) -> None:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
+def read_teardown(directory: Path) -> Optional[Dict[str, Any]]:
+    """The watcher's note on an ended session's teardown (``teardown.json``), or None when there is none."""
+    try:
+        doc = json.loads((directory / TEARDOWN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
 
 
 def running_pid(root: Path) -> Optional[int]:

@@ -6,8 +6,9 @@
 - A session that ends elsewhere (`isession cancel ID` from another process) ends the attached CLI by itself: it
   prints the end status and exits 0.
 - A session whose server exits ends by itself: the watcher marks it Failed, the CLI prints why and exits 1.
-- A second Ctrl-C while the cancel runs does not interrupt it: the same clean end as one Ctrl-C (before the fix the
-  CLI died of KeyboardInterrupt and its cancel's ansible-playbook went with it, leaving the session half cancelled).
+- A second Ctrl-C while the cancel runs its playbook (no watcher) does not interrupt it: the same clean end as one
+  Ctrl-C (before the fix the CLI died of KeyboardInterrupt and its cancel's ansible-playbook went with it, leaving the
+  session half cancelled).
 """
 from __future__ import annotations
 
@@ -134,6 +135,10 @@ def test_ctrl_c_cancels_the_session_and_exits_130(bed, attached):
     assert out.rstrip().splitlines()[-1] == "session ended: Cancelled", out
     assert "Traceback" not in out, out
     assert_nothing_left(bed, att, port)
+    # the user's watcher undid it all and said so in teardown.json: the cancel ended there, without a playbook
+    assert "the user's watcher ended the session and undid everything it held" in out, out
+    assert json.loads((att.sdir / "teardown.json").read_text())["complete"] is True
+    assert not list((att.sdir / "logs" / "runner" / "artifacts").glob("cancel-*"))
 
 
 def test_session_cancelled_elsewhere_ends_the_attached_cli(bed, attached):
@@ -163,6 +168,9 @@ def test_second_ctrl_c_does_not_interrupt_the_cancel(bed, attached):
                 pass
         return False
 
+    # without the user's watcher the cancel runs its playbook (with it, the cancel may be over before a second
+    # Ctrl-C can come): the second Ctrl-C must come while that playbook runs
+    att.cli.stop_watcher()
     att.ctrl_c()
     assert wait_until(lambda: cancel_playbook_running() or not att.alive(), 60, 0.02), att.text()
     assert att.alive(), f"the CLI exited before its cancel ran\n{att.text()}"

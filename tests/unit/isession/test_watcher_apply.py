@@ -464,3 +464,103 @@ def test_a_record_with_neither_job_nor_tunnel_is_not_watched(tmp_path):
         assert watch.live_sessions() == {}
     finally:
         watch.close()
+
+
+# -- the watcher's note on a teardown, and `isession cancel` finishing on it
+def _cancelled_by(watch: w.Watcher, ticks: int = 3) -> None:
+    run_ticks(watch, ticks)
+    watch.close()
+
+
+def test_the_watcher_notes_a_complete_teardown_after_the_end_it_recorded(tmp_path):
+    root = tmp_path / "s"
+    make_session(root, "a", ports={"workspace": 21999})
+    _state.run_op("cancel", str(root), "a", {})
+    srv = FakeServer(lambda req: undid(("job", ["job 42"])) if not req["skip"] else undid())
+    watch = FastCancel(root, [RUNNING, CANCELLED], srv)
+    run_ticks(watch, 1)
+    assert w.read_teardown(root / "a") is None  # the job was signalled, its end not seen: nothing to say yet
+    _cancelled_by(watch, 1)
+    assert service(root, "a")["JOB_STATUS"] == "Cancelled"
+    note = w.read_teardown(root / "a")
+    assert note["complete"] is True and note["problems"] == [] and note["pending"] is False
+    assert oct((root / "a" / w.TEARDOWN_FILE).stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_teardown_that_left_something_is_noted_incomplete(tmp_path):
+    root = tmp_path / "s"
+    make_session(root, "a", remote_dir="/tmp/x")  # the agent on the node is a kind of its own then
+    _state.run_op("cancel", str(root), "a", {})
+
+    def answer(req):
+        if req["skip"]:  # the clean-up after the end: the controller went away meanwhile
+            raise w.RemoteError("connection to controller closed")
+        return {"outcomes": [{"kind": "job", "side": "resource", "undone": ["job 42"], "error": ""},
+                             {"kind": "agent", "side": "resource", "undone": [], "error": "agent.stop: EIO"}],
+                "error": ""}
+
+    _cancelled_by(FastCancel(root, [RUNNING, CANCELLED], FakeServer(answer)))
+    assert service(root, "a")["JOB_STATUS"] == "Cancelled"
+    note = w.read_teardown(root / "a")
+    assert note["complete"] is False and note["problems"], note
+
+
+def _cancel_cli(root, sid, watch_ticks=None, timeout=20.0):
+    """watcher_cancelled with a watcher holding its lock (and ticking in a thread when given)."""
+    from isession.commands import watcher_cancelled
+
+    fd = w.lock_pidfile(root)
+    w.write_pid(fd)
+    try:
+        worker = threading.Thread(target=watch_ticks) if watch_ticks else None
+        if worker:
+            worker.start()
+        answer = watcher_cancelled(root, sid, timeout=timeout)
+        if worker:
+            worker.join(timeout=30)
+        return answer
+    finally:
+        os.close(fd)
+
+
+def test_a_cancel_finishes_on_the_watchers_complete_teardown(tmp_path):
+    root = tmp_path / "s"
+    make_session(root, "a", ports={"workspace": 21999})
+    _state.run_op("cancel", str(root), "a", {})
+    srv = FakeServer(lambda req: undid(("job", ["job 42"])) if not req["skip"] else undid())
+    watch = FastCancel(root, [RUNNING, RUNNING, CANCELLED], srv)
+
+    def ticks():
+        time.sleep(0.3)  # the cancel is already waiting when the watcher ends the session
+        _cancelled_by(watch)
+
+    assert _cancel_cli(root, "a", ticks) is True
+    assert _state.read_record(str(root / "a" / "state.json"))["step"] == "cancelled"
+
+
+def test_a_cancel_runs_the_playbook_when_the_watcher_cannot_vouch_for_everything(tmp_path):
+    root = tmp_path / "s"
+    # a teardown that left something
+    make_session(root, "a", remote_dir="/tmp/x")
+    _state.run_op("cancel", str(root), "a", {})
+
+    def refuse_cleanup(req):
+        if req["skip"]:
+            raise w.RemoteError("connection to controller closed")
+        return {"outcomes": [{"kind": "agent", "side": "resource", "undone": [], "error": "agent.stop: EIO"}],
+                "error": ""}
+
+    watch = FastCancel(root, [RUNNING, CANCELLED], FakeServer(refuse_cleanup))
+    assert _cancel_cli(root, "a", lambda: _cancelled_by(watch)) is False
+    # no job recorded yet (the start is still submitting), a session that had ended, a connect-mode session
+    make_session(root, "b", step="submitted", status="Submitting", job_id=None)
+    make_session(root, "c", step="completed", status="Completed")
+    make_session(root, "d", job_id=None, remote_dir="/tmp/x")
+    started = time.monotonic()
+    assert [_cancel_cli(root, sid) for sid in ("b", "c", "d")] == [False, False, False]
+    assert time.monotonic() - started < 10  # at once, not after the wait's 20 s
+    # no watcher running: at once too
+    from isession.commands import watcher_cancelled
+
+    make_session(root, "e")
+    assert watcher_cancelled(root, "e", timeout=20.0) is False
