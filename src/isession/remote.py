@@ -77,7 +77,7 @@ class RemoteServer:
         # and interleaved requests would hand one thread the other's answer
         self._lock = threading.Lock()
 
-    def start(self) -> None:
+    def start(self, timeout: float = 30.0) -> None:
         python = str(self.conn.get("python") or "/usr/bin/python3")
         command = [python, "-c", _remote_server.BOOT]
         argv = command if self.local else ssh_argv(self.conn, control_dir(), command)
@@ -85,9 +85,10 @@ class RemoteServer:
                                      stderr=subprocess.DEVNULL, start_new_session=True,
                                      env={**os.environ, "LC_ALL": "C"})
         assert self.proc.stdin is not None
-        self.proc.stdin.write(payload(self.mu_dir))
-        self.proc.stdin.flush()
+        os.set_blocking(self.proc.stdin.fileno(), False)
         self._buf = b""
+        # the payload (~190 KB) is more than a pipe holds: it is written as the far side reads it, never past timeout
+        self._send(payload(self.mu_dir), time.monotonic() + timeout)
 
     def close(self) -> None:
         if self.proc is not None:
@@ -105,16 +106,36 @@ class RemoteServer:
 
     def _ask(self, request: Mapping[str, Any], timeout: float) -> Dict[str, Any]:
         try:
+            deadline = time.monotonic() + timeout
             if self.proc is None or self.proc.poll() is not None:
                 self.close()
-                self.start()
+                self.start(timeout)
             assert self.proc is not None and self.proc.stdin is not None and self.proc.stdout is not None
-            self.proc.stdin.write(json.dumps(request).encode() + b"\n")
-            self.proc.stdin.flush()
-            return json.loads(self._readline(timeout))
+            self._send(json.dumps(request).encode() + b"\n", deadline)
+            return json.loads(self._readline(max(0.0, deadline - time.monotonic())))
         except (OSError, ValueError, RemoteError) as exc:
             self.close()
             raise RemoteError(str(exc) or type(exc).__name__) from None
+
+    def _send(self, data: bytes, deadline: float) -> None:
+        """Write all of ``data`` to the server's stdin (non-blocking) before ``deadline``, else RemoteError.
+
+        An ssh that hangs before it reads its stdin (a connection that never completes) must not hang the watcher:
+        a blocking write of more than a pipe holds would wait for it forever.
+        """
+        assert self.proc is not None and self.proc.stdin is not None
+        fd = self.proc.stdin.fileno()
+        view = memoryview(data)
+        while view:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise RemoteError(f"{self.conn.get('host')} did not take the request in time")
+            _r, ready, _x = select.select([], [fd], [], left)
+            if ready:
+                try:
+                    view = view[os.write(fd, view):]
+                except BlockingIOError:
+                    continue
 
     def _readline(self, timeout: float) -> bytes:
         assert self.proc is not None and self.proc.stdout is not None

@@ -297,3 +297,25 @@ def test_scheduler_path_and_env_of_the_resource_are_used(tmp_path):
         assert bad["reachable"] is False and "scheduler_env: PATH cannot be set here" in bad["error"], bad
     finally:
         srv.close()
+
+
+def test_a_far_side_that_never_reads_its_input_cannot_hang_the_asker(tmp_path):
+    """An ssh stuck before it reads its stdin (a connection that never completes): the ~190 KB payload is more than a
+    pipe holds, and a blocking write waited for it forever, which stopped the watcher's polls for that resource."""
+    stuck = tmp_path / "python"
+    script(stuck, "exec sleep 120\n")  # takes the place of the remote python and never reads a byte
+    srv = RemoteServer({"host": "stuck", "python": str(stuck)}, MU, local=True)
+    outcome = {}
+
+    def ask():
+        try:
+            srv.ask({"op": "ping"}, 1.0)
+        except RemoteError as exc:
+            outcome["error"] = str(exc)
+
+    thread = threading.Thread(target=ask, daemon=True)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the ask hung on a far side that does not read"
+    assert outcome["error"] == "stuck did not take the request in time"
+    assert srv.proc is None  # the stuck session was closed (killed), the next ask starts a new one
