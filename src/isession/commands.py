@@ -144,7 +144,7 @@ def ensure_watcher(root: Path, inventory: Optional[Path]) -> None:
     subprocess.run(argv, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30, env=env)
 
 
-WATCHER_CANCEL_WAIT = 30.0  # seconds a cancel waits for the watcher's teardown before it runs the cancel playbook
+WATCHER_CANCEL_WAIT = 15.0  # seconds a cancel waits for the watcher's teardown before it runs the cancel playbook
 
 
 def request_fast_cancel(root: Path, session_id: str) -> bool:
