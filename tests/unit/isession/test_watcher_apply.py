@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from isession import watcher as w
+from isession.commands import watcher_cancelled
 from ansible_collections.hpc.interactive.plugins.module_utils import _listeners, _ports, _service_file, _state
 
 
@@ -507,8 +508,6 @@ def test_a_teardown_that_left_something_is_noted_incomplete(tmp_path):
 
 def _cancel_cli(root, sid, watch_ticks=None, timeout=20.0):
     """watcher_cancelled with a watcher holding its lock (and ticking in a thread when given)."""
-    from isession.commands import watcher_cancelled
-
     fd = w.lock_pidfile(root)
     w.write_pid(fd)
     try:
@@ -560,7 +559,5 @@ def test_a_cancel_runs_the_playbook_when_the_watcher_cannot_vouch_for_everything
     assert [_cancel_cli(root, sid) for sid in ("b", "c", "d")] == [False, False, False]
     assert time.monotonic() - started < 10  # at once, not after the wait's 20 s
     # no watcher running: at once too
-    from isession.commands import watcher_cancelled
-
     make_session(root, "e")
     assert watcher_cancelled(root, "e", timeout=20.0) is False
