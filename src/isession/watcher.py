@@ -305,23 +305,42 @@ class Watcher:
         self._lock = threading.Lock()
         self.st = _state
         self.sf = _service_file
+        # path -> (stat stamp, parsed content): every tick looks at every session's files, most of them unchanged
+        self._parsed: Dict[str, Tuple[Tuple[int, int, int], Any]] = {}
 
     # -- sessions
+    def read_cached(self, path: Path, reader: Callable[[str], Any]) -> Any:
+        """``reader(path)``, parsed again only when the file changed since the last read (its mtime, size and inode:
+        every writer replaces the file by a rename). Raises what ``os.stat`` and ``reader`` raise."""
+        key = str(path)
+        st = os.stat(key)
+        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+        hit = self._parsed.get(key)
+        if hit is None or hit[0] != stamp:
+            # read after the stat: the content is at least as new as the stamp, so a change is never missed
+            hit = self._parsed[key] = (stamp, reader(key))
+        return dict(hit[1]) if isinstance(hit[1], dict) else hit[1]
+
     def live_sessions(self) -> Dict[str, Dict[str, Any]]:
         out = {}
         try:
             names = os.listdir(self.root)
         except FileNotFoundError:
             return out
+        seen = set()
         for name in names:
             if name.startswith("."):
                 continue
+            path = self.root / name / "state.json"
+            seen.add(str(path))
             try:
-                rec = self.st.read_record(str(self.root / name / "state.json"))
+                rec = self.read_cached(path, self.st.read_record)
             except (ValueError, OSError):
                 continue
             if rec and rec.get("step") in LIVE_STEPS and (rec.get("job_id") or is_connect(rec)):
                 out[name] = rec
+        for key in [k for k in self._parsed if k.endswith("/state.json") and k not in seen]:
+            self._parsed.pop(key, None)  # a session directory that went away
         return out
 
     def cli_record(self, session_id: str) -> Dict[str, Any]:
@@ -551,12 +570,12 @@ class Watcher:
     def apply(self, sid: str, rec: Dict[str, Any], info: Optional[Dict[str, Any]], reachable: bool) -> None:
         directory = self.root / sid
         try:  # the record as it is now, after the query: a cancel's tombstone set meanwhile must count
-            rec = self.st.read_record(str(directory / "state.json")) or rec
+            rec = self.read_cached(directory / "state.json", self.st.read_record) or rec
         except (ValueError, OSError):
             pass
         try:
-            doc = self.sf.read_service_file(str(directory / "service.json")) or {}
-        except ValueError:
+            doc = self.read_cached(directory / "service.json", self.sf.read_service_file) or {}
+        except (ValueError, OSError):  # none yet, or one to be rebuilt: this write starts it afresh
             doc = {}
         current, current_message = doc.get("JOB_STATUS"), doc.get("ERROR_MESSAGE") or ""
         if info and timed_out(info):

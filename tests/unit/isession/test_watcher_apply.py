@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import pytest
@@ -561,3 +563,32 @@ def test_a_cancel_runs_the_playbook_when_the_watcher_cannot_vouch_for_everything
     # no watcher running: at once too
     make_session(root, "e")
     assert watcher_cancelled(root, "e", timeout=20.0) is False
+
+
+def test_records_are_parsed_again_only_when_they_changed(tmp_path):
+    root = tmp_path / "s"
+    make_session(root, "a", step="queued", status="Queued")
+    make_session(root, "old", step="cancelled", status="Cancelled")
+    watch = w.Watcher(root, None, log=print)
+    parsed = []
+    real = _state.read_record
+
+    def counting(path):
+        parsed.append(Path(path).parent.name)
+        return real(path)
+
+    watch.st = types.SimpleNamespace(read_record=counting)  # the watcher's reads only, not _state's own
+    for _round in range(5):
+        assert list(watch.live_sessions()) == ["a"]
+    assert sorted(parsed) == ["a", "old"]  # once each, though five ticks looked at both
+    watch.live_sessions()["a"]["step"] = "mangled"  # what a caller does to its copy stays with it
+    assert watch.live_sessions()["a"]["step"] == "queued"
+    _state.run_op("cancel", str(root), "a", {})  # a rewrite (by rename) is seen at the next look
+    assert watch.live_sessions()["a"]["cancel_requested"] is True
+    assert sorted(parsed) == ["a", "a", "old"]
+    _state.update_state(str(root), "a", step="cancelled")
+    assert watch.live_sessions() == {}
+    shutil.rmtree(root / "old")
+    watch.live_sessions()
+    assert not [k for k in watch._parsed if "/old/" in k]  # a directory that went away leaves no entry behind
+    watch.close()
