@@ -90,6 +90,7 @@ ARGUMENT_SPEC = dict(
     timeout=dict(type="float", default=3600), interval=dict(type="float", default=0.1),
 )
 MODULE_OPTIONS = dict(supports_check_mode=True)
+RECENT_NS = 2000000000  # a record modified less than this ago is read again even when its stat stamp is unchanged
 RECHECK = 5.0  # seconds: a re-read of the record while inotify reports no change (a change it could miss)
 
 
@@ -110,9 +111,12 @@ def wait_steps(state_path: str, steps, timeout: float, interval: float, *, clock
         try:
             st = os.stat(state_path)
             stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
+            # rewritten in the last moments: read it whatever the stamp says (coarse mtimes and a reused inode
+            # number can make two rewrites in one clock tick look alike)
+            recent = time.time_ns() - st.st_mtime_ns < RECENT_NS
         except FileNotFoundError:
-            stamp = None
-        if stamp != seen:
+            stamp, recent = None, False
+        if stamp != seen or recent:
             seen = stamp
             record = read_record(state_path) if stamp else None
             step = (record or {}).get("step")

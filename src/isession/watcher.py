@@ -67,6 +67,7 @@ WATCHFILE = "watch.json"  # written by the start play (roles/session/tasks/watch
 LOGFILE = ".watcher.log"
 # what the watcher's teardown of an ended session came to; `isession cancel` reads it (see teardown_note)
 TEARDOWN_FILE = "teardown.json"
+RECENT_NS = 2_000_000_000  # a file modified less than this ago is parsed again even when its stat stamp is unchanged
 _WORDS = _vocabulary  # steps, statuses and the table between them
 LIVE_STEPS = _WORDS.LIVE_STEPS
 TERMINAL_STEPS = _WORDS.TERMINAL_STEPS
@@ -316,7 +317,11 @@ class Watcher:
         st = os.stat(key)
         stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         hit = self._parsed.get(key)
-        if hit is None or hit[0] != stamp:
+        # a file changed in the last moments is read again whatever its stamp: mtimes have the kernel clock's coarse
+        # granularity and a freed inode number comes back, so two rewrites in one tick can look alike (git's "racy
+        # clean" rule)
+        recent = time.time_ns() - st.st_mtime_ns < RECENT_NS
+        if hit is None or hit[0] != stamp or recent:
             # read after the stat: the content is at least as new as the stamp, so a change is never missed
             hit = self._parsed[key] = (stamp, reader(key))
         return dict(hit[1]) if isinstance(hit[1], dict) else hit[1]

@@ -565,7 +565,8 @@ def test_a_cancel_runs_the_playbook_when_the_watcher_cannot_vouch_for_everything
     assert watcher_cancelled(root, "e", timeout=20.0) is False
 
 
-def test_records_are_parsed_again_only_when_they_changed(tmp_path):
+def test_records_are_parsed_again_only_when_they_changed(tmp_path, monkeypatch):
+    monkeypatch.setattr(w, "RECENT_NS", 0)  # the files here are all seconds old, as between a cluster's events
     root = tmp_path / "s"
     make_session(root, "a", step="queued", status="Queued")
     make_session(root, "old", step="cancelled", status="Cancelled")
@@ -591,4 +592,25 @@ def test_records_are_parsed_again_only_when_they_changed(tmp_path):
     shutil.rmtree(root / "old")
     watch.live_sessions()
     assert not [k for k in watch._parsed if "/old/" in k]  # a directory that went away leaves no entry behind
+    watch.close()
+
+
+def test_a_record_rewritten_moments_ago_is_read_again_even_with_the_same_stamp(tmp_path):
+    """Coarse mtimes and reused inode numbers can give two rewrites in one clock tick the same stat stamp: a file
+    modified less than RECENT_NS ago is parsed again whatever its stamp says."""
+    root = tmp_path / "s"
+    make_session(root, "a", step="queued", status="Queued")
+    path = root / "a" / "state.json"
+    watch = w.Watcher(root, None, log=print)
+    assert watch.live_sessions()["a"].get("cancel_requested") is not True
+    before = os.stat(path)
+    doc = json.loads(path.read_text())
+    doc["cancel_requested"] = True
+    text = json.dumps(doc)
+    with open(path, "r+", encoding="utf-8") as handle:  # same inode, same size, then the same mtime: the same stamp
+        handle.write(text[:before.st_size].ljust(before.st_size))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_mtime_ns, after.st_size, after.st_ino) == (before.st_mtime_ns, before.st_size, before.st_ino)
+    assert watch.live_sessions()["a"]["cancel_requested"] is True
     watch.close()
