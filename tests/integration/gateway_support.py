@@ -92,11 +92,11 @@ class GatewayRun:
         return res["cookie"]
 
     def http(self, method: str, path: str, cookie: Optional[str] = None, *more: str) -> dict:
-        args = ["http", method, self.base + path] + (["--cookie", cookie] if cookie else []) + list(more)
+        args = ["http", method, self.base + path] + ([f"--cookie={cookie}"] if cookie else []) + list(more)
         return self.tool("client.py", *args)
 
     def ws(self, path: str, cookie: Optional[str], origin: Optional[str] = None) -> dict:
-        args = ["ws", "ws://127.0.0.1:%d%s" % (self.port, path)] + (["--cookie", cookie] if cookie else [])
+        args = ["ws", "ws://127.0.0.1:%d%s" % (self.port, path)] + ([f"--cookie={cookie}"] if cookie else [])
         args += ["--origin", origin or self.base]
         return self.tool("client.py", *args)
 

@@ -319,7 +319,7 @@ def test_the_gateway_answers_the_vnc_password_so_novnc_needs_none(gw):
         cookie = g.login()
         direct = g.tool("client.py", "rfb", "ws://127.0.0.1:9510/websockify")
         assert direct["types"] == [2], direct  # the server itself wants the password
-        seen = g.tool("client.py", "rfb", f"ws://127.0.0.1:{g.port}/me/9510/websockify", "--cookie", cookie,
+        seen = g.tool("client.py", "rfb", f"ws://127.0.0.1:{g.port}/me/9510/websockify", f"--cookie={cookie}",
                       "--origin", g.base)
         assert seen["types"] == [1] and seen["result"] == 0, seen  # the browser side: no authentication asked
         assert (seen["width"], seen["height"]) == (800, 600) and "gateway-test-desktop" in seen["name"]
