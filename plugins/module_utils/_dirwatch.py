@@ -1,6 +1,7 @@
 # Copyright (c) hpc.interactive contributors
 # GNU General Public License v3.0+ (see https://www.gnu.org/licenses/gpl-3.0.txt)
-"""Sleep until a file in a directory changes (Linux inotify), for waits that may last hours.
+"""Sleep until a file in a directory changes (Linux inotify), for waits that may last hours; tell a changed file
+from an unchanged one by its stat stamp.
 
 Private to the hpc.interactive collection. A session's record is rewritten by renaming a new file over it, which
 inotify reports on the directory as ``IN_MOVED_TO``; waiting on that costs nothing until it happens. Where inotify
@@ -13,7 +14,7 @@ import ctypes
 import os
 import select
 import time
-from typing import Optional
+from typing import Optional, Tuple
 
 IN_CLOSE_WRITE = 0x008
 IN_MOVED_TO = 0x080
@@ -23,6 +24,24 @@ IN_MOVE_SELF = 0x800
 IN_NONBLOCK = 0o4000
 IN_CLOEXEC = 0o2000000
 WATCHED = IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE_SELF | IN_MOVE_SELF
+RECENT_NS = 2_000_000_000  # a file modified less than this ago is read again even when its stamp is unchanged
+
+Stamp = Tuple[int, int, int]
+
+
+def stamp_of(st: os.stat_result) -> Stamp:
+    """A file's stat stamp: mtime, size and inode (every writer of a session file replaces it by a rename)."""
+    return st.st_mtime_ns, st.st_size, st.st_ino
+
+
+def unchanged(st: os.stat_result, seen: Optional[Stamp]) -> bool:
+    """True when the file whose stat is ``st`` is still what was read under the stamp ``seen``.
+
+    A file modified in the last ``RECENT_NS`` counts as changed whatever its stamp (git's "racy clean" rule): mtimes
+    have the kernel clock's coarse granularity and a freed inode number comes back, so two rewrites in one clock tick
+    can look alike.
+    """
+    return seen is not None and stamp_of(st) == seen and time.time_ns() - st.st_mtime_ns >= RECENT_NS
 
 
 class Changes:

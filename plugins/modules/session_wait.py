@@ -75,7 +75,7 @@ import time
 
 from ansible.module_utils.basic import AnsibleModule
 
-from ansible_collections.hpc.interactive.plugins.module_utils._dirwatch import Changes
+from ansible_collections.hpc.interactive.plugins.module_utils._dirwatch import Changes, stamp_of, unchanged
 from ansible_collections.hpc.interactive.plugins.module_utils._state import (
     TERMINAL_STEPS,
     StateError,
@@ -90,7 +90,6 @@ ARGUMENT_SPEC = dict(
     timeout=dict(type="float", default=3600), interval=dict(type="float", default=0.1),
 )
 MODULE_OPTIONS = dict(supports_check_mode=True)
-RECENT_NS = 2000000000  # a record modified less than this ago is read again even when its stat stamp is unchanged
 RECHECK = 5.0  # seconds: a re-read of the record while inotify reports no change (a change it could miss)
 
 
@@ -110,13 +109,10 @@ def wait_steps(state_path: str, steps, timeout: float, interval: float, *, clock
     while True:
         try:
             st = os.stat(state_path)
-            stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
-            # rewritten in the last moments: read it whatever the stamp says (coarse mtimes and a reused inode
-            # number can make two rewrites in one clock tick look alike)
-            recent = time.time_ns() - st.st_mtime_ns < RECENT_NS
+            stamp, changed = stamp_of(st), not unchanged(st, seen)
         except FileNotFoundError:
-            stamp, recent = None, False
-        if stamp != seen or recent:
+            stamp, changed = None, seen is not None
+        if changed:
             seen = stamp
             record = read_record(state_path) if stamp else None
             step = (record or {}).get("step")

@@ -41,6 +41,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 from ansible_collections.hpc.interactive.plugins.module_utils import (
     _cmd,
     _directives,
+    _dirwatch,
     _listeners,
     _service_file,
     _state,
@@ -65,9 +66,8 @@ LINGER_FOR = 600.0  # how long an ended session's workspace port is retried whil
 PIDFILE = ".watcher.pid"
 WATCHFILE = "watch.json"  # written by the start play (roles/session/tasks/watcher.yml)
 LOGFILE = ".watcher.log"
-# what the watcher's teardown of an ended session came to; `isession cancel` reads it (see teardown_note)
+# what the watcher's teardown of an ended session came to; `isession cancel` reads it (see note_teardown)
 TEARDOWN_FILE = "teardown.json"
-RECENT_NS = 2_000_000_000  # a file modified less than this ago is parsed again even when its stat stamp is unchanged
 _WORDS = _vocabulary  # steps, statuses and the table between them
 LIVE_STEPS = _WORDS.LIVE_STEPS
 TERMINAL_STEPS = _WORDS.TERMINAL_STEPS
@@ -311,19 +311,14 @@ class Watcher:
 
     # -- sessions
     def read_cached(self, path: Path, reader: Callable[[str], Any]) -> Any:
-        """``reader(path)``, parsed again only when the file changed since the last read (its mtime, size and inode:
-        every writer replaces the file by a rename). Raises what ``os.stat`` and ``reader`` raise."""
+        """``reader(path)``, parsed again only when the file changed since the last read (``_dirwatch.unchanged``).
+        Raises what ``os.stat`` and ``reader`` raise."""
         key = str(path)
         st = os.stat(key)
-        stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
         hit = self._parsed.get(key)
-        # a file changed in the last moments is read again whatever its stamp: mtimes have the kernel clock's coarse
-        # granularity and a freed inode number comes back, so two rewrites in one tick can look alike (git's "racy
-        # clean" rule)
-        recent = time.time_ns() - st.st_mtime_ns < RECENT_NS
-        if hit is None or hit[0] != stamp or recent:
+        if hit is None or not _dirwatch.unchanged(st, hit[0]):
             # read after the stat: the content is at least as new as the stamp, so a change is never missed
-            hit = self._parsed[key] = (stamp, reader(key))
+            hit = self._parsed[key] = (_dirwatch.stamp_of(st), reader(key))
         return dict(hit[1]) if isinstance(hit[1], dict) else hit[1]
 
     def live_sessions(self) -> Dict[str, Dict[str, Any]]:
@@ -332,20 +327,19 @@ class Watcher:
             names = os.listdir(self.root)
         except FileNotFoundError:
             return out
-        seen = set()
         for name in names:
             if name.startswith("."):
                 continue
             path = self.root / name / "state.json"
-            seen.add(str(path))
             try:
                 rec = self.read_cached(path, self.st.read_record)
             except (ValueError, OSError):
                 continue
             if rec and rec.get("step") in LIVE_STEPS and (rec.get("job_id") or is_connect(rec)):
                 out[name] = rec
-        for key in [k for k in self._parsed if k.endswith("/state.json") and k not in seen]:
-            self._parsed.pop(key, None)  # a session directory that went away
+        here = {str(self.root / name) for name in names}
+        for key in [k for k in self._parsed if os.path.dirname(k) not in here]:
+            self._parsed.pop(key, None)  # the files of a session directory that went away
         return out
 
     def cli_record(self, session_id: str) -> Dict[str, Any]:

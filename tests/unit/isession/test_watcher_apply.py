@@ -16,7 +16,13 @@ import pytest
 
 from isession import watcher as w
 from isession.commands import watcher_cancelled
-from ansible_collections.hpc.interactive.plugins.module_utils import _listeners, _ports, _service_file, _state
+from ansible_collections.hpc.interactive.plugins.module_utils import (
+    _dirwatch,
+    _listeners,
+    _ports,
+    _service_file,
+    _state,
+)
 
 
 def make_session(root: Path, sid: str, step: str = "running", status: str = "Running", **fields) -> Path:
@@ -566,7 +572,7 @@ def test_a_cancel_runs_the_playbook_when_the_watcher_cannot_vouch_for_everything
 
 
 def test_records_are_parsed_again_only_when_they_changed(tmp_path, monkeypatch):
-    monkeypatch.setattr(w, "RECENT_NS", 0)  # the files here are all seconds old, as between a cluster's events
+    monkeypatch.setattr(_dirwatch, "RECENT_NS", 0)  # the files here are all seconds old, as between a cluster's events
     root = tmp_path / "s"
     make_session(root, "a", step="queued", status="Queued")
     make_session(root, "old", step="cancelled", status="Cancelled")
@@ -597,7 +603,7 @@ def test_records_are_parsed_again_only_when_they_changed(tmp_path, monkeypatch):
 
 def test_a_record_rewritten_moments_ago_is_read_again_even_with_the_same_stamp(tmp_path):
     """Coarse mtimes and reused inode numbers can give two rewrites in one clock tick the same stat stamp: a file
-    modified less than RECENT_NS ago is parsed again whatever its stamp says."""
+    modified less than _dirwatch.RECENT_NS ago is parsed again whatever its stamp says."""
     root = tmp_path / "s"
     make_session(root, "a", step="queued", status="Queued")
     path = root / "a" / "state.json"

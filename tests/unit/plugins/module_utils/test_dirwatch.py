@@ -57,3 +57,20 @@ def test_without_inotify_the_wait_sleeps(tmp_path, monkeypatch):
     for _attempt in range(20):
         Changes(str(tmp_path / "missing")).close()
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_a_stamp_is_trusted_only_for_a_file_not_modified_in_the_last_moments(tmp_path):
+    path = tmp_path / "state.json"
+    write_atomic(str(path), "{}\n", 0o600)
+    st = os.stat(path)
+    seen = _dirwatch.stamp_of(st)
+    assert seen == (st.st_mtime_ns, st.st_size, st.st_ino)
+    assert not _dirwatch.unchanged(st, seen)  # just written: read again whatever the stamp says
+    old = st.st_mtime_ns - 2 * _dirwatch.RECENT_NS
+    os.utime(path, ns=(old, old))
+    st = os.stat(path)
+    assert _dirwatch.unchanged(st, _dirwatch.stamp_of(st))
+    assert not _dirwatch.unchanged(st, None)  # never read
+    write_atomic(str(path), "{}\n", 0o600)
+    os.utime(path, ns=(old, old))  # same size and mtime: the rename gave it another inode
+    assert not _dirwatch.unchanged(os.stat(path), _dirwatch.stamp_of(st))
