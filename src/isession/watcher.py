@@ -303,6 +303,9 @@ class Watcher:
         self.details_at: Dict[Tuple[str, str], float] = {}  # resource -> when its queue details were last asked
         self.details: Dict[str, Dict[str, Any]] = {}  # job id -> its last queue details
         self.queue_files: Dict[str, Dict[str, Any]] = {}  # session -> what its queue.json says now
+        # scheduled sessions found with nothing on their workspace port -> when; judged after their resource's next
+        # answer (see check_listeners)
+        self.unheard: Dict[str, float] = {}
         self._lock = threading.Lock()
         self.st = _state
         self.sf = _service_file
@@ -516,6 +519,7 @@ class Watcher:
                      f"as they are ({took:.2f}s)")
         for sid, rec in sessions.items():
             self.apply(sid, rec, answer.get("jobs", {}).get(str(rec["job_id"])), bool(answer.get("reachable")))
+        self.judge_unheard(sessions, started)
         if answer.get("reachable"):
             self.note_queue(key, sessions, answer.get("jobs") or {})
 
@@ -623,9 +627,18 @@ class Watcher:
 
     # -- the workspace port's listener, every tick, whatever the schedulers answer
     def check_listeners(self, live: Mapping[str, Mapping[str, Any]]) -> None:
-        """Judge who listens on each running session's workspace port (one read of /proc/net/tcp for all)."""
+        """Judge who listens on each running session's workspace port (one read of /proc/net/tcp for all).
+
+        A scheduled session whose port has no listener is not judged here but after its resource's next answer
+        (``judge_unheard``): a job that ends drops its tunnel first, and that end must read ``Completed``, not
+        ``Starting`` then ``Completed``. Its own listener and another user's are judged at once, as is a connect
+        session's missing tunnel (no scheduler speaks for it).
+        """
         running = {sid: rec for sid, rec in live.items() if rec.get("step") == "running"
                    and isinstance((rec.get("ports") or {}).get("workspace"), int)}
+        with self._lock:
+            for sid in [s for s in self.unheard if s not in running]:
+                del self.unheard[sid]
         if not running:
             return
         lst = _listeners
@@ -634,9 +647,36 @@ class Watcher:
         except OSError as exc:
             self.log(f"cannot read the workspace's listening sockets: {exc}")
             return
+        now = time.monotonic()
         for sid, rec in running.items():
             owner = lst.judge_port_owner(found, rec["ports"]["workspace"], os.getuid())
+            if owner.state == "none" and not is_connect(rec):
+                with self._lock:
+                    self.unheard.setdefault(sid, now)
+                continue
+            with self._lock:
+                self.unheard.pop(sid, None)
             self.apply_listener(sid, rec, owner)
+
+    def judge_unheard(self, sessions: Mapping[str, Mapping[str, Any]], asked_at: float) -> None:
+        """After a resource answered: judge its sessions whose port had no listener before the question was asked.
+
+        The listeners are read again now; a session the answer ended is left alone by ``decide_listener``.
+        """
+        with self._lock:
+            due = [sid for sid in sessions if self.unheard.get(sid, asked_at + 1) <= asked_at]
+            for sid in due:
+                del self.unheard[sid]
+        if not due:
+            return
+        try:
+            found = _listeners.read_listeners()
+        except OSError as exc:
+            self.log(f"cannot read the workspace's listening sockets: {exc}")
+            return
+        for sid in due:
+            rec = sessions[sid]
+            self.apply_listener(sid, rec, _listeners.judge_port_owner(found, rec["ports"]["workspace"], os.getuid()))
 
     def apply_listener(self, sid: str, rec: Mapping[str, Any], owner: Any) -> None:
         directory = self.root / sid

@@ -411,6 +411,36 @@ def test_a_dropped_listener_stops_saying_running_until_it_is_back(tmp_path):
         watch.close()
 
 
+def test_a_job_that_ends_with_its_tunnel_reads_completed_never_starting(tmp_path):
+    """At walltime the agent drops the tunnel, then the scheduler says the job ended: one move, Running -> Completed."""
+    root = tmp_path / "s"
+    sock = listen_on(0)
+    port = sock.getsockname()[1]
+    make_session(root, "a", ports={"workspace": port})
+    timeout = {"jobs": {"42": {"state": "timeout", "raw_state": "TIMEOUT", "found": True}}, "reachable": True,
+               "error": ""}
+    watch = Listening(root, [RUNNING, timeout])
+    seen = []
+    real_update = watch.sf.update_service_file
+
+    def update(path, **fields):
+        seen.append(fields.get("job_status"))
+        return real_update(path, **fields)
+
+    watch.sf = types.SimpleNamespace(update_service_file=update, read_service_file=_service_file.read_service_file)
+    try:
+        run_ticks(watch, 1)
+        sock.close()  # the tunnel went down in the same moment the job ended
+        run_ticks(watch, 1)
+        assert service(root, "a")["JOB_STATUS"] == "Completed"
+        assert seen == ["Completed"], seen
+        run_ticks(watch, 1)  # ended: neither asked of the scheduler again nor judged by its port
+        assert seen == ["Completed"] and len(watch.calls) == 2
+    finally:
+        sock.close()
+        watch.close()
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to listen as a second user")
 def test_another_users_listener_ends_the_session_and_cancels_its_job(tmp_path):
     root = tmp_path / "s"
