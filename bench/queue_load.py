@@ -126,6 +126,17 @@ def slurm_start(bed: bl.Bed, job: str) -> float:
         return 0.0
 
 
+def process_kind(cmd: str) -> str:
+    """Which part of a session a process is: the cancel command, the start command, its ansible-playbook, ..."""
+    if "ansible-playbook" in cmd or "ansible_playbook" in cmd:
+        return "start's ansible-playbook" if "start_" in cmd else "ansible-playbook"
+    if "isession" in cmd and " cancel " in f"{cmd} ":
+        return "cancel command"
+    if "isession" in cmd and " start " in f"{cmd} ":
+        return "start command"
+    return cmd.split(maxsplit=1)[0].rsplit("/", 1)[-1] if cmd.split() else "?"
+
+
 def left_of(bed: bl.Bed, cli: bl.Cli, sids: List[str], table) -> Dict[str, List[str]]:
     """What is left of each session: one ``squeue`` and one ``ss`` for all of them (a check per session per round
     was itself twenty scheduler queries every 0.1 s, on the same two cores as the cancels it timed)."""
@@ -146,8 +157,8 @@ def left_of(bed: bl.Bed, cli: bl.Cli, sids: List[str], table) -> Dict[str, List[
         what = []
         if jobs[sid] in alive:
             what.append("job")
-        if bl.session_pids(table, sid):
-            what.append("processes")
+        kinds = sorted({process_kind(table[pid]["cmd"]) for pid in bl.session_pids(table, sid)})
+        what += [f"process ({k})" for k in kinds]
         if sid in owners:
             what.append("reservation")
         if (states[sid].get("ports") or {}).get("workspace") in listening:
@@ -222,9 +233,13 @@ def main() -> int:
         victims = sids[:min(args.cancels, started)]
         marks: Dict[str, float] = {}
 
+        cli_done: Dict[str, float] = {}
+        last_seen: Dict[str, Dict[str, float]] = {}  # session -> what was left -> the last check that saw it
+
         def cancel(sid: str) -> None:
             marks[sid] = time.time()
             cli.run("cancel", sid, timeout=600)
+            cli_done[sid] = time.time() - marks[sid]
 
         with ThreadPoolExecutor(max_workers=len(victims) or 1) as pool:
             futures = [pool.submit(cancel, s) for s in victims]
@@ -235,14 +250,23 @@ def main() -> int:
                 left = left_of(bed, cli, waiting, bl.proc_table())
                 at = time.time()  # when the check ended: an upper bound on the moment nothing was left
                 for sid, what in left.items():
+                    for kind in what:
+                        last_seen.setdefault(sid, {})[kind] = at - marks[sid]
                     if not what:
                         gone[sid] = at - marks[sid]
                 time.sleep(0.1)
             for f in futures:
                 f.result()
         unclean = [s for s in victims if s not in gone]
+        kinds = sorted({k for seen in last_seen.values() for k in seen})
         res["cancel_s"] = {"sessions": len(victims), "nothing_left_s": bl.stats(gone.values()),
-                           "not_clean": left_of(bed, cli, unclean, bl.proc_table()) if unclean else {}}
+                           "not_clean": left_of(bed, cli, unclean, bl.proc_table()) if unclean else {},
+                           # what went last: per kind, the last check that still saw it (s after its cancel began)
+                           "last_seen_s": {k: bl.stats(seen[k] for seen in last_seen.values() if k in seen)
+                                           for k in kinds},
+                           "cancel_command_s": bl.stats(cli_done.values())}
+        print("  last seen: " + "; ".join(f"{k} {bl.fmt_stats(v)}" for k, v in res["cancel_s"]["last_seen_s"].items())
+              + f"; the cancel command took {bl.fmt_stats(res['cancel_s']['cancel_command_s'])}")
         print(f"{len(victims)} cancels at once -> nothing left: {bl.fmt_stats(res['cancel_s']['nothing_left_s'])}"
               f"; not clean (what is left): {res['cancel_s']['not_clean']}")
     finally:
@@ -259,6 +283,10 @@ def main() -> int:
         cli.stop_watcher()
     out = args.out or HERE / "results" / f"queue_load-{stamp.strftime('%Y%m%dT%H%M%SZ')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
+    try:  # the watcher's own account of each cancel (when it sent it, what it undid, how long that took)
+        out.with_suffix(".watcher.log").write_text((cli.root / ".watcher.log").read_text())
+    except OSError:
+        pass
     out.write_text(json.dumps(res, indent=1, default=str) + "\n")
     print("targets: CPU < 5% of one core, not growing with the number queued; queued job start -> Running <= 1 s; "
           "cancel -> nothing left <= 3 s")

@@ -122,8 +122,7 @@ class Server:
         from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._registry import get_backend  # noqa: PLC0415
 
         backend = get_backend(req["scheduler"], state_dir=expand(req.get("state_dir")))
-        res = backend.query(self.runner_for(req), job_ids=[str(j) for j in req["job_ids"]],
-                            timeout=float(req.get("timeout", 5)))
+        res = backend.poll(self.runner_for(req), [str(j) for j in req["job_ids"]], timeout=float(req.get("timeout", 5)))
         return {"jobs": {k: v.as_dict() for k, v in res.jobs.items()}, "reachable": res.reachable,
                 "error": res.error}
 

@@ -384,7 +384,7 @@ class Watcher:
         resource, scheduler = key
         if not resource:
             backend = _registry.get_backend(scheduler)
-            res = backend.query(_runtime.make_runner(shutil.which), job_ids=job_ids, timeout=self.query_timeout)
+            res = backend.poll(_runtime.make_runner(shutil.which), job_ids, timeout=self.query_timeout)
             return {"jobs": {k: v.as_dict() for k, v in res.jobs.items()}, "reachable": res.reachable,
                     "error": res.error}
         server = self.server_for(resource, inventory)

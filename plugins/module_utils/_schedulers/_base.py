@@ -167,6 +167,14 @@ class Backend:
     ) -> QueryResult:
         raise NotImplementedError
 
+    def poll(self, runner: Runner, job_ids: Sequence[str], timeout: float = DEFAULT_QUERY_TIMEOUT) -> QueryResult:
+        """The watcher's question, asked every tick for a resource's live jobs: the same answer as ``query``.
+
+        A backend may answer it with a cheaper command while every job is plainly queued or running, as long as it
+        falls back to ``query`` for anything else (an ended job's exit code, a job the scheduler no longer lists).
+        """
+        return self.query(runner, job_ids=job_ids, timeout=timeout)
+
     def find_by_name(self, runner: Runner, name: str, user: str, timeout: float = DEFAULT_QUERY_TIMEOUT) -> QueryResult:
         """Alive jobs of ``user`` named ``name`` (``reachable=False`` when the scheduler did not answer)."""
         result = self.query(runner, name=name, user=user, timeout=timeout)

@@ -265,6 +265,27 @@ class Slurm(Backend):
                 jobs.update(self._final_states(runner, missing, timeout))
         return QueryResult(jobs)
 
+    def poll(self, runner: Runner, job_ids: Sequence[str], timeout: float = DEFAULT_QUERY_TIMEOUT) -> QueryResult:
+        """The watcher's every-tick question: fixed-format ``squeue --jobs`` first, ``query`` for anything else.
+
+        ``squeue --json`` (22.05) ignores ``--jobs`` and describes every job in the cluster, which the watcher would
+        ask for twice a second while sessions wait in a long queue. The fixed format lists only the jobs asked for.
+        It carries no exit code and shows an ending job as ``COMPLETING`` whatever its end (a walltime, a failure),
+        so it settles the answer only while each job is plainly ``PENDING`` or ``RUNNING``; otherwise ``query``
+        asks again (JSON, then sacct), as it does for ``scheduler_job_info``.
+        """
+        ids = [str(j) for j in job_ids]
+        if not ids:
+            return QueryResult({})
+        result = runner(self.query_argv(ids, json_output=False), timeout)
+        if looks_unreachable(result):
+            why = describe_failure(result)
+            return QueryResult(undetermined(ids, "scheduler did not answer: " + why), False, why)
+        jobs = self.parse_text(result.stdout) if result.rc == 0 else {}
+        if all(j in jobs and jobs[j].raw_state in ("PENDING", "RUNNING") for j in ids):
+            return QueryResult({j: jobs[j] for j in ids})
+        return self.query(runner, job_ids=ids, timeout=timeout)
+
     def pending_argv(self) -> List[str]:
         return ["squeue", "-h", "--states=PENDING", "-o", PENDING_FORMAT]
 

@@ -47,7 +47,10 @@ def server(tmp_path) -> RemoteServer:
 
 def test_query_many_jobs_in_one_call(tmp_path, fake_bin):
     calls = tmp_path / "calls"
-    script(fake_bin / "squeue", f'echo "$@" >> {calls}\ncat {SQUEUE_JSON}\n')
+    # the fixed format answers for the jobs asked (a running 1, a pending 2, an ended 4); --json for all of them
+    script(fake_bin / "squeue", f'echo "$@" >> {calls}\ncase "$*" in *--json*) cat {SQUEUE_JSON};; *)\n'
+           'printf "1|RUNNING|u|compute1|None|rec-run\\n2|PENDING|u||PartitionConfig|rec-q\\n4|FAILED|u|compute1|None|x\\n"'
+           ';; esac\n')
     script(fake_bin / "sacct", "echo 'accounting storage is disabled' >&2; exit 1\n")
     srv = server(tmp_path)
     try:
@@ -65,7 +68,11 @@ def test_query_many_jobs_in_one_call(tmp_path, fake_bin):
             assert srv.ask({"op": "query", "scheduler": "slurm", "job_ids": ["1"]}, 10)["jobs"]["1"]["state"] \
                 == "running"
         assert srv.proc.pid == pid
-        assert len(calls.read_text().splitlines()) == 6
+        # ended and unknown jobs need the full answer (fixed format, then JSON); a running job alone the fixed
+        # format of just that job, never the JSON list of the whole cluster
+        lines = calls.read_text().splitlines()
+        assert ["--json" in ln for ln in lines] == [False, True] + [False] * 5, lines
+        assert lines[-1].endswith("--states=all --jobs=1"), lines
     finally:
         srv.close()
 

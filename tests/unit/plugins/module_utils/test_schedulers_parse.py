@@ -172,3 +172,56 @@ def test_slurm_pending_order_is_priority_then_submit_time_per_partition():
 
 def test_other_schedulers_give_no_queue_details():
     assert pbs.Pbs().queue_details(lambda argv, timeout: None, ["1"]) == {}
+
+
+class Replies:
+    """A runner answering squeue by format (fixed or JSON) and sacct, recording every argv it was given."""
+
+    def __init__(self, text: str, json_text: str = "", sacct: CommandResult = None) -> None:
+        self.text, self.json_text, self.sacct, self.calls = text, json_text, sacct, []
+
+    def __call__(self, argv, timeout=None):
+        self.calls.append(list(argv))
+        if argv[0] == "sacct":
+            return self.sacct or CommandResult(tuple(argv), 1, "", "Slurm accounting storage is disabled\n")
+        if "--json" in argv:
+            return CommandResult(tuple(argv), 0, self.json_text, "")
+        return CommandResult(tuple(argv), 0, self.text, "")
+
+
+def test_slurm_poll_of_waiting_and_running_jobs_is_one_fixed_format_squeue_for_those_jobs():
+    runner = Replies("7|PENDING|alice||Resources|isession-a\n8|RUNNING|alice|cn[1-2]|None|isession-b\n")
+    res = slurm.Slurm().poll(runner, ["7", "8"])
+    assert runner.calls == [["squeue", "-h", "-o", slurm.SQUEUE_FORMAT, "--states=all", "--jobs=7,8"]]
+    assert res.reachable and res.jobs["7"].state == "queued" and res.jobs["7"].reason == "Resources"
+    assert res.jobs["8"].state == "running" and res.jobs["8"].nodes == ["cn1", "cn2"] and res.jobs["8"].reason == ""
+
+
+@pytest.mark.parametrize("raw", ["COMPLETING", "COMPLETED", "FAILED", "TIMEOUT", "CANCELLED", "CONFIGURING"])
+def test_slurm_poll_asks_the_full_query_for_a_job_that_is_not_plainly_waiting_or_running(raw):
+    """An ending job's text state hides how it ended and carries no exit code: the JSON answer (query) decides."""
+    recorded = (RECORDED / "slurm" / "squeue_22.05_mixed.json").read_text()
+    runner = Replies(f"1|RUNNING|u|compute1|None|rec-run\n4|{raw}|u|compute1|None|x\n", recorded)
+    res = slurm.Slurm().poll(runner, ["1", "4"])
+    assert [c[1] for c in runner.calls] == ["-h", "--json"]
+    assert res.jobs["4"].state == "failed" and res.jobs["4"].exit_code == 3  # what the JSON answer says
+    assert res.jobs["1"].state == "running"
+
+
+def test_slurm_poll_of_a_job_squeue_no_longer_lists_ends_in_sacct():
+    recorded = (RECORDED / "slurm" / "squeue_22.05_unknown_job.json").read_text()
+    runner = Replies("", recorded, CommandResult(("sacct",), 0, "77|isession-x|TIMEOUT|0:0|compute2|u\n", ""))
+    res = slurm.Slurm().poll(runner, ["77"])
+    assert [c[0] for c in runner.calls] == ["squeue", "squeue", "sacct"]
+    assert res.jobs["77"].state == "timeout" and res.reachable
+
+
+def test_slurm_poll_that_cannot_reach_slurmctld_is_undetermined_at_once():
+    def runner(argv, timeout=None):
+        runner.calls += 1
+        return CommandResult(tuple(argv), 1, "", "slurm_load_jobs error: Unable to contact slurm controller "
+                                                 "(connect failure)\n")
+    runner.calls = 0
+    res = slurm.Slurm().poll(runner, ["1"])
+    assert runner.calls == 1 and res.reachable is False and res.jobs["1"].state == "undetermined"
+    assert "Unable to contact" in res.error
