@@ -21,6 +21,9 @@ Requests (``path``/``env``: the resource's ``isession_scheduler_path``/``isessio
 ``{"op": "teardown", "holding": {...}, "skip": [kind, ...]?, "timeout": T, "path": P?, "env": E?}``
     -> ``{"outcomes": [Outcome dicts], "error": str}``: the resource side of the one teardown (``_teardown``), the
     same calls the cancel playbook's ``session_teardown`` makes on the controller.
+``{"op": "teardowns", "items": [{"holding": {...}, "skip": [...]?}, ...], "timeout": T, "path": P?, "env": E?}``
+    -> ``{"answers": [teardown answers, in the items' order]}``: many sessions' teardowns at once (twenty cancels
+    in one tick), carried out side by side (at most ``TEARDOWN_THREADS`` at a time) rather than one after another.
 
 Run here (``python3 _remote_server.py`` with the collection importable) it serves on standard input and output
 the same way, which is how its tests drive it without ssh.
@@ -49,6 +52,7 @@ BOOT = ("import sys, json\n"
 
 LOGS = (".log", ".out", ".err", ".error")
 TAIL_BYTES = 262144
+TEARDOWN_THREADS = 8  # teardowns of one "teardowns" request carried out at once (each mostly waits on a command)
 
 
 def own_source() -> str:
@@ -143,12 +147,27 @@ class Server:
         outcomes = T.teardown(holding, T.RESOURCE, ctx, skip=req.get("skip") or ())
         return {"outcomes": [o.as_dict() for o in outcomes], "error": "; ".join(T.errors(outcomes))}
 
+    def teardowns(self, req: Mapping[str, Any]) -> Dict[str, Any]:
+        from concurrent.futures import ThreadPoolExecutor  # noqa: PLC0415 - only for a burst of cancels
+
+        items = [dict(req, holding=item["holding"], skip=item.get("skip") or []) for item in req["items"]]
+        with ThreadPoolExecutor(max_workers=max(1, min(TEARDOWN_THREADS, len(items)))) as pool:
+            return {"answers": list(pool.map(self._teardown_answer, items))}
+
+    def _teardown_answer(self, req: Mapping[str, Any]) -> Dict[str, Any]:
+        try:
+            return self.teardown(req)
+        except Exception as exc:  # noqa: BLE001 - one session's trouble must not lose the others' answers
+            return {"outcomes": [], "error": "%s: %s" % (type(exc).__name__, exc)}
+
     def handle(self, req: Mapping[str, Any]) -> Dict[str, Any]:
         op = req.get("op", "query")
         if op == "tail":
             return tail(req["dir"], int(req.get("lines", 200)))
         if op == "teardown":
             return self.teardown(req)
+        if op == "teardowns":
+            return self.teardowns(req)
         if op == "queue":
             return self.queue(req)
         if op == "query":

@@ -144,6 +144,21 @@ def handler(command: str) -> Callable[[argparse.Namespace], int]:
     return getattr(importlib.import_module(f".{module}", __package__), func)
 
 
+def _light_copy(args: argparse.Namespace) -> Any:
+    """For ``cancel``, the copy of the collection the session's start ran, when it can be used without Ansible's
+    configuration (:func:`isession.collection.recorded_copy`); None for every other command and every other case."""
+    if args.command != "cancel":
+        return None
+    from . import config  # noqa: PLC0415
+    from .collection import recorded_copy  # noqa: PLC0415
+
+    # not config.check_session_id: it imports the collection's vocabulary, which must come through the finder
+    # installed next; the command checks the id itself
+    if not args.id or "/" in args.id or args.id.startswith("."):
+        return None
+    return recorded_copy(config.cli_record(config.session_root() / args.id))
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     # SIGPIPE stays ignored (Python's default): with its default action, a write to a connection's ssh that has just
     # died (the watcher sending its payload to an unreachable controller) would kill the process instead of raising
@@ -157,7 +172,8 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     try:
         try:
-            activate()
+            light = _light_copy(args)
+            activate(light, plugins=light is None)
         except LookupError as exc:  # the collection is missing
             if args.command not in NO_COLLECTION_NEEDED:
                 _err(str(exc))

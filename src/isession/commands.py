@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional, TextIO
 
 from ansible_collections.hpc.interactive.plugins.module_utils import _cmd, _state
+from ansible_collections.hpc.interactive.plugins.module_utils._vocabulary import TERMINAL_STEPS
 
 from . import config, sessions, view
 from .cli import EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK
 from .collection import active, find_collection
 from .config import UsageError
 from .progress import QUEUE_FILE, Progress, read_queue_file
+from .watchfiles import lock_pidfile, read_teardown, running_pid, write_pid
 
 
 class Output:
@@ -61,12 +63,9 @@ def _session_or_fail(root: Path, session_id: str) -> sessions.Session:
 def _recorded_inventory(session_dir: Path, explicit: Optional[str]) -> Optional[Path]:
     if explicit:
         return config.find_inventory(explicit)
-    try:
-        data = json.loads((session_dir / "logs" / "runner" / "cli.json").read_text())
-        if data.get("inventory") and Path(data["inventory"]).exists():
-            return Path(data["inventory"])
-    except (OSError, ValueError):
-        pass
+    recorded = config.cli_record(session_dir).get("inventory")
+    if recorded and Path(recorded).exists():
+        return Path(recorded)
     return config.find_inventory(user_config=config.load_user_config())
 
 
@@ -130,7 +129,6 @@ def _ended_line(sess: Optional[sessions.Session]) -> str:
 
 
 def ensure_watcher(root: Path, inventory: Optional[Path]) -> None:
-    from .watcher import running_pid  # noqa: PLC0415
 
     if running_pid(root):
         return
@@ -155,8 +153,6 @@ def request_fast_cancel(root: Path, session_id: str) -> bool:
     :func:`watcher_cancelled` tells whether it undid everything). Any trouble here only means the playbook does all
     the work.
     """
-    from .watcher import running_pid  # noqa: PLC0415
-
     try:
         _state.run_op("cancel", str(root), session_id, {})
         pid = running_pid(root)
@@ -178,28 +174,26 @@ def watcher_cancelled(root: Path, session_id: str, timeout: float = WATCHER_CANC
     """
     from ansible_collections.hpc.interactive.plugins.module_utils._dirwatch import Changes  # noqa: PLC0415
 
-    from . import watcher as w  # noqa: PLC0415
-
     directory = root / session_id
     state_path = str(directory / "state.json")
     try:
         rec = _state.read_record(state_path) or {}
     except ValueError:
         return False
-    if not rec.get("job_id") or w.is_connect(rec) or rec.get("step") in w.TERMINAL_STEPS:
+    if not rec.get("job_id") or rec.get("step") in TERMINAL_STEPS:  # no job: connect mode, or not submitted
         return False
     deadline = time.monotonic() + timeout
     with Changes(str(directory)) as changes:
         while time.monotonic() < deadline:
-            pid = w.running_pid(root)
+            pid = running_pid(root)
             if not pid or pid < 0:
                 return False
             try:
                 rec = _state.read_record(state_path) or {}
             except ValueError:
                 return False
-            if rec.get("step") in w.TERMINAL_STEPS:
-                note = w.read_teardown(directory)
+            if rec.get("step") in TERMINAL_STEPS:
+                note = read_teardown(directory)
                 if note is not None:  # written after the teardown that follows the end
                     return bool(note.get("complete"))
             changes.wait(min(0.5, max(0.0, deadline - time.monotonic())))
@@ -264,7 +258,8 @@ def cmd_start(args: argparse.Namespace) -> int:
 
     root.mkdir(mode=0o700, parents=True, exist_ok=True)
     session_dir = root / sid
-    cli_json = runner_dir(session_dir) / "cli.json"
+    runner_dir(session_dir)
+    cli_json = session_dir / config.CLI_RECORD
     cli_json.write_text(json.dumps({"inventory": str(inventory) if inventory else None,
                                     "collection": str(col.root), "pid": os.getpid(), "inputs": extravars}))
     cli_json.chmod(0o600)
@@ -407,14 +402,14 @@ def cmd_watch(args: argparse.Namespace) -> int:
     root = config.session_root()
     inventory = config.find_inventory(args.inventory, user_config=config.load_user_config())
     out = Output(args.json)
-    fd = w.lock_pidfile(root)
+    fd = lock_pidfile(root)
     if fd is None:
-        pid = w.running_pid(root)
+        pid = running_pid(root)
         out.result({"pid": pid, "started": False}, f"a watcher already runs (pid {pid})")
         return EXIT_OK
     if args.daemon and not w.daemonize(root, fd):
         for _attempt in range(50):
-            pid = w.running_pid(root)
+            pid = running_pid(root)
             if pid and pid > 0:
                 out.result({"pid": pid, "started": True}, f"watcher started (pid {pid})")
                 return EXIT_OK
@@ -422,7 +417,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
         return EXIT_OK
     # SIGUSR1 (a cancel's nudge) must never kill a watcher whose pid is already visible but not yet set up
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    w.write_pid(fd)
+    write_pid(fd)
 
     def log(msg: str) -> None:
         stamp = time.strftime("%Y-%m-%dT%H:%M:%S")

@@ -71,6 +71,20 @@ def session_root(env: Optional[Mapping[str, str]] = None) -> Path:
     return state / "isession" / "sessions"
 
 
+# what `isession start` notes in a session's directory for the commands that follow (inventory, inputs, the
+# collection copy it ran; never a secret)
+CLI_RECORD = Path("logs") / "runner" / "cli.json"
+
+
+def cli_record(session_dir: Path) -> Dict[str, Any]:
+    """The session's ``CLI_RECORD``; {} for a session started without the CLI (or an unreadable record)."""
+    try:
+        data = json.loads((session_dir / CLI_RECORD).read_text())
+    except (OSError, ValueError):
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
 def find_inventory(explicit: Optional[str] = None, env: Optional[Mapping[str, str]] = None,
                    user_config: Optional[UserConfig] = None) -> Optional[Path]:
     """``--inventory``, else ``$ISESSION_INVENTORY``, else the config file's ``inventory``, else

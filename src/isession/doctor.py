@@ -75,7 +75,7 @@ def check_local(root: Path) -> List[Check]:
     else:
         out.append(("FAIL" if bad else "ok", "ssh keys", f"too open: {', '.join(bad)}" if bad else
                     ", ".join(p.name for p in keys)))
-    from .watcher import running_pid  # noqa: PLC0415
+    from .watchfiles import running_pid  # noqa: PLC0415
 
     pid = running_pid(root) if root.exists() else None
     out.append(("ok" if pid else "warn", "watcher", f"pid {pid}" if pid else "not running (starts with a session)"))

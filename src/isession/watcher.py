@@ -26,7 +26,6 @@ ended ``Failed`` and its job cancelled, so that no request carrying its secret g
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import json
 import os
 import shutil
@@ -50,8 +49,10 @@ from ansible_collections.hpc.interactive.plugins.module_utils import (
 )
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import _base, _registry, _runtime
 
+from .config import cli_record
 from .progress import QUEUE_FILE
 from .remote import RemoteError, RemoteServer, inventory_conn
+from .watchfiles import TEARDOWN_FILE
 
 CONFIRM_ABSENT = 3
 QUERY_TIMEOUT = 5.0
@@ -63,11 +64,8 @@ WAITING_INTERVAL = 0.5
 QUEUE_DETAILS_EVERY = 5.0  # the queue's position and estimated start (one more query per resource) at most this often
 QUEUEFILE = QUEUE_FILE  # where a queued session waits, for isession's progress view (progress.read_queue_file)
 LINGER_FOR = 600.0  # how long an ended session's workspace port is retried while a listener of the user stays on it
-PIDFILE = ".watcher.pid"
 WATCHFILE = "watch.json"  # written by the start play (roles/session/tasks/watcher.yml)
 LOGFILE = ".watcher.log"
-# what the watcher's teardown of an ended session came to; `isession cancel` reads it (see note_teardown)
-TEARDOWN_FILE = "teardown.json"
 _WORDS = _vocabulary  # steps, statuses and the table between them
 LIVE_STEPS = _WORDS.LIVE_STEPS
 TERMINAL_STEPS = _WORDS.TERMINAL_STEPS
@@ -347,11 +345,7 @@ class Watcher:
 
     def cli_record(self, session_id: str) -> Dict[str, Any]:
         """What the CLI noted at start (inventory, inputs; never a secret); {} for sessions started without it."""
-        try:
-            data = json.loads((self.root / session_id / "logs" / "runner" / "cli.json").read_text())
-        except (OSError, ValueError):
-            return {}
-        return data if isinstance(data, dict) else {}
+        return cli_record(self.root / session_id)
 
     def play_record(self, session_id: str) -> Dict[str, Any]:
         """What the start play noted for the watcher (``watch.json``: inventory, walltime); {} when absent.
@@ -424,38 +418,72 @@ class Watcher:
         the cancel playbook still confirms every kind. A kind left for later (``_teardown.TeardownPending``: the
         user's listener still on the workspace port) puts the session into ``lingering``, tried again every tick.
         """
+        return self.teardown_many(key, [(sid, rec, tuple(skip))], listener_wait)[sid]
+
+    def teardown_many(self, key: Tuple[str, str], batch: List[Tuple[str, Mapping[str, Any], Tuple[str, ...]]],
+                      listener_wait: float = 1.0) -> Dict[str, Tuple[str, List[str]]]:
+        """:meth:`teardown` of several sessions of one resource at once: one request for all their resource sides
+        (carried out side by side there), then their workspace sides side by side here."""
         td = _teardown
-        held = holding_of(sid, rec)
-        done = self.undone.setdefault(sid, set())
-        skip_now = tuple(sorted(set(skip) | done))
-        outcomes: List[Any] = []
-        problems: List[str] = []
-        if td.plan(held, td.RESOURCE, skip_now):
-            req = {"op": "teardown", "holding": dataclasses.asdict(held), "skip": list(skip_now),
-                   "timeout": self.query_timeout}
-            try:
-                server = self.server_for(key[0], self.inventory_for(sid))
-                answer = server.ask(dict(req, **scheduler_setup_of(server.conn)), self.query_timeout + 3)
-            except (RemoteError, LookupError, OSError, ValueError) as exc:
-                answer = {"error": str(exc)}
-            got = [td.Outcome(o["kind"], o["side"], list(o["undone"]), o.get("error", ""), o.get("pending", ""))
-                   for o in answer.get("outcomes") or []]
-            outcomes += got
-            if answer.get("error") and not got:
-                problems.append(str(answer["error"]))
+        plans = []
+        for sid, rec, skip in batch:
+            held = holding_of(sid, rec)
+            done = self.undone.setdefault(sid, set())
+            plans.append((sid, rec, held, tuple(sorted(set(skip) | done)), done))
+        remote = [(sid, held, skip_now) for sid, _rec, held, skip_now, _done in plans
+                  if td.plan(held, td.RESOURCE, skip_now)]
+        answers = self.resource_teardowns(key, remote) if remote else {}
         ctx = td.Context(reservation_dir=self.reservation_dir, timeout=self.query_timeout,
                          query_timeout=self.query_timeout, listener_wait=listener_wait)
-        outcomes += td.teardown(held, td.WORKSPACE, ctx, skip=skip_now)
-        problems += td.errors(outcomes)
-        done.update(o.kind for o in outcomes if not o.error and not o.pending)
-        later = td.pending(outcomes)
-        with self._lock:
-            if later and sid not in self.lingering:
-                self.lingering[sid] = (key, dict(rec), time.monotonic())
-                self.log(f"{sid}: left for later: {'; '.join(later)}")
-            elif not later:
-                self.lingering.pop(sid, None)
-        return summary(outcomes), problems
+
+        def finish(plan: Tuple[str, Mapping[str, Any], Any, Tuple[str, ...], set]) -> Tuple[str, List[str]]:
+            sid, rec, held, skip_now, done = plan
+            outcomes, problems = answers.get(sid, ([], []))
+            outcomes = outcomes + td.teardown(held, td.WORKSPACE, ctx, skip=skip_now)
+            problems = problems + td.errors(outcomes)
+            done.update(o.kind for o in outcomes if not o.error and not o.pending)
+            later = td.pending(outcomes)
+            with self._lock:
+                if later and sid not in self.lingering:
+                    self.lingering[sid] = (key, dict(rec), time.monotonic())
+                    self.log(f"{sid}: left for later: {'; '.join(later)}")
+                elif not later:
+                    self.lingering.pop(sid, None)
+            return summary(outcomes), problems
+
+        if len(plans) == 1:
+            return {plans[0][0]: finish(plans[0])}
+        # each may wait up to listener_wait for a tunnel's listener to go: never one after another
+        with ThreadPoolExecutor(max_workers=min(8, len(plans)), thread_name_prefix="isession-undo") as pool:
+            return dict(zip([p[0] for p in plans], pool.map(finish, plans), strict=True))
+
+    def resource_teardowns(self, key: Tuple[str, str], items: List[Tuple[str, Any, Tuple[str, ...]]]
+                           ) -> Dict[str, Tuple[List[Any], List[str]]]:
+        """The resource sides of ``items`` (session, holding, kinds to skip), asked over the resource's connection:
+        session -> (outcomes, problems). One ``teardown`` request for one session, one ``teardowns`` for many."""
+        td = _teardown
+        reqs = [{"holding": dataclasses.asdict(held), "skip": list(skip_now)} for _sid, held, skip_now in items]
+        try:
+            server = self.server_for(key[0], self.inventory_for(items[0][0]))
+            setup = scheduler_setup_of(server.conn)
+            if len(items) == 1:
+                answers = [server.ask(dict({"op": "teardown", **reqs[0], "timeout": self.query_timeout}, **setup),
+                                      self.query_timeout + 3)]
+            else:  # the far side runs 8 at a time, each within the timeout
+                rounds = -(-len(items) // 8)
+                got = server.ask(dict({"op": "teardowns", "items": reqs, "timeout": self.query_timeout}, **setup),
+                                 rounds * self.query_timeout + 3)
+                answers = list(got.get("answers") or [])
+                if len(answers) != len(items):
+                    raise ValueError(got.get("error") or f"{len(answers)} answers to {len(items)} teardowns")
+        except (RemoteError, LookupError, OSError, ValueError) as exc:
+            answers = [{"error": str(exc)}] * len(items)
+        out: Dict[str, Tuple[List[Any], List[str]]] = {}
+        for (sid, _held, _skip), answer in zip(items, answers, strict=True):
+            got = [td.Outcome(o["kind"], o["side"], list(o["undone"]), o.get("error", ""), o.get("pending", ""))
+                   for o in answer.get("outcomes") or []]
+            out[sid] = (got, [str(answer["error"])] if answer.get("error") and not got else [])
+        return out
 
     def retry_lingering(self) -> None:
         """Try again what ended sessions left for later; give up after ``LINGER_FOR`` s (the lease ends anyway)."""
@@ -489,24 +517,38 @@ class Watcher:
 
     def send_cancel(self, key: Tuple[str, str], sid: str, rec: Mapping[str, Any]) -> None:
         """Tear one session down now (once); the cancel playbook confirms it whatever happens here."""
+        self.send_cancels(key, {sid: rec})
+
+    def send_cancels(self, key: Tuple[str, str], sessions: Mapping[str, Mapping[str, Any]]) -> None:
+        """Tear these sessions of one resource down now, together (each once); see :meth:`send_cancel`."""
         with self._lock:
-            if sid in self.cancel_sent:
-                return
-            self.cancel_sent[sid] = time.monotonic()
+            todo = {sid: rec for sid, rec in sessions.items() if sid not in self.cancel_sent}
+            now = time.monotonic()
+            self.cancel_sent.update({sid: now for sid in todo})
+        if not todo:
+            return
         started = time.monotonic()
-        said, problems = self.teardown(key, sid, rec)
-        took = time.monotonic() - started
-        if problems and not said:
-            self.log(f"{sid}: cancel request not carried out ({'; '.join(problems)}); the cancel playbook does it "
-                     f"({took:.2f}s)")
+        if len(todo) == 1:  # through teardown(): the one entry point for a single session
+            sid, rec = next(iter(todo.items()))
+            results = {sid: self.teardown(key, sid, rec)}
         else:
-            self.log(f"{sid}: cancel requested: stopped {said or 'nothing (already ended)'}"
-                     + (f"; not carried out: {'; '.join(problems)}" if problems else "") + f" ({took:.2f}s)")
+            results = self.teardown_many(key, [(sid, rec, ()) for sid, rec in todo.items()])
+        took = time.monotonic() - started
+        together = f", {len(todo)} together" if len(todo) > 1 else ""
+        for sid, (said, problems) in results.items():
+            if problems and not said:
+                self.log(f"{sid}: cancel request not carried out ({'; '.join(problems)}); the cancel playbook does "
+                         f"it ({took:.2f}s{together})")
+            else:
+                self.log(f"{sid}: cancel requested: stopped {said or 'nothing (already ended)'}"
+                         + (f"; not carried out: {'; '.join(problems)}" if problems else "")
+                         + f" ({took:.2f}s{together})")
 
     def poll_group(self, key: Tuple[str, str], sessions: Dict[str, Dict[str, Any]]) -> None:
-        for sid, rec in sessions.items():
-            if rec.get("cancel_requested") and sid not in self.cancel_sent:
-                self.send_cancel(key, sid, rec)
+        asked = {sid: rec for sid, rec in sessions.items()
+                 if rec.get("cancel_requested") and sid not in self.cancel_sent}
+        if asked:
+            self.send_cancels(key, asked)
         ids = sorted({str(r["job_id"]) for r in sessions.values()})
         started = time.monotonic()
         try:
@@ -780,50 +822,6 @@ def write_private(path: Path, text: str) -> None:
 
 
 # ---------------------------------------------------------------------------- one per user
-def lock_pidfile(root: Path) -> Optional[int]:
-    """Take the watcher lock (flock on ``<root>/.watcher.pid``); the fd, or None if another watcher holds it."""
-    root.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(root / PIDFILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def write_pid(fd: int) -> None:
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-
-
-def read_teardown(directory: Path) -> Optional[Dict[str, Any]]:
-    """The watcher's note on an ended session's teardown (``teardown.json``), or None when there is none."""
-    try:
-        doc = json.loads((directory / TEARDOWN_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return doc if isinstance(doc, dict) else None
-
-
-def running_pid(root: Path) -> Optional[int]:
-    """The pid of the running watcher, or None (the lock, not the file's text, decides)."""
-    path = root / PIDFILE
-    if not path.exists():
-        return None
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = os.pread(fd, 32, 0).decode().strip()
-            return int(text) if text.isdigit() else -1
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
-
-
 def daemonize(root: Path, fd: int) -> bool:
     """Detach (double fork, setsid, output to ``<root>/.watcher.log``). True in the daemon, False in the caller."""
     child = os.fork()

@@ -21,7 +21,7 @@ import pytest
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1] / "src"))
-from isession import watcher as w  # noqa: E402  (this checkout's src/, not an installed copy)
+from isession import watchfiles as wf  # noqa: E402
 from cli_support import Cli  # noqa: E402
 from sessions_common import (  # noqa: E402
     WS_USER,
@@ -64,7 +64,7 @@ def test_the_watcher_alone_undoes_the_session_a_cancel_asks_it_to(bed, target):
         if target == "compute":
             node_port = json.loads((Path(state["remote_dir"]) / "agent.json").read_text())["node_port"]
             assert queue(bed, f"isession-{sid}"), "the job is not in the queue"
-        assert w.running_pid(cli.root), "the start did not leave the user's watcher running"
+        assert wf.running_pid(cli.root), "the start did not leave the user's watcher running"
         assert listening(bed, "workspace", port)
         assert node is None or listening(bed, node, node_port)
         runs_before = sorted((cli.root / sid / "logs" / "runner" / "artifacts").glob("cancel-*"))

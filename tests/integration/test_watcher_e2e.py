@@ -28,6 +28,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1] / "src"))
 from isession import watcher as w  # noqa: E402  (this checkout's src/, not an installed copy)
+from isession import watchfiles as wf  # noqa: E402
 from cli_support import Cli  # noqa: E402
 
 from ansible_collections.hpc.interactive.plugins.module_utils import _service_file, _state  # noqa: E402
@@ -144,7 +145,7 @@ def start_compute(cli: Cli, sid: str, *extra: str) -> Tuple[dict, dict]:
 
 
 def watcher_pid(root: Path) -> Optional[int]:
-    pid = w.running_pid(root)
+    pid = wf.running_pid(root)
     return pid if pid and pid > 0 else None
 
 

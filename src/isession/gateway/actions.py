@@ -82,7 +82,7 @@ def cancel(user: User, sid: str, inventory: Optional[Path]) -> subprocess.Popen:
 
 def ensure_watcher(user: User, inventory: Optional[Path]) -> Optional[subprocess.Popen]:
     """Start the user's watcher when none runs (``isession watch --daemon`` is itself idempotent)."""
-    from ..watcher import running_pid  # noqa: PLC0415
+    from ..watchfiles import running_pid  # noqa: PLC0415
 
     if not user.root.is_dir() or running_pid(user.root):
         return None

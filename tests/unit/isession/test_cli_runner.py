@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from isession.watcher import running_pid
+from isession.watchfiles import running_pid
 
 REPO = Path(__file__).resolve().parents[3]
 
@@ -192,3 +192,39 @@ def _stop_watcher(root: Path) -> None:
             if running_pid(root) is None:
                 break
             time.sleep(0.1)
+
+
+CANCEL_REPORTING_IMPORTS = """
+import sys
+from isession import cli
+rc = cli.main(["cancel", sys.argv[1]])
+heavy = sorted(m for m in ("ansible.constants", "ansible.plugins.loader", "isession.watcher") if m in sys.modules)
+print("HEAVY=" + ",".join(heavy))
+sys.exit(rc)
+"""
+
+
+def test_cancel_runs_the_copy_its_start_ran_without_loading_ansibles_configuration(cli_env, tmp_path):
+    """Twenty cancels at once pay each command's start-up on the same cores: a cancel finds the collection its start
+    recorded (cli.json) and installs only ansible-core's collection finder, not its configuration and plugin loaders."""
+    root = Path(cli_env["ISESSION_ROOT"])
+    assert run_cli(cli_env, "start", "fake", "--id", "fake-l").returncode == 0
+    recorded = json.loads((root / "fake-l" / "logs" / "runner" / "cli.json").read_text())
+    assert recorded["collection"] == cli_env["ISESSION_COLLECTIONS"]
+    env = {k: v for k, v in {**os.environ, **cli_env}.items() if k != "ISESSION_COLLECTIONS"}
+    try:
+        cp = subprocess.run([sys.executable, "-c", CANCEL_REPORTING_IMPORTS, "fake-l"], capture_output=True,
+                            text=True, env=env, timeout=120, check=False)
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+        assert "status    Cancelled" in cp.stdout  # the recorded copy's cancel playbook ran
+        assert "HEAVY=\n" in cp.stdout, cp.stdout
+        # a session whose record names no usable copy: found the usual way, with Ansible's configuration
+        (root / "fake-l" / "logs" / "runner" / "cli.json").write_text(json.dumps(dict(recorded, collection="")))
+        cp = subprocess.run([sys.executable, "-c", CANCEL_REPORTING_IMPORTS, "fake-l"], capture_output=True,
+                            text=True, env={**env, "ANSIBLE_COLLECTIONS_PATH": cli_env["ISESSION_COLLECTIONS"],
+                                            "ANSIBLE_COLLECTIONS_SCAN_SYS_PATH": "False"},
+                            timeout=120, check=False)
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+        assert "HEAVY=ansible.constants,ansible.plugins.loader\n" in cp.stdout, cp.stdout
+    finally:
+        _stop_watcher(root)

@@ -13,7 +13,15 @@ REPO = Path(__file__).resolve().parents[3]
 sys.path.insert(0, str(REPO / "src"))
 
 from isession import __version__, cli  # noqa: E402
-from isession.collection import INSTALL_HINT, Collection, candidates, choose, find_collection, read_version  # noqa: E402
+from isession.collection import (  # noqa: E402
+    INSTALL_HINT,
+    Collection,
+    candidates,
+    choose,
+    find_collection,
+    read_version,
+    recorded_copy,
+)
 
 
 def _install(root: Path, version: str, built: bool = True) -> Path:
@@ -34,6 +42,19 @@ def test_pinned_roots_first_with_the_collection_wins(tmp_path):
     assert col.root == b and col.version == "9.9.9" and col.source == "$ISESSION_COLLECTIONS"
     _install(a, "1.2.3")
     assert find_collection(env).version == "1.2.3"  # pinned: order, not version
+
+
+def test_a_cancel_uses_the_copy_its_start_recorded_unless_one_is_pinned(tmp_path):
+    started, pinned = tmp_path / "started", tmp_path / "pinned"
+    _install(started, "1.0.0")
+    col = recorded_copy({"collection": str(started)}, env={})
+    assert col is not None and col.root == started and col.version == "1.0.0"
+    assert recorded_copy({}, env={}) is None and recorded_copy({"collection": 7}, env={}) is None
+    assert recorded_copy({"collection": str(tmp_path / "gone")}, env={}) is None  # uninstalled since: look again
+    _install(pinned, "2.0.0")
+    col = recorded_copy({"collection": str(started)}, env={"ISESSION_COLLECTIONS": str(pinned)})
+    assert col is not None and col.root == pinned and col.source == "$ISESSION_COLLECTIONS"
+    assert recorded_copy({"collection": str(started)}, env={"ISESSION_COLLECTIONS": str(tmp_path / "none")}) is None
 
 
 def test_newest_wins_across_configured_paths_and_the_python_path(tmp_path):

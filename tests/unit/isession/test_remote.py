@@ -49,8 +49,8 @@ def test_query_many_jobs_in_one_call(tmp_path, fake_bin):
     calls = tmp_path / "calls"
     # the fixed format answers for the jobs asked (a running 1, a pending 2, an ended 4); --json for all of them
     script(fake_bin / "squeue", f'echo "$@" >> {calls}\ncase "$*" in *--json*) cat {SQUEUE_JSON};; *)\n'
-           'printf "1|RUNNING|u|compute1|None|rec-run\\n2|PENDING|u||PartitionConfig|rec-q\\n4|FAILED|u|compute1|None|x\\n"'
-           ';; esac\n')
+           'printf "1|RUNNING|u|compute1|None|rec-run\\n2|PENDING|u||PartitionConfig|rec-q\\n'
+           '4|FAILED|u|compute1|None|x\\n";; esac\n')
     script(fake_bin / "sacct", "echo 'accounting storage is disabled' >&2; exit 1\n")
     srv = server(tmp_path)
     try:
@@ -326,3 +326,30 @@ def test_a_far_side_that_never_reads_its_input_cannot_hang_the_asker(tmp_path):
     assert not thread.is_alive(), "the ask hung on a far side that does not read"
     assert outcome["error"] == "stuck did not take the request in time"
     assert srv.proc is None  # the stuck session was closed (killed), the next ask starts a new one
+
+
+def test_teardowns_of_many_sessions_run_side_by_side_and_answer_in_order(tmp_path, fake_bin):
+    """Twenty cancels in one tick: one request, carried out together on the resource; a bad item is its own error."""
+    doc = json.loads(squeue_of_mine(tmp_path, "isession-s1").read_text())
+    for job in doc["jobs"]:
+        if str(job["job_id"]) == "2":
+            job["name"] = "isession-s2"
+    answer = tmp_path / "squeue2.json"
+    answer.write_text(json.dumps(doc))
+    calls = tmp_path / "calls"
+    script(fake_bin / "squeue", f'cat "{answer}"\n')
+    script(fake_bin / "scancel", f'echo "start $1" >> "{calls}"; sleep 0.5; echo "end $1" >> "{calls}"\n')
+    srv = server(tmp_path)
+    items = [{"holding": {"session_id": sid, "target": "compute", "scheduler": "slurm"}} for sid in ("s1", "s2", "s3")]
+    items.insert(2, {"holding": {"target": "compute"}})  # no session id: that item fails alone
+    try:
+        ans = srv.ask({"op": "teardowns", "items": items}, 20)
+    finally:
+        srv.close()
+    got = ans["answers"]
+    assert [a["outcomes"][0]["undone"] if a["outcomes"] else a["error"][:9] for a in got] == [
+        ["job 1"], ["job 2"], "TypeError", []]
+    assert got[0]["error"] == got[1]["error"] == got[3]["error"] == ""
+    # the two scancels overlapped: the second began before the first ended
+    lines = calls.read_text().split("\n")
+    assert [ln.split(" ")[0] for ln in lines if ln] == ["start", "start", "end", "end"], lines

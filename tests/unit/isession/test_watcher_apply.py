@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from isession import watcher as w
+from isession import watchfiles as wf
 from isession.commands import watcher_cancelled
 from ansible_collections.hpc.interactive.plugins.module_utils import (
     _dirwatch,
@@ -211,6 +212,52 @@ def test_a_tombstone_makes_the_watcher_cancel_the_job_once_then_record_cancelled
     watch.close()
 
 
+def test_cancels_that_arrive_together_go_to_the_resource_in_one_request(tmp_path):
+    """Twenty `isession cancel` at once wake the watcher once: their resource sides leave in one `teardowns`
+    request (carried out side by side there), their workspace ports are released, each reads Cancelled."""
+    root = tmp_path / "s"
+    rdir = _ports.ReservationDir(str(tmp_path / "ports"))
+    sids = ["a", "b", "c"]
+    ports = {}
+    for n, sid in enumerate(sids):
+        ports[sid] = rdir.reserve(sid, 1, list(range(22000 + 10 * n, 22010 + 10 * n)))[0][0]
+        make_session(root, sid, job_id=str(42 + n), ports={"workspace": ports[sid]})
+        _state.run_op("cancel", str(root), sid, {})
+
+    def answer(req):
+        assert req["op"] == "teardowns"
+        return {"answers": [undid(("job", [f"job of {item['holding']['session_id']}"])) for item in req["items"]]}
+
+    srv = FakeServer(answer)
+    ended = {"jobs": {str(42 + n): {"state": "cancelled", "raw_state": "CANCELLED", "found": True}
+                      for n in range(len(sids))}, "reachable": True, "error": ""}
+    watch = FastCancel(root, [ended], srv)
+    run_ticks(watch, 1)
+    assert len(srv.requests) == 1
+    assert sorted(i["holding"]["session_id"] for i in srv.requests[0]["items"]) == sids
+    assert srv.requests[0]["timeout"] == w.QUERY_TIMEOUT
+    for sid in sids:
+        assert service(root, sid)["JOB_STATUS"] == "Cancelled"
+        assert rdir.held(sid) == []  # the workspace port, released on the workspace side
+        assert json.loads((root / sid / wf.TEARDOWN_FILE).read_text())["complete"] is True
+        assert any(f"{sid}: cancel requested: stopped job of {sid}" in ln and "3 together" in ln
+                   for ln in watch.lines), watch.lines
+    watch.close()
+
+
+def test_a_teardowns_answer_that_does_not_fit_leaves_each_cancel_to_its_playbook(tmp_path):
+    root = tmp_path / "s"
+    for n, sid in enumerate(("a", "b")):
+        make_session(root, sid, job_id=str(42 + n))
+        _state.run_op("cancel", str(root), sid, {})
+    srv = FakeServer(lambda req: {"answers": [undid(("job", ["job 42"]))]})  # one answer for two sessions
+    watch = FastCancel(root, [RUNNING, RUNNING], srv)
+    run_ticks(watch, 1)
+    assert sum("cancel request not carried out (1 answers to 2 teardowns); the cancel playbook does it" in ln
+               for ln in watch.lines) == 2, watch.lines
+    watch.close()
+
+
 def test_controller_cancel_request_names_the_tunnel_and_the_node_ports(tmp_path):
     root = tmp_path / "s"
     make_session(root, "c", target="controller", scheduler="local", job_id="4242", remote_dir="/home/u/.isession/c")
@@ -325,14 +372,14 @@ def wait_for(cond, timeout: float) -> bool:
 
 def test_one_watcher_per_root(tmp_path):
     root = tmp_path / "s"
-    fd = w.lock_pidfile(root)
+    fd = wf.lock_pidfile(root)
     assert fd is not None
-    w.write_pid(fd)
-    assert w.lock_pidfile(root) is None
-    assert w.running_pid(root) == os.getpid()
+    wf.write_pid(fd)
+    assert wf.lock_pidfile(root) is None
+    assert wf.running_pid(root) == os.getpid()
     os.close(fd)
-    assert w.running_pid(root) is None
-    assert oct((root / w.PIDFILE).stat().st_mode & 0o777) == "0o600"
+    assert wf.running_pid(root) is None
+    assert oct((root / wf.PIDFILE).stat().st_mode & 0o777) == "0o600"
 
 
 # ---------------------------------------------------------------- the workspace port's listener
@@ -518,12 +565,12 @@ def test_the_watcher_notes_a_complete_teardown_after_the_end_it_recorded(tmp_pat
     srv = FakeServer(lambda req: undid(("job", ["job 42"])) if not req["skip"] else undid())
     watch = FastCancel(root, [RUNNING, CANCELLED], srv)
     run_ticks(watch, 1)
-    assert w.read_teardown(root / "a") is None  # the job was signalled, its end not seen: nothing to say yet
+    assert wf.read_teardown(root / "a") is None  # the job was signalled, its end not seen: nothing to say yet
     _cancelled_by(watch, 1)
     assert service(root, "a")["JOB_STATUS"] == "Cancelled"
-    note = w.read_teardown(root / "a")
+    note = wf.read_teardown(root / "a")
     assert note["complete"] is True and note["problems"] == [] and note["pending"] is False
-    assert oct((root / "a" / w.TEARDOWN_FILE).stat().st_mode & 0o777) == "0o600"
+    assert oct((root / "a" / wf.TEARDOWN_FILE).stat().st_mode & 0o777) == "0o600"
 
 
 def test_a_teardown_that_left_something_is_noted_incomplete(tmp_path):
@@ -540,14 +587,14 @@ def test_a_teardown_that_left_something_is_noted_incomplete(tmp_path):
 
     _cancelled_by(FastCancel(root, [RUNNING, CANCELLED], FakeServer(answer)))
     assert service(root, "a")["JOB_STATUS"] == "Cancelled"
-    note = w.read_teardown(root / "a")
+    note = wf.read_teardown(root / "a")
     assert note["complete"] is False and note["problems"], note
 
 
 def _cancel_cli(root, sid, watch_ticks=None, timeout=20.0):
     """watcher_cancelled with a watcher holding its lock (and ticking in a thread when given)."""
-    fd = w.lock_pidfile(root)
-    w.write_pid(fd)
+    fd = wf.lock_pidfile(root)
+    wf.write_pid(fd)
     try:
         worker = threading.Thread(target=watch_ticks) if watch_ticks else None
         if worker:

@@ -1,0 +1,61 @@
+"""The files through which other commands deal with the user's watcher: its pid file and its teardown notes.
+
+Kept apart from :mod:`isession.watcher` so that ``isession cancel``, which only sets a tombstone, wakes the watcher
+and waits for its note, does not import the watcher's scheduler and tunnel code (twenty cancels at once pay every
+import on the cores that run the sessions).
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+PIDFILE = ".watcher.pid"  # under the session root; flock'ed by the one watcher of the user
+# what the watcher's teardown of an ended session came to, in its directory; `isession cancel` reads it
+TEARDOWN_FILE = "teardown.json"
+
+
+def lock_pidfile(root: Path) -> Optional[int]:
+    """Take the watcher lock (flock on ``<root>/.watcher.pid``); the fd, or None if another watcher holds it."""
+    root.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(root / PIDFILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def write_pid(fd: int) -> None:
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
+def read_teardown(directory: Path) -> Optional[Dict[str, Any]]:
+    """The watcher's note on an ended session's teardown (``teardown.json``), or None when there is none."""
+    try:
+        doc = json.loads((directory / TEARDOWN_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) else None
+
+
+def running_pid(root: Path) -> Optional[int]:
+    """The pid of the running watcher, or None (the lock, not the file's text, decides)."""
+    path = root / PIDFILE
+    if not path.exists():
+        return None
+    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except BlockingIOError:
+            text = os.pread(fd, 32, 0).decode().strip()
+            return int(text) if text.isdigit() else -1
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
