@@ -258,14 +258,22 @@ def main() -> int:
             for f in futures:
                 f.result()
         unclean = [s for s in victims if s not in gone]
+        notes = {}  # when the watcher wrote each session's teardown note (teardown.json "at"), after its cancel began
+        for sid in victims:
+            try:
+                notes[sid] = float(cli.read(sid, "teardown.json")["at"]) - marks[sid]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue
         kinds = sorted({k for seen in last_seen.values() for k in seen})
         res["cancel_s"] = {"sessions": len(victims), "nothing_left_s": bl.stats(gone.values()),
                            "not_clean": left_of(bed, cli, unclean, bl.proc_table()) if unclean else {},
                            # what went last: per kind, the last check that still saw it (s after its cancel began)
                            "last_seen_s": {k: bl.stats(seen[k] for seen in last_seen.values() if k in seen)
                                            for k in kinds},
-                           "cancel_command_s": bl.stats(cli_done.values())}
+                           "cancel_command_s": bl.stats(cli_done.values()),
+                           "watcher_note_s": bl.stats(notes.values())}
         print("  last seen: " + "; ".join(f"{k} {bl.fmt_stats(v)}" for k, v in res["cancel_s"]["last_seen_s"].items())
+              + f"; the watcher's teardown note after {bl.fmt_stats(res['cancel_s']['watcher_note_s'])}"
               + f"; the cancel command took {bl.fmt_stats(res['cancel_s']['cancel_command_s'])}")
         print(f"{len(victims)} cancels at once -> nothing left: {bl.fmt_stats(res['cancel_s']['nothing_left_s'])}"
               f"; not clean (what is left): {res['cancel_s']['not_clean']}")

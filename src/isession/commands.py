@@ -167,10 +167,11 @@ def request_fast_cancel(root: Path, session_id: str) -> bool:
 def watcher_cancelled(root: Path, session_id: str, timeout: float = WATCHER_CANCEL_WAIT) -> bool:
     """Wait until the user's watcher, woken by :func:`request_fast_cancel`, has ended the session and undone it all.
 
-    True when the record reached a terminal step during the wait and the watcher's ``teardown.json`` says complete.
+    True when the record reached a terminal step and the watcher's ``teardown.json`` says complete; the watcher may
+    well have got there before this wait began (it acts on the tombstone at once, while the cancel stops the start).
     False at once for what the watcher does not tear down (no job recorded yet, a connect-mode session, a session that
-    had ended before), when its teardown left something, when the watcher is gone, or after ``timeout``: the cancel
-    playbook then does and confirms every step.
+    had ended otherwise than cancelled), when its teardown left something, when the watcher is gone, or after
+    ``timeout``: the cancel playbook then does and confirms every step.
     """
     from ansible_collections.hpc.interactive.plugins.module_utils._dirwatch import Changes  # noqa: PLC0415
 
@@ -180,8 +181,12 @@ def watcher_cancelled(root: Path, session_id: str, timeout: float = WATCHER_CANC
         rec = _state.read_record(state_path) or {}
     except ValueError:
         return False
-    if not rec.get("job_id") or rec.get("step") in TERMINAL_STEPS:  # no job: connect mode, or not submitted
+    # no job: connect mode, or not submitted yet; ended otherwise than cancelled: nothing of the watcher's to wait for
+    if not rec.get("job_id") or (rec.get("step") in TERMINAL_STEPS and rec.get("step") != "cancelled"):
         return False
+    if rec.get("step") == "cancelled":  # already: the watcher's note says whether it undid everything (no note: not it)
+        note = read_teardown(directory)
+        return bool(note and note.get("complete"))
     deadline = time.monotonic() + timeout
     with Changes(str(directory)) as changes:
         while time.monotonic() < deadline:

@@ -622,6 +622,27 @@ def test_a_cancel_finishes_on_the_watchers_complete_teardown(tmp_path):
     assert _state.read_record(str(root / "a" / "state.json"))["step"] == "cancelled"
 
 
+def test_a_cancel_the_watcher_finished_before_the_wait_began_needs_no_playbook(tmp_path):
+    """The watcher acts on the tombstone at once; the cancel may still be stopping the start when it is all done."""
+    root = tmp_path / "s"
+    make_session(root, "a", ports={"workspace": 21999})
+    _state.run_op("cancel", str(root), "a", {})
+    srv = FakeServer(lambda req: undid(("job", ["job 42"])) if not req["skip"] else undid())
+    _cancelled_by(FastCancel(root, [RUNNING, RUNNING, CANCELLED], srv))
+    assert _state.read_record(str(root / "a" / "state.json"))["step"] == "cancelled"
+    started = time.monotonic()
+    assert _cancel_cli(root, "a") is True
+    assert time.monotonic() - started < 10  # at once, from the note already written
+    # cancelled, but the watcher's note says its teardown left something: the playbook
+    (root / "a" / wf.TEARDOWN_FILE).write_text(json.dumps({"complete": False, "problems": ["x"], "pending": False}))
+    assert _cancel_cli(root, "a") is False
+    # cancelled by a cancel playbook long ago (no note of the watcher): the playbook, at once
+    (root / "a" / wf.TEARDOWN_FILE).unlink()
+    started = time.monotonic()
+    assert _cancel_cli(root, "a") is False
+    assert time.monotonic() - started < 10
+
+
 def test_a_cancel_runs_the_playbook_when_the_watcher_cannot_vouch_for_everything(tmp_path):
     root = tmp_path / "s"
     # a teardown that left something
