@@ -559,8 +559,18 @@ class Watcher:
         if not answer.get("reachable", False):
             self.log(f"{key[0] or 'workspace'}: undetermined ({answer.get('error')}); {len(ids)} job(s) left "
                      f"as they are ({took:.2f}s)")
-        for sid, rec in sessions.items():
-            self.apply(sid, rec, answer.get("jobs", {}).get(str(rec["job_id"])), bool(answer.get("reachable")))
+        jobs, reachable = answer.get("jobs", {}), bool(answer.get("reachable"))
+
+        def apply_one(item: Tuple[str, Dict[str, Any]]) -> None:
+            self.apply(item[0], item[1], jobs.get(str(item[1]["job_id"])), reachable)
+
+        if sum(bool(rec.get("cancel_requested")) for rec in sessions.values()) > 1:
+            # a burst of cancels: each end is written (fsync'ed records) and torn down side by side
+            with ThreadPoolExecutor(max_workers=8, thread_name_prefix="isession-end") as pool:
+                list(pool.map(apply_one, sessions.items()))
+        else:
+            for item in sessions.items():
+                apply_one(item)
         self.judge_unheard(sessions, started)
         if answer.get("reachable"):
             self.note_queue(key, sessions, answer.get("jobs") or {})
