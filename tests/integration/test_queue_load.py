@@ -1,7 +1,7 @@
-"""Twenty sessions started at once on the bed's ``small`` partition (two 1-CPU jobs fill it): two run, the rest
+"""Twenty-one sessions started at once on the bed's ``small`` partition (two 1-CPU jobs fill it): two run, the rest
 queue; the queued starts learn their job's state from the user's one watcher, so the controller answers about the
-same number of job queries per second whatever the number queued; then all twenty are cancelled at once and nothing
-is left on any host (jobs, processes, listeners, port reservations).
+same number of job queries per second whatever the number queued; then one queued session is cancelled alone and the
+other twenty at once, and nothing is left on any host (jobs, processes, listeners, port reservations).
 Timings (how fast a queued job reaches Running, CPU per queued session) are bench/queue_load.py's, not this test's.
 
 The query rate is slurmctld's own count (``sdiag``: REQUEST_JOB_INFO and REQUEST_JOB_INFO_SINGLE RPCs) over a window
@@ -26,7 +26,7 @@ from cli_support import Cli  # noqa: E402
 from sessions_common import cluster_inventory, listening, reservations, session_processes, wait_until  # noqa: E402
 
 pytestmark = pytest.mark.bed
-N = 20
+N = 21  # one is cancelled alone, then twenty at once
 TERMINAL = ("Cancelled", "Completed", "Failed")
 
 
@@ -72,14 +72,24 @@ def test_twenty_at_once_most_queued_then_cancelled_at_once(bed):
         queued = [s for s in sids if status(cli, s) == "Queued"]
         assert queued and all(json.loads((cli.root / s / "queue.json").read_text())["job_id"] == cli.state(s)["job_id"]
                               for s in queued), queued
+        # one queued session alone: the watcher undoes it while the command still stops its start, and the command
+        # ends on the watcher's note (it used to run the cancel playbook when the watcher was done first)
+        alone, rest = queued[0], [s for s in sids if s != queued[0]]
+        by_sid = {alone: cli.run("cancel", alone, timeout=300)}
+        assert by_sid[alone].returncode == 0 and status(cli, alone) == "Cancelled", by_sid[alone].stdout
         # twenty cancels at once
         t1 = time.monotonic()
-        with ThreadPoolExecutor(max_workers=N) as pool:
-            done = list(pool.map(lambda s: cli.run("cancel", s, timeout=300), sids))
+        with ThreadPoolExecutor(max_workers=len(rest)) as pool:
+            done = list(pool.map(lambda s: cli.run("cancel", s, timeout=300), rest))
         took = time.monotonic() - t1
         assert all(cp.returncode == 0 for cp in done), [cp.stdout + cp.stderr for cp in done if cp.returncode]
         assert all(status(cli, s) == "Cancelled" for s in sids), counts()
-        print(f"20 cancels at once: {took:.1f} s")
+        print(f"{len(rest)} cancels at once: {took:.1f} s")
+        # the watcher undid each queued session (one request for the burst) and said so: no cancel playbook ran
+        by_sid.update(zip(rest, done, strict=True))
+        ran_playbook = [s for s in queued if "the user's watcher ended the session" not in by_sid[s].stdout
+                        or list((cli.root / s / "logs" / "runner" / "artifacts").glob("cancel-*"))]
+        assert not ran_playbook, {s: by_sid[s].stdout[-400:] for s in ran_playbook}
         # every start ended (interrupted by its cancel: 130)
         codes = [p.wait(timeout=120) for p in starts]
         assert all(c in (0, 130) for c in codes), codes
