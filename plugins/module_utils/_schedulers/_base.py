@@ -96,6 +96,11 @@ def undetermined(job_ids: Sequence[str], reason: str, found: bool = False) -> Di
     return {str(j): JobInfo(job_id=str(j), state="undetermined", reason=reason, found=found) for j in job_ids}
 
 
+def unanswered(job_ids: Sequence[str], why: str) -> QueryResult:
+    """The answer to a query the scheduler did not give (``why``): every asked id undetermined, not reachable."""
+    return QueryResult(undetermined(job_ids, "scheduler did not answer: " + why), False, why)
+
+
 def looks_unreachable(result: CommandResult) -> bool:
     """True when the command timed out or its stderr says the scheduler could not be reached."""
     if result.timed_out:

@@ -25,6 +25,7 @@ from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._base 
     describe_failure,
     format_hms,
     looks_unreachable,
+    unanswered,
     undetermined,
 )
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._hostlist import exec_hosts
@@ -226,8 +227,7 @@ class Pbs(Backend):
         jobs: Optional[Dict[str, JobInfo]] = None
         result = runner(self.query_argv(ids), timeout)
         if looks_unreachable(result):
-            why = describe_failure(result)
-            return QueryResult(undetermined(ids, "scheduler did not answer: " + why), False, why)
+            return unanswered(ids, describe_failure(result))
         if result.stdout.lstrip().startswith("{"):
             try:
                 jobs = parse_json(result.stdout)
@@ -237,8 +237,7 @@ class Pbs(Backend):
             result = runner(self.query_argv(ids, json_output=False), timeout)
             unknown_only = all("unknown job" in line.lower() for line in result.stderr.strip().splitlines())
             if looks_unreachable(result) or (result.rc != 0 and not unknown_only):
-                why = describe_failure(result)
-                return QueryResult(undetermined(ids, "scheduler did not answer: " + why), False, why)
+                return unanswered(ids, describe_failure(result))
             try:
                 jobs = self.parse_query(result.stdout)
             except (ValueError, ET.ParseError) as exc:

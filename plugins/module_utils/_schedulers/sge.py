@@ -21,6 +21,7 @@ from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._base 
     describe_failure,
     format_hms,
     looks_unreachable,
+    unanswered,
     undetermined,
 )
 
@@ -133,8 +134,7 @@ class Sge(Backend):
         ids = [str(j) for j in job_ids or []]
         result = runner(self.query_argv(user), timeout)
         if looks_unreachable(result) or result.rc != 0:
-            why = describe_failure(result)
-            return QueryResult(undetermined(ids, "scheduler did not answer: " + why), False, why)
+            return unanswered(ids, describe_failure(result))
         try:
             jobs = parse_xml(result.stdout)
         except ET.ParseError as exc:

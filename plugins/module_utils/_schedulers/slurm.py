@@ -18,6 +18,7 @@ from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._base 
     format_hms,
     describe_failure,
     looks_unreachable,
+    unanswered,
     undetermined,
 )
 from ansible_collections.hpc.interactive.plugins.module_utils._schedulers._hostlist import expand
@@ -235,14 +236,13 @@ class Slurm(Backend):
         ids = [str(j) for j in job_ids or []]
         result = runner(self.query_argv(ids, name, user), timeout)
         if looks_unreachable(result):
-            why = describe_failure(result)
-            return QueryResult(undetermined(ids, "scheduler did not answer: " + why), False, why)
+            return unanswered(ids, describe_failure(result))
         jobs: Optional[Dict[str, JobInfo]] = None
         if result.rc == 0:
             try:
                 jobs = self.parse_query(result.stdout)
             except SchedulerUnreachable as exc:
-                return QueryResult(undetermined(ids, "scheduler did not answer: %s" % exc), False, str(exc))
+                return unanswered(ids, str(exc))
             except (ValueError, AttributeError, TypeError):
                 jobs = None
         elif "invalid job id" in result.stderr.lower():
@@ -250,8 +250,7 @@ class Slurm(Backend):
         if jobs is None:  # no --json support (or unparseable): the fixed-format fallback
             result = runner(self.query_argv(ids, name, user, json_output=False), timeout)
             if looks_unreachable(result) or (result.rc != 0 and "invalid job id" not in result.stderr.lower()):
-                why = describe_failure(result)
-                return QueryResult(undetermined(ids, "scheduler did not answer: " + why), False, why)
+                return unanswered(ids, describe_failure(result))
             jobs = self.parse_text(result.stdout) if result.rc == 0 else {}
         # squeue --json (22.05) ignores --jobs/--name/--user: filter here, for both formats.
         if name:
@@ -279,8 +278,7 @@ class Slurm(Backend):
             return QueryResult({})
         result = runner(self.query_argv(ids, json_output=False), timeout)
         if looks_unreachable(result):
-            why = describe_failure(result)
-            return QueryResult(undetermined(ids, "scheduler did not answer: " + why), False, why)
+            return unanswered(ids, describe_failure(result))
         jobs = self.parse_text(result.stdout) if result.rc == 0 else {}
         if all(j in jobs and jobs[j].raw_state in ("PENDING", "RUNNING") for j in ids):
             return QueryResult({j: jobs[j] for j in ids})
