@@ -528,11 +528,7 @@ class Watcher:
         if not todo:
             return
         started = time.monotonic()
-        if len(todo) == 1:  # through teardown(): the one entry point for a single session
-            sid, rec = next(iter(todo.items()))
-            results = {sid: self.teardown(key, sid, rec)}
-        else:
-            results = self.teardown_many(key, [(sid, rec, ()) for sid, rec in todo.items()])
+        results = self.teardown_many(key, [(sid, rec, ()) for sid, rec in todo.items()])
         took = time.monotonic() - started
         together = f", {len(todo)} together" if len(todo) > 1 else ""
         for sid, (said, problems) in results.items():
@@ -691,17 +687,9 @@ class Watcher:
         with self._lock:
             for sid in [s for s in self.unheard if s not in running]:
                 del self.unheard[sid]
-        if not running:
-            return
-        lst = _listeners
-        try:
-            found = lst.read_listeners()
-        except OSError as exc:
-            self.log(f"cannot read the workspace's listening sockets: {exc}")
-            return
         now = time.monotonic()
-        for sid, rec in running.items():
-            owner = lst.judge_port_owner(found, rec["ports"]["workspace"], os.getuid())
+        for sid, owner in self.port_owners(running).items():
+            rec = running[sid]
             if owner.state == "none" and not is_connect(rec):
                 with self._lock:
                     self.unheard.setdefault(sid, now)
@@ -719,16 +707,21 @@ class Watcher:
             due = [sid for sid in sessions if self.unheard.get(sid, asked_at + 1) <= asked_at]
             for sid in due:
                 del self.unheard[sid]
-        if not due:
-            return
+        for sid, owner in self.port_owners({sid: sessions[sid] for sid in due}).items():
+            self.apply_listener(sid, sessions[sid], owner)
+
+    def port_owners(self, sessions: Mapping[str, Mapping[str, Any]]) -> Dict[str, Any]:
+        """Who listens on each session's workspace port (``_listeners.judge_port_owner``), from one read of the
+        workspace's listening sockets; {} when there is nothing to judge or they cannot be read (logged)."""
+        if not sessions:
+            return {}
         try:
             found = _listeners.read_listeners()
         except OSError as exc:
             self.log(f"cannot read the workspace's listening sockets: {exc}")
-            return
-        for sid in due:
-            rec = sessions[sid]
-            self.apply_listener(sid, rec, _listeners.judge_port_owner(found, rec["ports"]["workspace"], os.getuid()))
+            return {}
+        return {sid: _listeners.judge_port_owner(found, rec["ports"]["workspace"], os.getuid())
+                for sid, rec in sessions.items()}
 
     def apply_listener(self, sid: str, rec: Mapping[str, Any], owner: Any) -> None:
         directory = self.root / sid

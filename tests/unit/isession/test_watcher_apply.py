@@ -396,10 +396,10 @@ class Listening(Scripted):
         super().__init__(root, answers, **kw)
         self.cancels: list = []
 
-    def teardown(self, key, sid, rec, skip=()):
-        if "job" not in skip:
-            self.cancels.append((key, sid))
-        return super().teardown(key, sid, rec, skip=tuple(skip) + ("job",))
+    def teardown_many(self, key, batch, listener_wait=1.0):
+        self.cancels += [(key, sid) for sid, _rec, skip in batch if "job" not in skip]
+        return super().teardown_many(key, [(sid, rec, tuple(skip) + ("job",)) for sid, rec, skip in batch],
+                                     listener_wait)
 
 
 def owner(state: str, port: int = 20000, message: str = "") -> object:
