@@ -129,7 +129,6 @@ def _ended_line(sess: Optional[sessions.Session]) -> str:
 
 
 def ensure_watcher(root: Path, inventory: Optional[Path]) -> None:
-
     if running_pid(root):
         return
     argv = [sys.executable, "-m", "isession", "watch", "--daemon"]
@@ -181,11 +180,12 @@ def watcher_cancelled(root: Path, session_id: str, timeout: float = WATCHER_CANC
         rec = _state.read_record(state_path) or {}
     except ValueError:
         return False
-    # no job: connect mode, or not submitted yet; ended otherwise than cancelled: nothing of the watcher's to wait for
-    if not rec.get("job_id") or (rec.get("step") in TERMINAL_STEPS and rec.get("step") != "cancelled"):
+    if not rec.get("job_id"):  # connect mode, or not submitted yet: nothing of the watcher's to wait for
         return False
-    if rec.get("step") == "cancelled":  # already: the watcher's note says whether it undid everything (no note: not it)
-        note = read_teardown(directory)
+    if rec.get("step") in TERMINAL_STEPS:
+        # ended already: by the watcher on this tombstone, and then its note says whether it undid everything (no
+        # note: not the watcher), or otherwise than cancelled
+        note = read_teardown(directory) if rec.get("step") == "cancelled" else None
         return bool(note and note.get("complete"))
     deadline = time.monotonic() + timeout
     with Changes(str(directory)) as changes:
