@@ -7,7 +7,7 @@ library only) and Python 3.8+ so that the very same file runs three ways: import
 module, copied into a state directory and run by the module as a detached supervisor, and run by a batch job on a
 compute node::
 
-    python3 -I _tunnel.py run    --state-dir D --name N --spec D/N.spec.json   # foreground (batch job)
+    python3 -I _tunnel.py run    --state-dir D --name N --spec D/N.spec.json [--forward-after F]  # batch job
     python3 -I _tunnel.py run    --state-dir D --name N [--up-after 3] -- ssh -N -R ...   # raw argv
     python3 -I _tunnel.py start  --state-dir D --name N --spec FILE [--timeout 30]  # detached, waits for up
     python3 -I _tunnel.py stop   --state-dir D --name N [--grace 5]
@@ -18,9 +18,14 @@ Files in the state directory (0700; files 0600): ``N.pid`` (supervisor pid, remo
 ``N.log`` (supervisor events and ssh's non-debug output), ``N.lock`` (flock held by the supervisor).
 ssh runs with ``-v`` and its output goes through a pipe to the supervisor, which marks the tunnel
 ``up`` when ssh reports ``remote forward success`` (or ``Allocated port N`` for a port 0) and writes
-only the useful lines to the log. A process is recognised by pid *and* its start time in
-``/proc/PID/stat`` (the token, read by ``_proc``), so a reused pid is never mistaken for ours. Where this file runs
-as a plain script, ``_proc.py`` is written next to it (``start_detached``, the agent script).
+only the useful lines to the log. With ``--forward-after F`` (the batch job's agent) ssh connects at once as a
+master on ``N.cm`` in the state directory, without the forward, and the forward is asked of that master
+(``ssh -O forward``) only once F exists: the agent creates F when its server holds the port, so no request is ever
+forwarded to a port another user might hold, and the handshake happens while the server starts instead of after
+it. The tunnel is ``up`` when the master says the far side accepted the forward. A process is recognised by pid
+*and* its start time in ``/proc/PID/stat`` (the token, read by ``_proc``), so a reused pid is never mistaken for
+ours. Where this file runs as a plain script, ``_proc.py`` is written next to it (``start_detached``, the agent
+script).
 """
 from __future__ import annotations
 
@@ -73,6 +78,10 @@ DEFAULT_POLICY: Dict[str, Any] = {
     "stable_after": 30.0, "fail_fast": True, "up_after": 0.0,
 }
 
+MAX_CONTROL_PATH = 90
+GO_POLL = 0.02  # seconds between looks for the forward_after file (only until the forward is asked for)
+FORWARD_TIMEOUT = 15
+_CONTROL_PATH_RE = re.compile(r"/[A-Za-z0-9_./+@,=-]+")
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 _HOST_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,252}")
 _USER_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
@@ -211,12 +220,15 @@ def validate_spec(raw: Mapping[str, Any]) -> Dict[str, Any]:
     return out
 
 
-def _common_options(spec: Mapping[str, Any], loglevel: Optional[str]) -> List[str]:
+def _common_options(spec: Mapping[str, Any], loglevel: Optional[str], control_path: Optional[str] = None) -> List[str]:
+    # ssh keeps the first value it is given for an option: the control settings are chosen here, not appended
+    control = (["ControlMaster=yes", "ControlPath=%s" % control_path, "ControlPersist=no"] if control_path
+               else ["ControlMaster=no", "ControlPath=none"])
     opts = ["BatchMode=yes", "StrictHostKeyChecking=%s" % _STRICT[spec["known_hosts_policy"]],
             "ConnectTimeout=%d" % spec["connect_timeout"],
             "ServerAliveInterval=%d" % spec["server_alive_interval"],
             "ServerAliveCountMax=%d" % spec["server_alive_count_max"],
-            "ControlMaster=no", "ControlPath=none", "PermitLocalCommand=no", "ForwardAgent=no", "ForwardX11=no"]
+            *control, "PermitLocalCommand=no", "ForwardAgent=no", "ForwardX11=no"]
     if spec["known_hosts_file"]:
         opts.append("UserKnownHostsFile=%s" % spec["known_hosts_file"])
     elif spec["known_hosts_policy"] == "no":
@@ -235,11 +247,20 @@ def _bracket(host: str) -> str:
     return "[%s]" % host if ":" in host else host
 
 
-def build_ssh_argv(spec: Mapping[str, Any]) -> List[str]:
+def _forward(spec: Mapping[str, Any]) -> str:
+    return "127.0.0.1:%d:%s:%d" % (spec["remote_port"], _bracket(spec["local_host"]), spec["local_port"])
+
+
+def build_ssh_argv(spec: Mapping[str, Any], control_path: Optional[str] = None) -> List[str]:
     """The ssh argv for a validated spec. A jump host becomes a ProxyCommand running the same ssh with
-    the same options (``-J`` would not pass ``-o``/``-i`` to the jump hop), quoted with shlex."""
-    argv = [spec["ssh_bin"], "-N", "-T", "-v", "-o", "ExitOnForwardFailure=yes"] + _common_options(spec, None)
-    argv += ["-R", "127.0.0.1:%d:%s:%d" % (spec["remote_port"], _bracket(spec["local_host"]), spec["local_port"])]
+    the same options (``-J`` would not pass ``-o``/``-i`` to the jump hop), quoted with shlex.
+
+    With ``control_path``, the connection alone: a master on that socket and no ``-R``, which
+    :func:`build_forward_argv` asks the master for once the forward is wanted."""
+    argv = [spec["ssh_bin"], "-N", "-T", "-v", "-o", "ExitOnForwardFailure=yes"] + _common_options(
+        spec, None, control_path)
+    if not control_path:
+        argv += ["-R", _forward(spec)]
     if spec.get("jump_host"):
         hop = [spec["ssh_bin"], "-W", "[%h]:%p"] + _common_options(spec, "ERROR")
         hop += ["-p", str(spec["jump_port"] or 22)]
@@ -251,6 +272,22 @@ def build_ssh_argv(spec: Mapping[str, Any]) -> List[str]:
     if spec.get("dest_user"):
         argv += ["-l", spec["dest_user"]]
     return argv + ["--", spec["dest_host"]]
+
+
+def build_forward_argv(spec: Mapping[str, Any], control_path: str) -> List[str]:
+    """Ask the master on ``control_path`` for the spec's remote forward. ssh answers only once the far side has
+    accepted or refused it, and exits non-zero with the refusal ("remote port forwarding failed ...")."""
+    return [spec["ssh_bin"], "-o", "ControlPath=%s" % control_path, "-O", "forward", "-R", _forward(spec),
+            "--", spec["dest_host"]]
+
+
+def control_path_for(state_dir: str, name: str) -> Optional[str]:
+    """The master's socket for tunnel ``name``, or None where ssh could not use it: a socket path has room for
+    about 107 bytes and ssh first binds it under a name 17 bytes longer; ssh would read ``%`` and blanks in it."""
+    path = os.path.join(state_dir, name + ".cm")
+    if len(path.encode()) > MAX_CONTROL_PATH or not _CONTROL_PATH_RE.fullmatch(path):
+        return None
+    return path
 
 
 def validate_policy(raw: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
@@ -513,11 +550,19 @@ class Supervisor:
     """Keep ``argv`` (an ``ssh -N -R`` command) running; see the module docstring."""
 
     def __init__(self, argv: Sequence[str], state_dir: str, name: str, policy: Mapping[str, Any], *,
-                 digest: Optional[str] = None, stop_file: Optional[str] = None) -> None:
+                 digest: Optional[str] = None, stop_file: Optional[str] = None, forward_after: Optional[str] = None,
+                 forward_argv: Optional[Sequence[str]] = None, control_path: Optional[str] = None) -> None:
+        """``forward_after``: a file whose appearance says the forward is wanted (the agent creates it once its
+        server holds the port). With ``forward_argv`` and ``control_path``, ``argv`` is a master connection without
+        the forward, opened at once, and ``forward_argv`` asks it for the forward when the file appears; without
+        them, ``argv`` (with its ``-R``) is started only when the file appears."""
         self.argv = list(argv)
         self.state_dir, self.name, self.policy = state_dir, name, dict(policy)
         self.paths = tunnel_paths(state_dir, name)
         self.stop_file = stop_file
+        self.forward_after = forward_after
+        self.forward_argv = list(forward_argv) if forward_argv and control_path and forward_after else None
+        self.control_path = control_path if self.forward_argv else None
         self.stop_signal = 0
         self.child: Optional[subprocess.Popen] = None
         self.log: Any = None
@@ -580,6 +625,8 @@ class Supervisor:
         history: List[Tuple[float, float, float]] = []
         ever_up = False
         while not self.stopping():
+            if not self._wait_for_go():
+                break
             start = time.monotonic()
             rc, lines, up_at = self._attempt()
             end = time.monotonic()
@@ -608,10 +655,38 @@ class Supervisor:
         self.save(state="stopped")
         return 0
 
+    def _go(self) -> bool:
+        return not self.forward_after or os.path.exists(self.forward_after)
+
+    def _wait_for_go(self) -> bool:
+        """Without a master to open early, hold the ssh (and its forward) until it is wanted; False when stopping."""
+        while self.forward_argv is None and not self._go():
+            if self.stopping():
+                return False
+            time.sleep(GO_POLL)
+        return True
+
+    def _ask_forward(self) -> Tuple[int, List[str]]:
+        """Ask the connected master for the forward; (exit status, output lines)."""
+        try:
+            done = subprocess.run(self.forward_argv or [], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, close_fds=True, env=_env(), timeout=FORWARD_TIMEOUT,
+                                  check=False)
+        except subprocess.TimeoutExpired:
+            return 124, ["ssh -O forward: no answer from the master within %d s" % FORWARD_TIMEOUT]
+        except OSError as exc:
+            return 127, ["%s: %s" % ((self.forward_argv or ["ssh"])[0], exc.strerror or exc)]
+        return done.returncode, done.stdout.decode("utf-8", "replace").splitlines()
+
     def _attempt(self) -> Tuple[Optional[int], List[str], float]:
         """Run ssh once; return (rc, its output lines, monotonic time it came up or 0)."""
         tail: Deque[str] = deque(maxlen=40)
         self.status["attempts"] += 1
+        if self.control_path:
+            try:  # a master that was killed leaves its socket, and a new one would then run without any
+                os.unlink(self.control_path)
+            except FileNotFoundError:
+                pass
         try:
             self.child = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                           stderr=subprocess.STDOUT, close_fds=True, env=_env())
@@ -625,8 +700,9 @@ class Supervisor:
         fd = child.stdout.fileno()
         os.set_blocking(fd, False)
         partial, eof, exited_at, up_at, started, term_at = b"", False, 0.0, 0.0, time.monotonic(), 0.0
+        to_forward, refused = bool(self.forward_argv), 0
         while True:
-            ready = select.select([] if eof else [fd], [], [], 0.2)[0]
+            ready = select.select([] if eof else [fd], [], [], GO_POLL if to_forward else 0.2)[0]
             if ready:
                 try:
                     data: Optional[bytes] = os.read(fd, 65536)
@@ -642,6 +718,23 @@ class Supervisor:
                         tail.append(line)
                         up_at = self._line(line, up_at)
             now = time.monotonic()
+            # the master is connected once its socket exists (ssh binds it after authentication)
+            if to_forward and child.poll() is None and not self.stopping() and self._go() \
+                    and os.path.exists(self.control_path or ""):
+                to_forward = False
+                rc, lines = self._ask_forward()
+                for line in lines:
+                    tail.append(line)
+                    self.say("[ssh -O forward] " + line)
+                if rc == 0:
+                    up_at = up_at or time.monotonic()
+                    self.save(state="up", up_since=_now_iso())
+                else:  # refused (the port is taken on the far side...): the attempt ends with the refusal's words
+                    refused = rc
+                    term_at = now
+                    child.terminate()
+            if refused and child.poll() is None and now - term_at > 3:
+                child.kill()
             if not up_at and self.policy["up_after"] and now - started >= self.policy["up_after"] \
                     and child.poll() is None:
                 up_at = now
@@ -660,7 +753,7 @@ class Supervisor:
             tail.append(partial.decode("utf-8", "replace"))
         child.stdout.close()
         self.child = None
-        return child.returncode, list(tail), up_at
+        return refused or child.returncode, list(tail), up_at
 
     def _line(self, line: str, up_at: float) -> float:
         if not line.startswith("debug") or _LOG_DEBUG_RE.search(line):
@@ -712,6 +805,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             p.add_argument("--spec", help="JSON file with 'ssh' (tunnel parameters) and optional 'policy'")
         if cmd == "run":
             p.add_argument("--stop-file", help="exit when this file appears")
+            p.add_argument("--forward-after", help="connect at once but ask for the forward only when this file "
+                           "appears (with --spec; without room for a master socket, start ssh only then)")
             p.add_argument("--up-after", type=float, default=None, help="raw argv: up after N seconds alive")
             p.add_argument("ssh_argv", nargs=argparse.REMAINDER, help="-- ssh argv (instead of --spec)")
         if cmd == "start":
@@ -745,16 +840,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raw = raw[1:]
         if args.spec and raw:
             raise TunnelError("spec", "give either --spec or an ssh argv, not both")
+        control_path, forward_argv = None, None
         if args.spec:
             spec, policy = load_spec_file(args.spec)
-            ssh_argv, digest = build_ssh_argv(spec), spec_hash(spec, policy)
+            if args.forward_after:
+                control_path = control_path_for(state_dir, name)
+            if control_path:
+                forward_argv = build_forward_argv(spec, control_path)
+            ssh_argv, digest = build_ssh_argv(spec, control_path), spec_hash(spec, policy)
         elif raw:
             policy, ssh_argv, digest = validate_policy(), list(raw), None
         else:
             raise TunnelError("spec", "give --spec FILE or -- ssh argv")
         if args.up_after is not None:
             policy["up_after"] = args.up_after
-        return Supervisor(ssh_argv, state_dir, name, policy, digest=digest, stop_file=args.stop_file).run()
+        return Supervisor(ssh_argv, state_dir, name, policy, digest=digest, stop_file=args.stop_file,
+                          forward_after=args.forward_after, forward_argv=forward_argv,
+                          control_path=control_path).run()
     except (TunnelError, OSError, ValueError) as exc:
         sys.stderr.write("%s: %s\n" % (SCRIPT_NAME, exc))
         return 2

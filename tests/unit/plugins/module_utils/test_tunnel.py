@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,6 +29,14 @@ import json, os, sys, time
 d = os.environ["FAKE_SSH_DIR"]
 plan = os.environ.get("FAKE_SSH_PLAN", "up").split(",")
 cnt = os.path.join(d, "count")
+if "-O" in sys.argv:  # a client of the master: "-O forward" as FAKE_SSH_FORWARD says
+    with open(os.path.join(d, "forwards"), "a") as fh:
+        fh.write(json.dumps(sys.argv) + "\n")
+    if os.environ.get("FAKE_SSH_FORWARD", "ok") == "busy":
+        sys.stderr.write("mux_client_forward: forwarding request failed: remote port forwarding failed for listen "
+                         "port 56321\n")
+        sys.exit(255)
+    sys.exit(0)
 n = int(open(cnt).read()) if os.path.exists(cnt) else 0
 open(cnt, "w").write(str(n + 1))
 json.dump(sys.argv, open(os.path.join(d, "argv.%d.json" % n), "w"))
@@ -40,7 +50,10 @@ if mode == "refused":
     err.write("ssh: connect to host workspace port 22: Connection refused\n"); err.flush(); sys.exit(255)
 if mode == "silent":
     err.flush(); time.sleep(3600)
-if mode == "alloc":
+if "ControlMaster=yes" in sys.argv:  # a master without a forward: its socket once "authenticated"
+    err.write("Authenticated to workspace ([10.0.0.1]:22) using \"publickey\".\n")
+    open([a.split("=", 1)[1] for a in sys.argv if a.startswith("ControlPath=")][0], "w").close()
+elif mode == "alloc":
     err.write("Allocated port 45678 for remote forward to 127.0.0.1:8888\n")
 else:
     err.write("debug1: remote forward success for: listen 127.0.0.1:56321, connect 127.0.0.1:8888\n")
@@ -623,3 +636,117 @@ def test_cli_refuses_bad_input(fake):
                              check=False)
         assert out.returncode == 2, args
         assert "_tunnel.py:" in out.stderr
+
+
+# ---------------------------------------------------------------- --forward-after: connect first, forward on the word
+
+def test_master_argv_has_no_forward_and_its_own_socket():
+    spec = T.validate_spec(dict(BASE, jump_host="ctl"))
+    argv = T.build_ssh_argv(spec, "/s/t.cm")
+    o = opts(argv)
+    assert "-R" not in argv and argv[-2:] == ["--", "workspace"]
+    # ssh keeps an option's first value: no ControlMaster=no / ControlPath=none before these
+    assert [x for x in o if x.startswith("Control")][:3] == ["ControlMaster=yes", "ControlPath=/s/t.cm",
+                                                             "ControlPersist=no"]
+    assert "ControlPath=none" in _proxy(argv)  # the jump hop never shares it
+    assert T.build_forward_argv(spec, "/s/t.cm") == [
+        "ssh", "-o", "ControlPath=/s/t.cm", "-O", "forward", "-R", "127.0.0.1:56321:127.0.0.1:8888", "--",
+        "workspace"]
+
+
+@pytest.mark.parametrize(("state_dir", "ok"), [
+    ("/home/u/.isession/sessions/jupyterlab-20261205203000-abc123/tunnel", True),
+    ("/home/u/" + "d" * 80, False),  # no room for ssh's temporary name of the socket
+    ("/home/u/my sessions", False), ("/home/u/100%", False),  # ssh would split or expand them
+])
+def test_control_path_only_where_ssh_can_bind_it(state_dir, ok):
+    path = T.control_path_for(state_dir, "isession")
+    assert (path == state_dir + "/isession.cm") if ok else path is None
+
+
+def _run_forward_after(fake, state_dir, go, **policy):
+    argv = [SYSTEM_PYTHON, "-I", str(SCRIPT), "run", "--state-dir", str(state_dir), "--name", "t",
+            "--spec", fake.spec_file(**policy), "--forward-after", str(go)]
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _status(state_dir):
+    return T.read_status(T.tunnel_paths(str(state_dir), "t")["status"]) or {}
+
+
+def _wait(pred, what, timeout=30.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return
+        time.sleep(0.02)
+    pytest.fail("timed out waiting for " + what)
+
+
+@pytest.fixture
+def short_state():
+    path = Path(tempfile.mkdtemp(prefix="tun-", dir="/tmp"))  # noqa: S108 - short: a socket path has ~107 bytes
+    yield path
+    T.stop_tunnel(str(path), "t", 1.0)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def test_forward_after_connects_first_and_forwards_on_the_word(fake, short_state):
+    fake.plan("up")
+    go, cm = short_state / "go", short_state / "t.cm"
+    proc = _run_forward_after(fake, short_state, go)
+    try:
+        _wait(cm.exists, "the master's socket")
+        assert _status(short_state)["state"] == "connecting"  # connected, and no forward asked for
+        assert not (fake.dir / "forwards").exists()
+        master = json.loads((fake.dir / "argv.0.json").read_text())
+        assert "-R" not in master and "ControlMaster=yes" in master and "ControlPath=%s" % cm in master
+        go.touch()
+        _wait(lambda: _status(short_state).get("state") == "up", "up")
+        forwards = [json.loads(x) for x in (fake.dir / "forwards").read_text().splitlines()]
+        assert [f[f.index("-O"):] for f in forwards] == [
+            ["-O", "forward", "-R", "127.0.0.1:56321:127.0.0.1:8888", "--", "workspace"]]
+        # a new connection (the old one dropped) asks for the forward again, at once
+        first = _status(short_state)["ssh_pid"]
+        os.kill(first, signal.SIGKILL)
+        _wait(lambda: _status(short_state).get("state") == "up" and _status(short_state)["ssh_pid"] != first, "again")
+        assert len((fake.dir / "forwards").read_text().splitlines()) == 2 and _status(short_state)["restarts"] == 1
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+    assert fake_ssh_pids(fake) == [] and _status(short_state)["state"] == "stopped"
+
+
+def test_a_refused_forward_fails_at_once_with_its_words(fake, short_state, monkeypatch):
+    fake.plan("up")
+    monkeypatch.setenv("FAKE_SSH_FORWARD", "busy")
+    go = short_state / "go"
+    go.touch()
+    proc = _run_forward_after(fake, short_state, go)
+    assert proc.wait(30) == 1
+    st = _status(short_state)
+    assert st["state"] == "failed" and st["attempts"] == 1
+    assert st["last_error"].startswith("ssh exited with status 255")
+    assert "remote port forwarding failed for listen port 56321" in st["last_error"]
+    assert fake_ssh_pids(fake) == []
+
+
+def test_forward_after_without_room_for_a_socket_starts_ssh_only_on_the_word(fake, tmp_path):
+    fake.plan("up")
+    state = tmp_path / ("s" * 90)
+    state.mkdir(mode=0o700)
+    go = state / "go"
+    proc = _run_forward_after(fake, state, go)
+    try:
+        _wait(lambda: _status(state).get("state") == "starting", "the supervisor")
+        time.sleep(0.5)  # time for a wrong supervisor to start its ssh anyway
+        assert _status(state)["state"] == "starting" and not (fake.dir / "count").exists()  # no ssh yet
+        go.touch()
+        _wait(lambda: _status(state).get("state") == "up", "up")
+        argv = json.loads((fake.dir / "argv.0.json").read_text())
+        assert "127.0.0.1:56321:127.0.0.1:8888" in argv and "ControlMaster=no" in argv
+        assert not (fake.dir / "forwards").exists()
+    finally:
+        proc.terminate()
+        assert proc.wait(10) == 0
+    assert fake_ssh_pids(fake) == []
