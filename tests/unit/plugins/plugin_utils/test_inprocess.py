@@ -239,7 +239,18 @@ def test_module_exit_is_not_stopped_by_except_exception():
     assert done.value.result["changed"] is True
 
 
-ACTIONS = sorted(p.stem for p in (REPO / "plugins" / "action").glob("*.py"))
+# actions with nothing to run on a host: their module file is documentation only (checked below)
+ACTION_ONLY = ("warm_connection",)
+ACTIONS = sorted(p.stem for p in (REPO / "plugins" / "action").glob("*.py") if p.stem not in ACTION_ONLY)
+
+
+@pytest.mark.parametrize("module_name", ACTION_ONLY)
+def test_action_only_plugins_are_documented_and_run_nothing_on_a_host(module_name):
+    action = importlib.import_module("ansible_collections.hpc.interactive.plugins.action." + module_name)
+    assert not issubclass(action.ActionModule, _inprocess.InProcessAction)
+    mod = importlib.import_module(_inprocess.MODULES_PACKAGE + module_name)
+    assert f"module: {module_name}" in mod.DOCUMENTATION and mod.EXAMPLES and mod.RETURN
+    assert not hasattr(mod, "main") and not hasattr(mod, "run_module")
 
 
 @pytest.mark.parametrize("module_name", ACTIONS)
