@@ -68,6 +68,32 @@ def runner_env(col: Collection, base: Optional[Mapping[str, str]] = None) -> Dic
     }
 
 
+def _no_delay_after_close() -> None:
+    """Drop ptyprocess's fixed 0.1 s sleep in ``close()`` for ansible-runner's child.
+
+    ansible-runner closes the ansible-playbook pty only after its loop saw the process gone (``isalive()`` false, so
+    already reaped), and ``PtyProcess.close`` then sleeps ``delayafterclose`` "to give the kernel time to update the
+    process status" before asking again: a tenth of a second added to every command that runs a play, for nothing.
+    Set per instance (``__init__`` sets it), so the close is wrapped; a ptyprocess without the attribute is left alone.
+    """
+    try:
+        from ptyprocess import ptyprocess  # noqa: PLC0415 - ansible-runner's dependency, imported with it
+    except ImportError:  # pragma: no cover - ansible-runner always brings it
+        return
+    cls = ptyprocess.PtyProcess
+    close = cls.close
+    if getattr(close, "_isession_no_delay", False) or not hasattr(cls, "isalive"):
+        return
+
+    def close_without_delay(self: Any, force: bool = True) -> None:
+        if getattr(self, "delayafterclose", None) is not None and not self.isalive():
+            self.delayafterclose = 0
+        close(self, force)
+
+    close_without_delay._isession_no_delay = True  # type: ignore[attr-defined]
+    cls.close = close_without_delay  # type: ignore[method-assign]
+
+
 def write_pidfile(path: Path, playbook_pid: Optional[int]) -> None:
     data = {"cli_pid": os.getpid(), "playbook_pid": playbook_pid, "started": time.time()}
     tmp = path.with_name(path.name + ".tmp")
@@ -86,6 +112,7 @@ def run_playbook(col: Collection, session_dir: Path, playbook: str, extravars: M
     """
     import ansible_runner  # noqa: PLC0415 - heavy import, only for commands that run playbooks
 
+    _no_delay_after_close()
     pdd = runner_dir(session_dir)
     if inventory is None:
         inv_file = pdd / "inventory.yml"
