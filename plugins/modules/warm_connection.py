@@ -44,6 +44,6 @@ EXAMPLES = r"""
 
 RETURN = r"""
 started: {description: Whether the SSH command was started., returned: always, type: bool, sample: true}
-msg: {description: What was done, or why nothing was., returned: always, type: str,
+msg: {description: "What was done, or why nothing was.", returned: always, type: str,
       sample: opening the ssh master connection in the background}
 """

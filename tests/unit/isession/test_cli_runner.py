@@ -228,3 +228,29 @@ def test_cancel_runs_the_copy_its_start_ran_without_loading_ansibles_configurati
         assert "HEAVY=ansible.constants,ansible.plugins.loader\n" in cp.stdout, cp.stdout
     finally:
         _stop_watcher(root)
+
+
+def test_no_delay_after_closing_a_pty_whose_process_is_gone(monkeypatch):
+    """ansible-runner closes ansible-playbook's pty once the process was reaped: no 0.1 s wait then, as before else."""
+    from ptyprocess import ptyprocess
+
+    from isession import play
+
+    monkeypatch.setattr(ptyprocess.PtyProcess, "close", ptyprocess.PtyProcess.close)  # undone after the test
+    play._no_delay_after_close()
+    play._no_delay_after_close()  # once only: not wrapped twice
+    assert ptyprocess.PtyProcess.close._isession_no_delay
+    slept, real_sleep = [], time.sleep
+
+    def sleep(seconds):
+        slept.append(seconds)
+        real_sleep(seconds)
+
+    monkeypatch.setattr(ptyprocess.time, "sleep", sleep)
+    gone = ptyprocess.PtyProcess.spawn(["true"])
+    while gone.isalive():
+        os.sched_yield()
+    gone.close()
+    alive = ptyprocess.PtyProcess.spawn(["sleep", "30"])
+    alive.close(force=True)
+    assert slept[0] == 0 and slept[1] == 0.1 and not alive.isalive()
