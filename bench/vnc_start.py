@@ -114,7 +114,8 @@ def isession_round(bed: bl.Bed, cli: bl.Cli, sid: str, idle: float) -> Dict[str,
                     timeout=600)
     pr = probe.result()
     service = cli.read(sid, "service.json")
-    out: Dict[str, Any] = {"id": sid, "rc": run["rc"], "seconds": run["seconds"], "status": service.get("JOB_STATUS")}
+    out: Dict[str, Any] = {"id": sid, "rc": run["rc"], "seconds": run["seconds"], "status": service.get("JOB_STATUS"),
+                           "job_id": cli.read(sid, "state.json").get("job_id")}
     if run["rc"] != 0 or service.get("JOB_STATUS") != "Running":
         out["error"] = (run["stdout"] + run["stderr"])[-3000:]
         return out
@@ -164,6 +165,11 @@ def main() -> int:
             rnd["ratio"] = round(s["seconds"] / b["seconds"], 4)
             rnd["ratio_url"] = round(s["url_answers_s"] / b["url_answers_s"], 4) \
                 if s.get("url_answers_s") and b.get("url_answers_s") else None
+            waits = bl.slurm_waits(bl.slurm_log(bed), [b.get("job_id"), s.get("job_id")])
+            b["slurm_wait_s"], s["slurm_wait_s"] = waits.get(str(b.get("job_id"))), waits.get(str(s.get("job_id")))
+            if b["slurm_wait_s"] is not None and s["slurm_wait_s"] is not None:
+                rnd["ratio_without_slurm_wait"] = round(
+                    (s["seconds"] - s["slurm_wait_s"]) / (b["seconds"] - b["slurm_wait_s"]), 4)
         rounds.append(rnd)
         print(json.dumps({k: rnd.get(k) for k in ("round", "warmup", "ratio", "ratio_url")}), flush=True)
     cli.stop_watcher()
@@ -176,6 +182,12 @@ def main() -> int:
                                    if r["isession"].get("url_answers_s")),
         "ratio": bl.stats(r["ratio"] for r in measured),
         "ratio_url": bl.stats(r["ratio_url"] for r in measured if r.get("ratio_url")),
+        "slurm_wait_bare_s": bl.stats(r["bare"]["slurm_wait_s"] for r in measured
+                                      if r["bare"].get("slurm_wait_s") is not None),
+        "slurm_wait_isession_s": bl.stats(r["isession"]["slurm_wait_s"] for r in measured
+                                          if r["isession"].get("slurm_wait_s") is not None),
+        "ratio_without_slurm_wait": bl.stats(r["ratio_without_slurm_wait"] for r in measured
+                                             if "ratio_without_slurm_wait" in r),
         "idle_pss_mib": bl.stats(r["isession"]["memory"]["pss_kb"] / 1024 for r in measured
                                  if r["isession"].get("memory")),
         "idle_processes": bl.stats(r["isession"]["memory"]["processes"] for r in measured
@@ -196,6 +208,10 @@ def main() -> int:
              f"{'isession: start -> page first answers':46} {bl.fmt_stats(summary['isession_url_s']):34} -",
              f"{'ratio isession / bare (exit)':46} {bl.fmt_stats(summary['ratio'], 'x'):34} <= {TARGET_RATIO}x",
              f"{'ratio isession / bare (page first answers)':46} {bl.fmt_stats(summary['ratio_url'], 'x'):34} -",
+             f"{'  Slurm: submit -> allocated, bare path':46} {bl.fmt_stats(summary['slurm_wait_bare_s']):34} -",
+             f"{'  Slurm: submit -> allocated, isession':46} {bl.fmt_stats(summary['slurm_wait_isession_s']):34} -",
+             f"{'  ratio without Slurm wait (both paths)':46} "
+             f"{bl.fmt_stats(summary['ratio_without_slurm_wait'], 'x'):34} -",
              f"{'idle desktop session, Pss on the node':46} {bl.fmt_stats(summary['idle_pss_mib'], ' MiB', 1):34} -",
              f"{'  processes of the session':46} {bl.fmt_stats(summary['idle_processes'], '', 0):34} -",
              "", "largest parts of the idle session (Pss, last round): "
