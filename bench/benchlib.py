@@ -144,6 +144,29 @@ def slurm_log(bed: Bed) -> str:
         return ""
 
 
+def add_slurm_waits(bed: Bed, rnd: Dict[str, Any]) -> None:
+    """Each path's Slurm wait (``slurm_wait_s``) in a round with ``bare`` and ``isession`` results (``job_id``,
+    ``seconds``), and the round's ``ratio_without_slurm_wait`` when both are known."""
+    b, s = rnd["bare"], rnd["isession"]
+    waits = slurm_waits(slurm_log(bed), [b.get("job_id"), s.get("job_id")])
+    b["slurm_wait_s"], s["slurm_wait_s"] = waits.get(str(b.get("job_id"))), waits.get(str(s.get("job_id")))
+    if b["slurm_wait_s"] is not None and s["slurm_wait_s"] is not None:
+        rnd["ratio_without_slurm_wait"] = round((s["seconds"] - s["slurm_wait_s"]) / (b["seconds"] - b["slurm_wait_s"]),
+                                                3)
+
+
+def slurm_wait_stats(rounds: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
+    """The summary entries of :func:`add_slurm_waits` over measured rounds."""
+    return {
+        "slurm_wait_bare_s": stats(r["bare"]["slurm_wait_s"] for r in rounds
+                                   if r["bare"].get("slurm_wait_s") is not None),
+        "slurm_wait_isession_s": stats(r["isession"]["slurm_wait_s"] for r in rounds
+                                       if r["isession"].get("slurm_wait_s") is not None),
+        "ratio_without_slurm_wait": stats(r["ratio_without_slurm_wait"] for r in rounds
+                                          if "ratio_without_slurm_wait" in r),
+    }
+
+
 def first_at(history: Sequence[dict], step: str) -> Optional[float]:
     """The time ``step`` was first entered in a state.json history."""
     for item in history or []:

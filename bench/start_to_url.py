@@ -245,13 +245,7 @@ def part_start(bed: bl.Bed, tmp: Path, inventory: Path, *, runs: int, warmup: in
                     rnd["cancel"] = cancel_round(bed, cli, sid, rnd["isession"])
             if "error" not in rnd["bare"] and rnd["isession"].get("status") == "Running":
                 rnd["ratio"] = round(rnd["isession"]["seconds"] / rnd["bare"]["seconds"], 3)
-                waits = bl.slurm_waits(bl.slurm_log(bed), [rnd[w].get("job_id") for w in ("bare", "isession")])
-                for w in ("bare", "isession"):
-                    rnd[w]["slurm_wait_s"] = waits.get(str(rnd[w].get("job_id")))
-                if None not in (rnd["bare"]["slurm_wait_s"], rnd["isession"]["slurm_wait_s"]):
-                    rnd["ratio_without_slurm_wait"] = round(
-                        (rnd["isession"]["seconds"] - rnd["isession"]["slurm_wait_s"])
-                        / (rnd["bare"]["seconds"] - rnd["bare"]["slurm_wait_s"]), 3)
+                bl.add_slurm_waits(bed, rnd)
             print(f"round {i}: bare {rnd['bare'].get('seconds')}s isession {rnd['isession'].get('seconds')}s "
                   f"({rnd['isession'].get('status')}) ratio {rnd.get('ratio')} cancel "
                   f"{rnd.get('cancel', {}).get('nothing_left_s')}s", flush=True)
@@ -312,12 +306,7 @@ def summarize_start(rounds: List[Dict[str, Any]]) -> Dict[str, Any]:
                                            if r["isession"].get("url_answers_s") is not None),
         "ratio": bl.stats(r["ratio"] for r in ok),
         "ratio_of_medians": round(bl.stats(isess)["median"] / bl.stats(bare)["median"], 3) if ok else None,
-        "slurm_wait_bare_s": bl.stats(r["bare"]["slurm_wait_s"] for r in ok
-                                      if r["bare"].get("slurm_wait_s") is not None),
-        "slurm_wait_isession_s": bl.stats(r["isession"]["slurm_wait_s"] for r in ok
-                                          if r["isession"].get("slurm_wait_s") is not None),
-        "ratio_without_slurm_wait": bl.stats(r["ratio_without_slurm_wait"] for r in ok
-                                             if "ratio_without_slurm_wait" in r),
+        **bl.slurm_wait_stats(ok),
         "ready_latency_s": bl.stats(r["isession"]["ready_latency_s"] for r in ok if "ready_latency_s" in r["isession"]),
         "cancel_cli_s": bl.stats(r["cancel"]["cli_seconds"] for r in ok if "cancel" in r),
         "cancel_nothing_left_s": bl.stats(r["cancel"]["nothing_left_s"] for r in ok

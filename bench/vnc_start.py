@@ -165,11 +165,7 @@ def main() -> int:
             rnd["ratio"] = round(s["seconds"] / b["seconds"], 4)
             rnd["ratio_url"] = round(s["url_answers_s"] / b["url_answers_s"], 4) \
                 if s.get("url_answers_s") and b.get("url_answers_s") else None
-            waits = bl.slurm_waits(bl.slurm_log(bed), [b.get("job_id"), s.get("job_id")])
-            b["slurm_wait_s"], s["slurm_wait_s"] = waits.get(str(b.get("job_id"))), waits.get(str(s.get("job_id")))
-            if b["slurm_wait_s"] is not None and s["slurm_wait_s"] is not None:
-                rnd["ratio_without_slurm_wait"] = round(
-                    (s["seconds"] - s["slurm_wait_s"]) / (b["seconds"] - b["slurm_wait_s"]), 4)
+            bl.add_slurm_waits(bed, rnd)
         rounds.append(rnd)
         print(json.dumps({k: rnd.get(k) for k in ("round", "warmup", "ratio", "ratio_url")}), flush=True)
     cli.stop_watcher()
@@ -182,12 +178,7 @@ def main() -> int:
                                    if r["isession"].get("url_answers_s")),
         "ratio": bl.stats(r["ratio"] for r in measured),
         "ratio_url": bl.stats(r["ratio_url"] for r in measured if r.get("ratio_url")),
-        "slurm_wait_bare_s": bl.stats(r["bare"]["slurm_wait_s"] for r in measured
-                                      if r["bare"].get("slurm_wait_s") is not None),
-        "slurm_wait_isession_s": bl.stats(r["isession"]["slurm_wait_s"] for r in measured
-                                          if r["isession"].get("slurm_wait_s") is not None),
-        "ratio_without_slurm_wait": bl.stats(r["ratio_without_slurm_wait"] for r in measured
-                                             if "ratio_without_slurm_wait" in r),
+        **bl.slurm_wait_stats(measured),
         "idle_pss_mib": bl.stats(r["isession"]["memory"]["pss_kb"] / 1024 for r in measured
                                  if r["isession"].get("memory")),
         "idle_processes": bl.stats(r["isession"]["memory"]["processes"] for r in measured
