@@ -14,7 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+from ptyprocess import ptyprocess
 
+from isession import play
 from isession.watchfiles import running_pid
 
 REPO = Path(__file__).resolve().parents[3]
@@ -232,10 +234,6 @@ def test_cancel_runs_the_copy_its_start_ran_without_loading_ansibles_configurati
 
 def test_no_delay_after_closing_a_pty_whose_process_is_gone(monkeypatch):
     """ansible-runner closes ansible-playbook's pty once the process was reaped: no 0.1 s wait then, as before else."""
-    from ptyprocess import ptyprocess
-
-    from isession import play
-
     monkeypatch.setattr(ptyprocess.PtyProcess, "close", ptyprocess.PtyProcess.close)  # undone after the test
     play._no_delay_after_close()
     play._no_delay_after_close()  # once only: not wrapped twice
