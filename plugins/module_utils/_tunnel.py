@@ -731,15 +731,11 @@ class Supervisor:
                     self.save(state="up", up_since=_now_iso())
                 else:  # refused (the port is taken on the far side...): the attempt ends with the refusal's words
                     refused = rc
-                    term_at = now
-                    child.terminate()
-            if refused and child.poll() is None and now - term_at > 3:
-                child.kill()
             if not up_at and self.policy["up_after"] and now - started >= self.policy["up_after"] \
                     and child.poll() is None:
                 up_at = now
                 self.save(state="up", up_since=_now_iso())
-            if self.stopping() and child.poll() is None:
+            if (refused or self.stopping()) and child.poll() is None:
                 if not term_at:
                     term_at = now
                     child.terminate()
