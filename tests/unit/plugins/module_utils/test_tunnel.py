@@ -414,26 +414,27 @@ def fake(tmp_path, monkeypatch):
             return str(path)
 
         @staticmethod
-        def run(name="t", *extra, **policy):
-            argv = [SYSTEM_PYTHON, "-I", str(SCRIPT), "run", "--state-dir", str(state), "--name", name,
+        def run(name="t", *extra, state_dir=None, **policy):
+            argv = [SYSTEM_PYTHON, "-I", str(SCRIPT), "run", "--state-dir", str(state_dir or state), "--name", name,
                     "--spec", Fake.spec_file(name, **policy), *extra]
             proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
             procs.append(proc)
             return proc
 
         @staticmethod
-        def status(name="t"):
-            return T.read_status(T.tunnel_paths(str(state), name)["status"]) or {}
+        def status(name="t", state_dir=None):
+            return T.read_status(T.tunnel_paths(str(state_dir or state), name)["status"]) or {}
 
         @staticmethod
-        def wait(pred, name="t", timeout=30.0):
+        def wait(pred, name="t", timeout=30.0, state_dir=None):
             deadline = time.monotonic() + timeout
             while time.monotonic() < deadline:
-                st = Fake.status(name)
+                st = Fake.status(name, state_dir)
                 if pred(st):
                     return st
                 time.sleep(0.05)
-            pytest.fail("timed out; status=%r log=%s" % (Fake.status(name), T.log_tail(str(state), name)))
+            pytest.fail("timed out; status=%r log=%s" % (Fake.status(name, state_dir),
+                                                         T.log_tail(str(state_dir or state), name)))
 
     yield Fake
     for proc in procs:
@@ -664,25 +665,6 @@ def test_control_path_only_where_ssh_can_bind_it(state_dir, ok):
     assert (path == state_dir + "/isession.cm") if ok else path is None
 
 
-def _run_forward_after(fake, state_dir, go, **policy):
-    argv = [SYSTEM_PYTHON, "-I", str(SCRIPT), "run", "--state-dir", str(state_dir), "--name", "t",
-            "--spec", fake.spec_file(**policy), "--forward-after", str(go)]
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _status(state_dir):
-    return T.read_status(T.tunnel_paths(str(state_dir), "t")["status"]) or {}
-
-
-def _wait(pred, what, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return
-        time.sleep(0.02)
-    pytest.fail("timed out waiting for " + what)
-
-
 @pytest.fixture
 def short_state():
     path = Path(tempfile.mkdtemp(prefix="tun-", dir="/tmp"))  # noqa: S108 - short: a socket path has ~107 bytes
@@ -694,27 +676,27 @@ def short_state():
 def test_forward_after_connects_first_and_forwards_on_the_word(fake, short_state):
     fake.plan("up")
     go, cm = short_state / "go", short_state / "t.cm"
-    proc = _run_forward_after(fake, short_state, go)
+    proc = fake.run("t", "--forward-after", str(go), state_dir=short_state)
     try:
-        _wait(cm.exists, "the master's socket")
-        assert _status(short_state)["state"] == "connecting"  # connected, and no forward asked for
+        fake.wait(lambda st: cm.exists(), state_dir=short_state)  # the master's socket
+        assert fake.status(state_dir=short_state)["state"] == "connecting"  # connected, and no forward asked for
         assert not (fake.dir / "forwards").exists()
         master = json.loads((fake.dir / "argv.0.json").read_text())
         assert "-R" not in master and "ControlMaster=yes" in master and "ControlPath=%s" % cm in master
         go.touch()
-        _wait(lambda: _status(short_state).get("state") == "up", "up")
+        fake.wait(lambda st: st.get("state") == "up", state_dir=short_state)
         forwards = [json.loads(x) for x in (fake.dir / "forwards").read_text().splitlines()]
         assert [f[f.index("-O"):] for f in forwards] == [
             ["-O", "forward", "-R", "127.0.0.1:56321:127.0.0.1:8888", "--", "workspace"]]
         # a new connection (the old one dropped) asks for the forward again, at once
-        first = _status(short_state)["ssh_pid"]
+        first = fake.status(state_dir=short_state)["ssh_pid"]
         os.kill(first, signal.SIGKILL)
-        _wait(lambda: _status(short_state).get("state") == "up" and _status(short_state)["ssh_pid"] != first, "again")
-        assert len((fake.dir / "forwards").read_text().splitlines()) == 2 and _status(short_state)["restarts"] == 1
+        st = fake.wait(lambda st: st.get("state") == "up" and st["ssh_pid"] != first, state_dir=short_state)
+        assert len((fake.dir / "forwards").read_text().splitlines()) == 2 and st["restarts"] == 1
     finally:
         proc.terminate()
         assert proc.wait(10) == 0
-    assert fake_ssh_pids(fake) == [] and _status(short_state)["state"] == "stopped"
+    assert fake_ssh_pids(fake) == [] and fake.status(state_dir=short_state)["state"] == "stopped"
 
 
 def test_a_refused_forward_fails_at_once_with_its_words(fake, short_state, monkeypatch):
@@ -722,9 +704,9 @@ def test_a_refused_forward_fails_at_once_with_its_words(fake, short_state, monke
     monkeypatch.setenv("FAKE_SSH_FORWARD", "busy")
     go = short_state / "go"
     go.touch()
-    proc = _run_forward_after(fake, short_state, go)
+    proc = fake.run("t", "--forward-after", str(go), state_dir=short_state)
     assert proc.wait(30) == 1
-    st = _status(short_state)
+    st = fake.status(state_dir=short_state)
     assert st["state"] == "failed" and st["attempts"] == 1
     assert st["last_error"].startswith("ssh exited with status 255")
     assert "remote port forwarding failed for listen port 56321" in st["last_error"]
@@ -736,13 +718,13 @@ def test_forward_after_without_room_for_a_socket_starts_ssh_only_on_the_word(fak
     state = tmp_path / ("s" * 90)
     state.mkdir(mode=0o700)
     go = state / "go"
-    proc = _run_forward_after(fake, state, go)
+    proc = fake.run("t", "--forward-after", str(go), state_dir=state)
     try:
-        _wait(lambda: _status(state).get("state") == "starting", "the supervisor")
+        fake.wait(lambda st: st.get("state") == "starting", state_dir=state)
         time.sleep(0.5)  # time for a wrong supervisor to start its ssh anyway
-        assert _status(state)["state"] == "starting" and not (fake.dir / "count").exists()  # no ssh yet
+        assert fake.status(state_dir=state)["state"] == "starting" and not (fake.dir / "count").exists()  # no ssh yet
         go.touch()
-        _wait(lambda: _status(state).get("state") == "up", "up")
+        fake.wait(lambda st: st.get("state") == "up", state_dir=state)
         argv = json.loads((fake.dir / "argv.0.json").read_text())
         assert "127.0.0.1:56321:127.0.0.1:8888" in argv and "ControlMaster=no" in argv
         assert not (fake.dir / "forwards").exists()
