@@ -142,6 +142,7 @@ def ensure_watcher(root: Path, inventory: Optional[Path]) -> None:
 
 
 WATCHER_CANCEL_WAIT = 15.0  # seconds a cancel waits for the watcher's teardown before it runs the cancel playbook
+NOTE_AFTER_END = 2.0  # seconds after a cancelled session's end within which the watcher's note is still to come
 
 
 def request_fast_cancel(root: Path, session_id: str) -> bool:
@@ -183,10 +184,16 @@ def watcher_cancelled(root: Path, session_id: str, timeout: float = WATCHER_CANC
     if not rec.get("job_id"):  # connect mode, or not submitted yet: nothing of the watcher's to wait for
         return False
     if rec.get("step") in TERMINAL_STEPS:
-        # ended already: by the watcher on this tombstone, and then its note says whether it undid everything (no
-        # note: not the watcher), or otherwise than cancelled
+        # ended already: by the watcher on this tombstone, and then its note says whether it undid everything, or
+        # otherwise than cancelled. The watcher writes the note just after it records the end: a session cancelled
+        # moments ago without a note yet gets that moment (the wait below); one cancelled long ago without a note was
+        # not cancelled by the watcher.
         note = read_teardown(directory) if rec.get("step") == "cancelled" else None
-        return bool(note and note.get("complete"))
+        ended = rec.get("ended")
+        if note is not None or rec.get("step") != "cancelled" or not isinstance(ended, (int, float)) \
+                or time.time() - ended > NOTE_AFTER_END:
+            return bool(note and note.get("complete"))
+        timeout = min(timeout, NOTE_AFTER_END)
     deadline = time.monotonic() + timeout
     with Changes(str(directory)) as changes:
         while time.monotonic() < deadline:

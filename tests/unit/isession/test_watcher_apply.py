@@ -16,7 +16,7 @@ import pytest
 
 from isession import watcher as w
 from isession import watchfiles as wf
-from isession.commands import watcher_cancelled
+from isession.commands import NOTE_AFTER_END, watcher_cancelled
 from ansible_collections.hpc.interactive.plugins.module_utils import (
     _dirwatch,
     _listeners,
@@ -641,6 +641,26 @@ def test_a_cancel_the_watcher_finished_before_the_wait_began_needs_no_playbook(t
     started = time.monotonic()
     assert _cancel_cli(root, "a") is False
     assert time.monotonic() - started < 10
+
+
+def test_a_cancel_that_reads_the_end_before_the_watchers_note_waits_for_the_note(tmp_path):
+    """The watcher records the end, then writes its note: a cancel reading the record in between gets the note."""
+    root = tmp_path / "s"
+    make_session(root, "a", ports={"workspace": 21999})
+    _state.run_op("cancel", str(root), "a", {"step": "cancelled"})  # ended just now, no note yet
+
+    def note_after_a_moment():
+        time.sleep(0.3)
+        (root / "a" / wf.TEARDOWN_FILE).write_text(json.dumps({"complete": True, "problems": [], "pending": False}))
+
+    assert _cancel_cli(root, "a", note_after_a_moment) is True
+    # ended long ago, no note: not the watcher's cancel, so the playbook at once
+    (root / "a" / wf.TEARDOWN_FILE).unlink()
+    record = _state.read_record(str(root / "a" / "state.json"))
+    (root / "a" / "state.json").write_text(json.dumps(dict(record, ended=record["ended"] - 60)))
+    started = time.monotonic()
+    assert _cancel_cli(root, "a") is False
+    assert time.monotonic() - started < NOTE_AFTER_END  # not the moment a fresh end gets
 
 
 def test_a_cancel_runs_the_playbook_when_the_watcher_cannot_vouch_for_everything(tmp_path):
