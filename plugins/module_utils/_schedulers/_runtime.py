@@ -206,18 +206,23 @@ def make_session_dir(path: str, uid: int, check: bool = False) -> bool:
 
 
 def wait_for_state(backend: Backend, runner: Runner, job_id: str, wanted: str, timeout: float, *,
-                   query_timeout: float = 10.0, interval: float = 0.1, max_interval: float = 1.0,
+                   query_timeout: float = 10.0, interval: float = 0.1, max_interval: float = 1.0, hold: float = 2.0,
                    clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep):
     """Poll until the job is ``wanted`` (``queued`` = known to the scheduler and alive or later).
 
     Returns (info, ok, why). ``ok`` is False on timeout or when the job ended before ``running``. The first query
-    is immediate; the pause between queries starts at ``interval`` and grows by half up to ``max_interval``, so a
-    job that starts at once is seen at once and a long wait does not flood the scheduler.
+    is immediate; the pause between queries is ``interval`` for the first ``hold`` seconds, then grows by half up to
+    ``max_interval``. A scheduler with free nodes starts a job at its next scheduling pass (Slurm's batch jobs wait
+    up to ``batch_sched_delay``, 3 s by default), so that first stretch is where the job is most likely to start and
+    where each pause is time the session waits for nothing; a long wait still does not flood the scheduler.
+    Each look is the backend's ``poll``, the cheap question the watcher asks every tick (Slurm: ``squeue --jobs``
+    in a fixed format instead of a JSON list of every job in the cluster).
     """
-    deadline = clock() + timeout
+    start = clock()
+    deadline = start + timeout
     info = JobInfo(job_id=job_id)
     while True:
-        info = backend.query(runner, job_ids=[job_id], timeout=query_timeout).jobs.get(job_id, info)
+        info = backend.poll(runner, [job_id], timeout=query_timeout).jobs.get(job_id, info)
         if wanted == "queued" and (info.state in ALIVE_STATES or info.state in TERMINAL_STATES):
             return info, True, ""
         if wanted == "running" and info.state == "running":
@@ -227,4 +232,5 @@ def wait_for_state(backend: Backend, runner: Runner, job_id: str, wanted: str, t
         if clock() >= deadline:
             return info, False, "job %s not %s after %ss (state %s)" % (job_id, wanted, timeout, info.state)
         sleep(min(interval, max(0.0, deadline - clock())))
-        interval = min(interval * 1.5, max_interval)
+        if clock() - start >= hold - 1e-6:  # (the tolerance: a float sum of pauses that should reach hold exactly)
+            interval = min(interval * 1.5, max_interval)

@@ -157,13 +157,15 @@ def test_wrapper_takes_data_as_arguments_only(backend):
 
 
 # ----------------------------------------------------------------------------- wait_for_state's pacing
-# The Slurm backend parses recorded ``squeue --json`` answers (fake_scheduler.squeue_json); only the clock, the
-# sleep and the command are stand-ins, so each case can assert every pause and every query exactly.
+# The Slurm backend parses the answers of a stand-in squeue: the fixed format for ``squeue --jobs -o`` (the poll) and
+# recorded ``squeue --json`` answers (fake_scheduler.squeue_json) for the full query; only the clock, the sleep and
+# the command are stand-ins, so each case can assert every pause and every query exactly.
 _fake_spec = importlib.util.spec_from_file_location(
     "fake_scheduler", Path(__file__).resolve().parents[2] / "fixtures" / "schedulers" / "fake_scheduler.py")
 fake_scheduler = importlib.util.module_from_spec(_fake_spec)
 _fake_spec.loader.exec_module(fake_scheduler)
-PAUSES = [0.1, 0.15, 0.225, 0.3375, 0.50625, 0.759375]  # x1.5 from 0.1, then 1.0 each
+HOLD = [0.1] * 20  # 0.1 s apart for the first 2 s after the submit
+PAUSES = HOLD + [0.15, 0.225, 0.3375, 0.50625, 0.759375]  # then x1.5, then 1.0 each
 
 
 class FakeTime:
@@ -187,12 +189,19 @@ def squeue_runner(clock, answers, cost=0.0):
     calls = []
 
     def run(argv, timeout=None):
-        calls.append({"argv": list(argv), "timeout": timeout, "at": clock.now})
-        clock.now += cost
+        json_call = "--json" in argv
+        if not json_call:  # each look (one poll) counts once, whether or not the poll goes on to the JSON query
+            calls.append({"argv": list(argv), "timeout": timeout, "at": clock.now})
+            clock.now += cost
         jobs = answers[min(len(calls), len(answers)) - 1]
         if jobs is None:
             return CommandResult(tuple(argv), 1, "", "slurm_load_jobs error: Unable to contact slurm controller")
-        return CommandResult(tuple(argv), 0, fake_scheduler.squeue_json(jobs, {"name": "job", "user": "tester"}), "")
+        if json_call:
+            return CommandResult(tuple(argv), 0, fake_scheduler.squeue_json(jobs, {"name": "job", "user": "tester"}),
+                                 "")
+        return CommandResult(tuple(argv), 0, "".join(
+            "%s|%s|tester|%s|%s|job\n" % (j["job_id"], j["state"], j.get("nodes", ""), j.get("reason", "None"))
+            for j in jobs), "")
 
     return run, calls
 
@@ -203,13 +212,49 @@ def pending(n):
 
 def test_wait_first_query_is_immediate_and_pauses_grow_to_one_second():
     clock = FakeTime()
-    run, calls = squeue_runner(clock, pending(9) + [[{"job_id": 7, "state": "RUNNING", "nodes": "compute1"}]])
-    info, ok, why = wait_for_state(get_backend("slurm"), run, "7", "running", 60, query_timeout=4,
+    run, calls = squeue_runner(clock, pending(28) + [[{"job_id": 7, "state": "RUNNING", "nodes": "compute1"}]])
+    every = []
+
+    def recording(argv, timeout=None):
+        every.append(list(argv))
+        return run(argv, timeout)
+
+    info, ok, why = wait_for_state(get_backend("slurm"), recording, "7", "running", 60, query_timeout=4,
                                    clock=clock.clock, sleep=clock.sleep)
     assert ok is True and why == "" and info.state == "running" and info.nodes == ["compute1"]
     assert clock.sleeps == pytest.approx(PAUSES + [1.0, 1.0, 1.0])
-    assert len(calls) == 10 and calls[0]["at"] == 1000.0  # no pause before the first query
+    assert len(calls) == 29 and calls[0]["at"] == 1000.0  # no pause before the first query
+    # every look is the cheap fixed-format question about this job alone, never the JSON list of every job
+    assert len(every) == 29 and not any("--json" in argv for argv in every)
     assert all(c["timeout"] == 4 and "--jobs=7" in c["argv"] for c in calls)
+
+
+def test_wait_a_job_that_starts_after_a_second_is_seen_within_a_tenth():
+    clock = FakeTime()
+    run, calls = squeue_runner(clock, pending(10) + [[{"job_id": 7, "state": "RUNNING"}]])
+    _info, ok, _why = wait_for_state(get_backend("slurm"), run, "7", "running", 5, clock=clock.clock,
+                                     sleep=clock.sleep)
+    assert ok is True and clock.sleeps == pytest.approx([0.1] * 10) and len(calls) == 11
+
+
+def test_wait_an_ending_job_is_asked_again_in_full():
+    # the fixed format shows an ending job as COMPLETING whatever its end: the poll asks the JSON list for the rest
+    clock = FakeTime()
+    answers = [[{"job_id": 7, "state": "COMPLETING"}]]
+    run, calls = squeue_runner(clock, answers)
+    seen = []
+
+    def recording(argv, timeout=None):
+        seen.append("--json" in argv)
+        if "--json" in argv:  # the full answer: the job failed
+            return CommandResult(tuple(argv), 0, fake_scheduler.squeue_json(
+                [{"job_id": 7, "state": "FAILED", "exit_code": 256}], {"name": "job", "user": "tester"}), "")
+        return run(argv, timeout)
+
+    info, ok, why = wait_for_state(get_backend("slurm"), recording, "7", "running", 5, clock=clock.clock,
+                                   sleep=clock.sleep)
+    assert ok is False and info.state == "failed" and why == "job 7 ended (failed) before it was running"
+    assert seen == [False, True] and clock.sleeps == []
 
 
 @pytest.mark.parametrize("wanted,answer", [
@@ -227,11 +272,11 @@ def test_wait_returns_at_the_first_query_without_sleeping(wanted, answer):
 def test_wait_timeout_last_pause_ends_exactly_at_the_deadline():
     clock = FakeTime()
     run, calls = squeue_runner(clock, pending(1))
-    info, ok, why = wait_for_state(get_backend("slurm"), run, "7", "running", 2, clock=clock.clock, sleep=clock.sleep)
-    assert ok is False and info.state == "queued" and why == "job 7 not running after 2s (state queued)"
-    # 0.1 .. 0.50625 add up to 1.31875; the next pause (0.759375) is cut to what is left of the 2 s
-    assert clock.sleeps == pytest.approx(PAUSES[:5] + [2 - sum(PAUSES[:5])])
-    assert sum(clock.sleeps) == pytest.approx(2.0) and clock.now == pytest.approx(1002.0)
+    info, ok, why = wait_for_state(get_backend("slurm"), run, "7", "running", 3, clock=clock.clock, sleep=clock.sleep)
+    assert ok is False and info.state == "queued" and why == "job 7 not running after 3s (state queued)"
+    # 20 x 0.1, then 0.15 .. 0.3375 add up to 2.7125; the next pause (0.50625) is cut to what is left of the 3 s
+    assert clock.sleeps == pytest.approx(PAUSES[:23] + [3 - sum(PAUSES[:23])])
+    assert sum(clock.sleeps) == pytest.approx(3.0) and clock.now == pytest.approx(1003.0)
     assert len(calls) == len(clock.sleeps) + 1  # one last look at the deadline, then no more
 
 
@@ -249,10 +294,14 @@ def test_wait_never_sleeps_past_the_deadline_when_queries_take_time(cost):
     run, calls = squeue_runner(clock, pending(1), cost=cost)
     _info, ok, _why = wait_for_state(get_backend("slurm"), run, "7", "running", 3, clock=clock.clock, sleep=sleep)
     assert ok is False
-    expected = PAUSES + [1.0] * 10
+    steps = sorted(set(PAUSES + [1.0]))
     for i, (start, pause) in enumerate(zip(sleeps_at, clock.sleeps, strict=True)):
         assert start + pause <= deadline + 1e-9, (i, start, pause)
-        assert pause == pytest.approx(min(expected[i], deadline - start))
+        if i < len(clock.sleeps) - 1:  # every pause but the last is a step of the schedule, never a shorter one
+            assert any(pause == pytest.approx(step) for step in steps), (i, pause)
+            assert i == 0 or pause >= clock.sleeps[i - 1] - 1e-9, (i, pause)
+        else:  # the last is the schedule's next step, cut to what is left
+            assert pause == pytest.approx(deadline - start) or any(pause == pytest.approx(x) for x in steps)
     assert calls[-1]["at"] + cost >= deadline - 1e-9  # the last look ends at the deadline, not a pause earlier
     assert len(calls) == len(clock.sleeps) + 1
 
@@ -263,17 +312,23 @@ def test_a_long_wait_polls_about_once_a_second():
     _info, ok, _why = wait_for_state(get_backend("slurm"), run, "7", "running", 30, clock=clock.clock,
                                      sleep=clock.sleep)
     assert ok is False and max(clock.sleeps) == 1.0
-    # 6 growing pauses (2.078125 s), 27 of 1 s, one of 0.921875 s to the deadline: 34 pauses, 35 queries
-    assert clock.sleeps == pytest.approx(PAUSES + [1.0] * 27 + [30 - sum(PAUSES) - 27])
-    assert len(calls) == 35
+    # 20 of 0.1 s and 5 growing pauses (3.978125 s), 26 of 1 s, one of 0.021875 s to the deadline: 52 pauses, 53
+    # queries, about one a second after the first seconds
+    assert clock.sleeps == pytest.approx(PAUSES + [1.0] * 26 + [30 - sum(PAUSES) - 26])
+    assert len(calls) == 53
 
 
 def test_wait_custom_interval_and_cap():
     clock = FakeTime()
     run, _calls = squeue_runner(clock, pending(4) + [[{"job_id": 7, "state": "RUNNING"}]])
     _info, ok, _why = wait_for_state(get_backend("slurm"), run, "7", "running", 60, interval=0.5, max_interval=0.6,
-                                     clock=clock.clock, sleep=clock.sleep)
+                                     hold=0, clock=clock.clock, sleep=clock.sleep)
     assert ok is True and clock.sleeps == pytest.approx([0.5, 0.6, 0.6, 0.6])
+    clock = FakeTime()
+    run, _calls = squeue_runner(clock, pending(4) + [[{"job_id": 7, "state": "RUNNING"}]])
+    _info, ok, _why = wait_for_state(get_backend("slurm"), run, "7", "running", 60, interval=0.5, max_interval=0.6,
+                                     hold=1.0, clock=clock.clock, sleep=clock.sleep)
+    assert ok is True and clock.sleeps == pytest.approx([0.5, 0.5, 0.6, 0.6])
 
 
 def test_wait_stops_when_the_job_ends_before_running():

@@ -151,14 +151,16 @@ def test_script_file_and_unreadable_script_file(harness, tmp_path):
 
 
 def test_wait_for_running_polls_until_running(harness):
-    harness.plan({"squeue": [{"json": []}, {"json": [{"job_id": 7, "state": "PENDING"}]},
-                             {"json": [{"job_id": 7, "state": "PENDING", "reason": "Resources"}]},
-                             {"json": [{"job_id": 7, "state": "RUNNING", "nodes": "compute2"}]}],
+    # the duplicate check's JSON list, then the wait's looks: the fixed-format question about the one job
+    harness.plan({"squeue": [{"json": []}, {"text": [{"job_id": 7, "state": "PENDING"}]},
+                             {"text": [{"job_id": 7, "state": "PENDING", "reason": "Resources"}]},
+                             {"text": [{"job_id": 7, "state": "RUNNING", "nodes": "compute2"}]}],
                   "sbatch": [{"stdout": "7\n"}]})
     res = harness.run_module("scheduler_submit", {"scheduler": "slurm", "job_name": "{name}", "workdir": "{tmp}/w",
                                                   "script": "true", "wait_for": "running", "wait_timeout": 20})
     assert res["changed"] is True and res["state"] == "running" and res["nodes"] == ["compute2"], res
     assert [c["cmd"] for c in harness.calls()] == ["squeue", "sbatch", "squeue", "squeue", "squeue"]
+    assert all("--jobs=7" in c["argv"] and "--json" not in c["argv"] for c in harness.calls()[2:])
 
 
 def test_wait_for_running_fails_when_the_job_ends_first(harness):
@@ -331,7 +333,7 @@ def test_no_workdir_in_the_result_without_workdir(harness):
 
 @pytest.mark.parametrize("wait_for,state", [("running", "RUNNING"), ("queued", "PENDING")])
 def test_wait_for_has_no_separate_query_before_the_wait(harness, wait_for, state):
-    harness.plan({"squeue": [{"json": []}, {"json": [{"job_id": 26, "state": state, "nodes": "compute1"}]}],
+    harness.plan({"squeue": [{"json": []}, {"text": [{"job_id": 26, "state": state, "nodes": "compute1"}]}],
                   "sbatch": [{"stdout": "26\n"}]})
     res = harness.run_module("scheduler_submit", {"scheduler": "slurm", "job_name": "{name}", "workdir": "{tmp}/w",
                                                   "script": "true", "wait_for": wait_for, "wait_timeout": 20})
