@@ -41,6 +41,9 @@ HANDLERS: Dict[str, str] = {
 }
 # commands that work without the collection (they only report on it)
 NO_COLLECTION_NEEDED = ("collection", "config")
+# commands that run no Ansible plugin in their own process (their playbooks are ansible-playbook processes): they get
+# ansible-core's collection finder alone, without its plugin loaders (see isession.collection.activate)
+NO_PLUGINS_NEEDED = ("start", "cancel")
 
 
 class VersionAction(argparse.Action):
@@ -173,7 +176,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         try:
             light = _light_copy(args)
-            activate(light, plugins=light is None)
+            activate(light, plugins=args.command not in NO_PLUGINS_NEEDED)
         except LookupError as exc:  # the collection is missing
             if args.command not in NO_COLLECTION_NEEDED:
                 _err(str(exc))

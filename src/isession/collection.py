@@ -161,10 +161,12 @@ def activate(col: Optional[Collection] = None, plugins: bool = True) -> Collecti
     chosen root in front of the configured paths. Once per process; when a loader is already installed (inside
     ansible-test or an Ansible worker) that one is kept and must already resolve the collection.
 
-    ``plugins=False`` is for a command that runs no Ansible plugin in its own process (``isession cancel``: its
-    playbook, when it needs one, is another process): ansible-core's collection finder is installed for ``col``
-    alone, without loading Ansible's configuration and plugin loaders. That is ~0.15 s of CPU less per command,
-    which matters when twenty cancels start at once on the cores that also run the sessions.
+    ``plugins=False`` is for a command that runs no Ansible plugin in its own process (``isession start`` and
+    ``isession cancel``: their playbooks are ansible-playbook processes): ansible-core's collection finder is
+    installed for ``col`` alone, without Ansible's plugin loaders, and without its configuration when ``col`` is
+    given or pinned (finding a copy reads the configured collections paths). That is ~0.15 s of CPU less per
+    command: time in front of every start, and in twenty cancels started at once on the cores that also run the
+    sessions.
     """
     global _active  # noqa: PLW0603 - one loader per process
     if _active is not None:
