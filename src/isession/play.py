@@ -25,7 +25,12 @@ from .progress import Progress
 
 RUNNER_DIR = Path("logs") / "runner"
 STRATEGY = "hpc.interactive.linear_idle"
-RUNNER_WAKE = 1.0  # seconds
+# how often ansible-runner's loop wakes while ansible-playbook is silent (a start waiting in the queue). A cancel does
+# not wait for it: the cancel event wakes a thread that stops the play at once (stop_play_on_cancel); the loop then
+# only sees the play gone. So the wake can be rare: each one costs a waiting start CPU, and fifty starts may wait.
+RUNNER_WAKE = 10.0  # seconds
+CANCEL_FIND_FOR = 5.0  # seconds a cancel looks for an ansible-playbook spawned just after it (0.05 s apart)
+STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL for a cancelled play
 
 
 @dataclass
@@ -94,6 +99,49 @@ def _no_delay_after_close() -> None:
     cls.close = close_without_delay  # type: ignore[method-assign]
 
 
+def playbook_children(parent: Optional[int] = None) -> List[int]:
+    """The ansible-playbook processes whose parent is ``parent`` (this process): the play ansible-runner spawned."""
+    me = str(os.getpid() if parent is None else parent)
+    found = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            fields = _proc.stat_fields(name)
+            if fields is not None and fields[1] == me and any("ansible-playbook" in a for a in _proc.cmdline(name)[:2]):
+                found.append(int(name))
+    return found
+
+
+def stop_play_on_cancel(cancel: threading.Event, done: threading.Event,
+                        known_pid: Callable[[], Optional[int]]) -> threading.Thread:
+    """A thread that stops the play as soon as ``cancel`` is set, unless ``done`` (the run is over) is set first.
+
+    It stops the play at once instead of at the runner loop's next wake-up, and more completely than the runner's
+    own cancel (``Runner.handle_termination``, a SIGKILL to the play's process group): each of ansible-core's
+    workers runs in a session of its own (``os.setsid``), out of reach of a signal to that group, so a killed play
+    would leave the running task's worker and its commands behind. SIGTERM lets ansible-playbook pass the signal to
+    its workers; what is still alive after ``STOP_GRACE`` s gets SIGKILL. The runner's loop then finds the process
+    gone. The play's pid is the one its events named (``known_pid``) or, for a cancel that came before the first
+    event, this process's ansible-playbook child, looked for up to ``CANCEL_FIND_FOR`` s in case the runner has not
+    spawned it yet. The thread sleeps in ``cancel.wait()``: no CPU while nothing happens.
+    """
+    def run() -> None:
+        cancel.wait()
+        deadline = time.monotonic() + CANCEL_FIND_FOR
+        while not done.is_set():
+            pid = known_pid()
+            pids = [pid] if pid else playbook_children()
+            if pids:
+                _stop_groups(pids, STOP_GRACE)
+                return
+            if time.monotonic() > deadline:
+                return
+            done.wait(0.05)
+
+    thread = threading.Thread(target=run, name="isession-stop-play", daemon=True)
+    thread.start()
+    return thread
+
+
 def write_pidfile(path: Path, playbook_pid: Optional[int]) -> None:
     data = {"cli_pid": os.getpid(), "playbook_pid": playbook_pid, "started": time.time()}
     tmp = path.with_name(path.name + ".tmp")
@@ -109,6 +157,8 @@ def run_playbook(col: Collection, session_dir: Path, playbook: str, extravars: M
     """Run ``playbooks/<playbook>.yml`` with ansible_runner.run_async.
 
     Every event goes to ``progress`` (what a live view draws); ``emit``, when given, gets its plain line per task.
+    Setting ``cancel`` stops the play at once (:func:`stop_play_on_cancel`); the result's status is then
+    ``canceled``.
     """
     import ansible_runner  # noqa: PLC0415 - heavy import, only for commands that run playbooks
 
@@ -121,6 +171,7 @@ def run_playbook(col: Collection, session_dir: Path, playbook: str, extravars: M
         inventory = inv_file
     pidfile = pdd / f"{ident}.pid"
     progress = progress if progress is not None else Progress()
+    watch_cancel = cancel is not None
     cancel = cancel or threading.Event()
 
     def on_event(event: Dict[str, Any]) -> bool:
@@ -133,6 +184,9 @@ def run_playbook(col: Collection, session_dir: Path, playbook: str, extravars: M
         return True
 
     write_pidfile(pidfile, None)
+    done = threading.Event()
+    if watch_cancel:  # a caller's event (its Ctrl-C, a SIGTERM): one thread per run, asleep until it is set
+        stop_play_on_cancel(cancel, done, lambda: progress.playbook_pid)
     try:
         thread, runner = ansible_runner.run_async(
             private_data_dir=str(pdd),
@@ -147,14 +201,15 @@ def run_playbook(col: Collection, session_dir: Path, playbook: str, extravars: M
             quiet=True,
             event_handler=on_event,
             cancel_callback=cancel.is_set,
-            # how often the runner's loop wakes when ansible-playbook is silent (a start waiting in the queue): it
-            # checks the cancel event (Ctrl-C) then, so a Ctrl-C stops the play within this time
             settings={"suppress_ansible_output": True, "pexpect_timeout": RUNNER_WAKE},
         )
         thread.join()
     finally:
+        done.set()
         pidfile.unlink(missing_ok=True)
-    return PlayResult(status=runner.status, rc=runner.rc, ident=ident, artifacts=pdd / "artifacts" / ident,
+    # a play the cancel stopped before the runner's loop first looked at the callback ends "failed" (killed) there
+    status = "canceled" if cancel.is_set() and runner.status in ("failed", "error") else runner.status
+    return PlayResult(status=status, rc=runner.rc, ident=ident, artifacts=pdd / "artifacts" / ident,
                       failures=list(progress.failed))
 
 
@@ -190,6 +245,18 @@ def stop_runs_in_progress(session_dir: Path, grace: float = 3.0, exclude_pid: Op
         if pid not in clis and _alive(pid):
             _signal_group(pid, signal.SIGKILL)
     return hit
+
+
+def _stop_groups(pids: List[int], grace: float) -> None:
+    """SIGTERM each pid's process group, then SIGKILL those still alive after ``grace`` s."""
+    for pid in pids:
+        _signal_group(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in pids:
+        if _alive(pid):
+            _signal_group(pid, signal.SIGKILL)
 
 
 def _ours(pid: int, needle: bytes) -> bool:

@@ -10,6 +10,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -17,6 +18,8 @@ import pytest
 from ptyprocess import ptyprocess
 
 from isession import play
+from isession.collection import Collection
+from isession.progress import Progress
 from isession.watchfiles import running_pid
 
 REPO = Path(__file__).resolve().parents[3]
@@ -227,8 +230,43 @@ def test_cancel_runs_the_copy_its_start_ran_without_loading_ansibles_configurati
                                             "ANSIBLE_COLLECTIONS_SCAN_SYS_PATH": "False"},
                             timeout=120, check=False)
         assert cp.returncode == 0, cp.stdout + cp.stderr
-        assert "HEAVY=ansible.constants,ansible.plugins.loader\n" in cp.stdout, cp.stdout
+        # the configuration is read to find the copy, and the plugin loaders are still not needed
+        assert "HEAVY=ansible.constants\n" in cp.stdout, cp.stdout
     finally:
+        _stop_watcher(root)
+
+
+START_REPORTING_IMPORTS = """
+import sys
+from isession import cli
+rc = cli.main(["start", "fake", "--id", sys.argv[1]])
+heavy = sorted(m for m in ("ansible.constants", "ansible.plugins.loader") if m in sys.modules)
+print("HEAVY=" + ",".join(heavy))
+sys.exit(rc)
+"""
+
+
+def test_a_start_loads_neither_ansibles_plugin_loaders_nor_its_configuration_with_a_pinned_copy(cli_env):
+    """The start's play is another process: the command itself needs ansible-core's collection finder only. With
+    ``$ISESSION_COLLECTIONS`` it does not read Ansible's configuration either; without, it reads it to find the copy
+    ansible-playbook will use."""
+    root = Path(cli_env["ISESSION_ROOT"])
+    env = {**os.environ, **cli_env}
+    try:
+        cp = subprocess.run([sys.executable, "-c", START_REPORTING_IMPORTS, "fake-s"], capture_output=True, text=True,
+                            env=env, timeout=120, check=False)
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+        assert "status    Running" in cp.stdout and "HEAVY=\n" in cp.stdout, cp.stdout
+        unpinned = {k: v for k, v in env.items() if k != "ISESSION_COLLECTIONS"}
+        cp = subprocess.run([sys.executable, "-c", START_REPORTING_IMPORTS, "fake-u"], capture_output=True, text=True,
+                            env={**unpinned, "ANSIBLE_COLLECTIONS_PATH": cli_env["ISESSION_COLLECTIONS"],
+                                 "ANSIBLE_COLLECTIONS_SCAN_SYS_PATH": "False"}, timeout=120, check=False)
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+        assert "status    Running" in cp.stdout and "HEAVY=ansible.constants\n" in cp.stdout, cp.stdout
+    finally:
+        for sid in ("fake-s", "fake-u"):
+            if (root / sid).is_dir():
+                run_cli(cli_env, "cancel", sid)
         _stop_watcher(root)
 
 
@@ -252,3 +290,56 @@ def test_no_delay_after_closing_a_pty_whose_process_is_gone(monkeypatch):
     alive = ptyprocess.PtyProcess.spawn(["sleep", "30"])
     alive.close(force=True)
     assert slept[0] == 0 and slept[1] == 0.1 and not alive.isalive()
+
+
+HOLD_PLAYBOOK = """- name: Hold the play
+  hosts: localhost
+  gather_facts: false
+  tasks:
+    - name: Wait a long time
+      ansible.builtin.command: sleep 3217
+"""
+
+
+def _holders() -> list:
+    """The task's ``sleep 3217`` processes, wherever they are (a worker runs in a session of its own)."""
+    return [n for n in os.listdir("/proc") if n.isdigit() and play._proc.cmdline(n) == ["sleep", "3217"]]
+
+
+@pytest.mark.parametrize("when", ["before the play is spawned", "while a task runs"])
+def test_a_cancel_stops_the_play_at_once_not_at_the_runners_next_wake_up(fake_collection, tmp_path, monkeypatch,
+                                                                          when):
+    """A start waiting in the queue must cost nothing, so ansible-runner's loop wakes rarely (``RUNNER_WAKE``); the
+    cancel event (Ctrl-C, SIGTERM) stops the play through its own thread, whatever that wake-up interval is."""
+    monkeypatch.setattr(play, "RUNNER_WAKE", 3600.0)  # the runner's loop alone would look at the cancel in an hour
+    col = Collection(root=fake_collection, version="0.0.1")
+    (col.path / "playbooks" / "hold.yml").write_text(HOLD_PLAYBOOK)
+    cancel, progress, out = threading.Event(), Progress(), {}
+    if when == "before the play is spawned":
+        cancel.set()
+    else:
+        def cancel_once_the_task_runs() -> None:
+            deadline = time.monotonic() + 60
+            while time.monotonic() < deadline:
+                if progress.playbook_pid and _holders():
+                    out["task_ran"] = True
+                    cancel.set()
+                    return
+                time.sleep(0.05)
+
+        threading.Thread(target=cancel_once_the_task_runs, daemon=True).start()
+    run = threading.Thread(target=lambda: out.update(result=play.run_playbook(
+        col, tmp_path / "s1", "hold", {}, inventory=None, ident="hold", progress=progress, cancel=cancel)),
+        daemon=True)
+    run.start()
+    run.join(120)
+    assert not run.is_alive(), "the play went on after the cancel"
+    assert out["result"].status == "canceled", out["result"]
+    if when == "while a task runs":
+        # the runner's own cancel (SIGKILL to the play's group) would leave the task's worker and its command
+        assert out.get("task_ran"), "the task never ran"
+        deadline = time.monotonic() + 10
+        while _holders() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _holders(), "the running task's command outlived the cancel"
+    assert not play.playbook_children()
