@@ -203,7 +203,8 @@ CANCEL_REPORTING_IMPORTS = """
 import sys
 from isession import cli
 rc = cli.main(["cancel", sys.argv[1]])
-heavy = sorted(m for m in ("ansible.constants", "ansible.plugins.loader", "isession.watcher") if m in sys.modules)
+heavy = sorted(m for m in ("ansible.constants", "ansible.plugins.loader", "isession.watcher", "rich")
+               if m in sys.modules)
 print("HEAVY=" + ",".join(heavy))
 sys.exit(rc)
 """
@@ -240,7 +241,7 @@ START_REPORTING_IMPORTS = """
 import sys
 from isession import cli
 rc = cli.main(["start", "fake", "--id", sys.argv[1]])
-heavy = sorted(m for m in ("ansible.constants", "ansible.plugins.loader") if m in sys.modules)
+heavy = sorted(m for m in ("ansible.constants", "ansible.plugins.loader", "rich") if m in sys.modules)
 print("HEAVY=" + ",".join(heavy))
 sys.exit(rc)
 """
