@@ -15,7 +15,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from ansible_collections.hpc.interactive.plugins.module_utils import _proc
 
@@ -220,7 +220,7 @@ def stop_runs_in_progress(session_dir: Path, grace: float = 3.0, exclude_pid: Op
     Returns the pids signalled.
     """
     pdd = session_dir / RUNNER_DIR
-    hit: List[int] = []
+    plays: List[int] = []
     clis: List[int] = []
     for pidfile in sorted(pdd.glob("*.pid")) if pdd.is_dir() else []:
         try:
@@ -229,30 +229,26 @@ def stop_runs_in_progress(session_dir: Path, grace: float = 3.0, exclude_pid: Op
             continue
         pb = data.get("playbook_pid")
         if isinstance(pb, int) and _ours(pb, b"ansible-playbook"):
-            _signal_group(pb, signal.SIGTERM)
-            hit.append(pb)
+            plays.append(pb)
         cli = data.get("cli_pid")
         if isinstance(cli, int) and cli != exclude_pid and cli != os.getpid() and _ours(cli, b"isession"):
             _signal(cli, signal.SIGTERM)
-            hit.append(cli)
             clis.append(cli)
-    deadline = time.monotonic() + grace
-    while hit and time.monotonic() < deadline and any(_alive(p) for p in hit):
-        time.sleep(0.1)
-    for pid in hit:
-        # only the playbook is killed: the start's CLI exits by itself once its playbook is gone, with 130 like every
-        # interrupted start (a SIGKILL here ended some with 137, Killed)
-        if pid not in clis and _alive(pid):
-            _signal_group(pid, signal.SIGKILL)
-    return hit
+    # only the playbooks are killed: the start's CLI exits by itself once its playbook is gone, with 130 like every
+    # interrupted start (a SIGKILL here ended some with 137, Killed)
+    _stop_groups(plays, grace, waited=clis)
+    return plays + clis
 
 
-def _stop_groups(pids: List[int], grace: float) -> None:
-    """SIGTERM each pid's process group, then SIGKILL those still alive after ``grace`` s."""
+def _stop_groups(pids: List[int], grace: float, waited: Sequence[int] = ()) -> None:
+    """SIGTERM each pid's process group, then SIGKILL the groups whose pid is still alive after ``grace`` s.
+
+    ``waited``: processes the caller has signalled itself, waited for (until ``grace``) but never killed.
+    """
     for pid in pids:
         _signal_group(pid, signal.SIGTERM)
     deadline = time.monotonic() + grace
-    while any(_alive(p) for p in pids) and time.monotonic() < deadline:
+    while any(_alive(p) for p in [*pids, *waited]) and time.monotonic() < deadline:
         time.sleep(0.05)
     for pid in pids:
         if _alive(pid):
