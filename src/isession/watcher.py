@@ -25,6 +25,7 @@ ended ``Failed`` and its job cancelled, so that no request carrying its secret g
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -35,7 +36,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple, Union
 
 from ansible_collections.hpc.interactive.plugins.module_utils import (
     _cmd,
@@ -309,9 +310,11 @@ class Watcher:
         self.sf = _service_file
         # path -> (stat stamp, parsed content): every tick looks at every session's files, most of them unchanged
         self._parsed: Dict[str, Tuple[Tuple[int, int, int], Any]] = {}
+        self._listed: FrozenSet[str] = frozenset()  # the session root's entries at the last prune of _parsed
+        self.root_str = str(root)
 
     # -- sessions
-    def read_cached(self, path: Path, reader: Callable[[str], Any]) -> Any:
+    def read_cached(self, path: Union[str, Path], reader: Callable[[str], Any]) -> Any:
         """``reader(path)``, parsed again only when the file changed since the last read (``_dirwatch.unchanged``).
         Raises what ``os.stat`` and ``reader`` raise."""
         key = str(path)
@@ -323,24 +326,29 @@ class Watcher:
         return dict(hit[1]) if isinstance(hit[1], dict) else hit[1]
 
     def live_sessions(self) -> Dict[str, Dict[str, Any]]:
+        # every tick, for every session (ended ones too): plain strings, no pathlib, and the cache pruned only when
+        # the directory's list changed, so what a waiting session costs each tick is about one stat
         out = {}
         try:
             names = os.listdir(self.root)
         except FileNotFoundError:
             return out
+        root = self.root_str
         for name in names:
             if name.startswith("."):
                 continue
-            path = self.root / name / "state.json"
             try:
-                rec = self.read_cached(path, self.st.read_record)
+                rec = self.read_cached(os.path.join(root, name, "state.json"), self.st.read_record)
             except (ValueError, OSError):
                 continue
             if rec and rec.get("step") in LIVE_STEPS and (rec.get("job_id") or is_connect(rec)):
                 out[name] = rec
-        here = {str(self.root / name) for name in names}
-        for key in [k for k in self._parsed if os.path.dirname(k) not in here]:
-            self._parsed.pop(key, None)  # the files of a session directory that went away
+        listed = frozenset(names)
+        if listed != self._listed:
+            self._listed = listed
+            here = {os.path.join(root, name) for name in names}
+            for key in [k for k in self._parsed if os.path.dirname(k) not in here]:
+                self._parsed.pop(key, None)  # the files of a session directory that went away
         return out
 
     def cli_record(self, session_id: str) -> Dict[str, Any]:
@@ -600,10 +608,11 @@ class Watcher:
             except (RemoteError, LookupError, OSError, ValueError) as exc:
                 self.log(f"{key[0] or 'workspace'}: queue details not available: {exc}")
         for sid in sessions:
-            path = self.root / sid / QUEUEFILE
+            path = os.path.join(self.root_str, sid, QUEUEFILE)
             if sid not in queued:
                 if self.queue_files.pop(sid, None) is not None:
-                    path.unlink(missing_ok=True)
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
                 continue
             job = queued[sid]
             reason = str(jobs[job].get("reason") or "")
@@ -612,20 +621,22 @@ class Watcher:
                       if k in ("queue_position", "queue_pending", "start_time")}}
             if self.queue_files.get(sid) != doc:
                 try:
-                    write_private(path, json.dumps(doc) + "\n")
+                    write_private(Path(path), json.dumps(doc) + "\n")
                 except OSError as exc:
                     self.log(f"{sid}: cannot write {QUEUEFILE}: {exc}")
                     continue
                 self.queue_files[sid] = doc
 
     def apply(self, sid: str, rec: Dict[str, Any], info: Optional[Dict[str, Any]], reachable: bool) -> None:
-        directory = self.root / sid
+        # every tick, for every polled session: string paths (pathlib's joins were most of a waiting session's cost)
+        directory = os.path.join(self.root_str, sid)
+        service_json = os.path.join(directory, "service.json")
         try:  # the record as it is now, after the query: a cancel's tombstone set meanwhile must count
-            rec = self.read_cached(directory / "state.json", self.st.read_record) or rec
+            rec = self.read_cached(os.path.join(directory, "state.json"), self.st.read_record) or rec
         except (ValueError, OSError):
             pass
         try:
-            doc = self.read_cached(directory / "service.json", self.sf.read_service_file) or {}
+            doc = self.read_cached(service_json, self.sf.read_service_file) or {}
         except (ValueError, OSError):  # none yet, or one to be rebuilt: this write starts it afresh
             doc = {}
         current, current_message = doc.get("JOB_STATUS"), doc.get("ERROR_MESSAGE") or ""
@@ -655,7 +666,7 @@ class Watcher:
             # written Running meanwhile, and Starting must not overwrite it
             cas = not d.terminal
             self.st.update_state(str(self.root), sid, expect_step=rec.get("step") if cas else None, **fields)
-            self.sf.update_service_file(str(directory / "service.json"), job_status=d.status,
+            self.sf.update_service_file(service_json, job_status=d.status,
                                         error_message=d.message, expect_status=current if cas else None)
         except ValueError as exc:
             self.log(f"{sid}: not updated: {exc}")

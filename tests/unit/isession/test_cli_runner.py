@@ -308,8 +308,8 @@ def _holders() -> list:
 
 
 @pytest.mark.parametrize("when", ["before the play is spawned", "while a task runs"])
-def test_a_cancel_stops_the_play_at_once_not_at_the_runners_next_wake_up(fake_collection, tmp_path, monkeypatch,
-                                                                          when):
+def test_a_cancel_stops_the_play_at_once_not_at_the_runners_next_wake_up(
+        fake_collection, tmp_path, monkeypatch, when):
     """A start waiting in the queue must cost nothing, so ansible-runner's loop wakes rarely (``RUNNER_WAKE``); the
     cancel event (Ctrl-C, SIGTERM) stops the play through its own thread, whatever that wake-up interval is."""
     monkeypatch.setattr(play, "RUNNER_WAKE", 3600.0)  # the runner's loop alone would look at the cancel in an hour
