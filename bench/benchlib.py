@@ -334,6 +334,16 @@ class Cli:
                 pass
 
 
+def save_results(out: Path, results: Any, text: str) -> None:
+    """Write a benchmark's results (``out``, JSON) and its table (the same name with ``.txt``); print the table and
+    where the results are."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1, default=str) + "\n")
+    out.with_suffix(".txt").write_text(text)
+    print(text)
+    print(f"results: {out}")
+
+
 def git_commit() -> str:
     try:
         return subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,

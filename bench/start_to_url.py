@@ -413,12 +413,7 @@ def main() -> int:
         results["many"] = many_sessions.run(bed, tmp, inventory, n=args.sessions, parallel=args.parallel,
                                             target=args.many_target, idle=args.idle, tag=tag)
     results["meta"]["loadavg_at_end"] = Path("/proc/loadavg").read_text().split()[:3]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    text = table(results)
-    out.with_suffix(".txt").write_text(text)
-    print(text)
-    print(f"results: {out}")
+    bl.save_results(out, results, table(results))
     return 0
 
 

@@ -208,12 +208,7 @@ def main() -> int:
              "", "largest parts of the idle session (Pss, last round): "
              + ", ".join(f"{c} {kb / 1024:.1f} MiB" for c, kb in last_mem.get("top_pss_kb", [])),
              f"failed rounds: {summary['failed_rounds'] or 'none'}"]
-    text = "\n".join(lines) + "\n"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps(results, indent=1, default=str) + "\n")
-    out_path.with_suffix(".txt").write_text(text)
-    print(text)
-    print(f"results: {out_path}")
+    bl.save_results(out_path, results, "\n".join(lines) + "\n")
     return 0
 
 

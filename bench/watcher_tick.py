@@ -13,7 +13,6 @@ Writes ``--out`` (JSON) and the table beside it (``.txt``), and prints the table
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -116,13 +115,8 @@ def main() -> int:
     for r in rows:
         lines.append(f"{r['sessions']:>6}  {bl.fmt_stats(r['ms_per_tick'], ' ms', 3):32} "
                      f"{r['us_per_session_tick']:>16.1f} {r['percent_of_a_core_at_2_ticks_per_s']:>23.2f}%")
-    text = "\n".join(lines) + "\n"
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    out_path.write_text(json.dumps({"date": f"{stamp:%Y-%m-%d %H:%M} UTC", "args": vars(args), "rows": rows},
-                                   indent=1, default=str) + "\n")
-    out_path.with_suffix(".txt").write_text(text)
-    print(text)
-    print(f"results: {out_path}")
+    bl.save_results(out_path, {"date": f"{stamp:%Y-%m-%d %H:%M} UTC", "commit": bl.git_commit(), "args": vars(args),
+                               "rows": rows}, "\n".join(lines) + "\n")
     return 0
 
 
