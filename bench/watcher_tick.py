@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark (not a test): the user's watcher's own CPU per tick while N sessions wait in the queue.
 
 No bed needed. For each N of ``--sessions`` (default 10,50), N queued Slurm sessions are made with the real records
