@@ -196,12 +196,8 @@ def squeue_runner(clock, answers, cost=0.0):
         jobs = answers[min(len(calls), len(answers)) - 1]
         if jobs is None:
             return CommandResult(tuple(argv), 1, "", "slurm_load_jobs error: Unable to contact slurm controller")
-        if json_call:
-            return CommandResult(tuple(argv), 0, fake_scheduler.squeue_json(jobs, {"name": "job", "user": "tester"}),
-                                 "")
-        return CommandResult(tuple(argv), 0, "".join(
-            "%s|%s|tester|%s|%s|job\n" % (j["job_id"], j["state"], j.get("nodes", ""), j.get("reason", "None"))
-            for j in jobs), "")
+        answer = fake_scheduler.squeue_json if json_call else fake_scheduler.squeue_text
+        return CommandResult(tuple(argv), 0, answer(jobs, {"name": "job", "user": "tester"}), "")
 
     return run, calls
 
