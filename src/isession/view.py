@@ -20,7 +20,8 @@ def wanted(stream: TextIO) -> bool:
             return False
         from rich.console import Console  # noqa: PLC0415 - only on a terminal
 
-        return Console(file=stream).is_terminal and not Console(file=stream).is_dumb_terminal
+        console = Console(file=stream)
+        return console.is_terminal and not console.is_dumb_terminal
     except (AttributeError, ValueError):
         return False
 
