@@ -665,7 +665,7 @@ class Watcher:
             # a non-terminal move is a compare-and-set against what we read: session_ready may have
             # written Running meanwhile, and Starting must not overwrite it
             cas = not d.terminal
-            self.st.update_state(str(self.root), sid, expect_step=rec.get("step") if cas else None, **fields)
+            self.st.update_state(self.root_str, sid, expect_step=rec.get("step") if cas else None, **fields)
             self.sf.update_service_file(service_json, job_status=d.status,
                                         error_message=d.message, expect_status=current if cas else None)
         except ValueError as exc:
@@ -745,7 +745,7 @@ class Watcher:
             return
         try:
             if d.terminal:
-                self.st.update_state(str(self.root), sid, expect_step="running", step="failed", error=d.message)
+                self.st.update_state(self.root_str, sid, expect_step="running", step="failed", error=d.message)
                 self.sf.update_service_file(str(directory / "service.json"), job_status=d.status,
                                             error_message=d.message)
             else:  # the step stays running: only what the platform should do with the port changes
