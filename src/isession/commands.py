@@ -193,7 +193,7 @@ def watcher_cancelled(root: Path, session_id: str, timeout: float = WATCHER_CANC
         if note is not None or rec.get("step") != "cancelled" or not isinstance(ended, (int, float)) \
                 or time.time() - ended > NOTE_AFTER_END:
             return bool(note and note.get("complete"))
-        timeout = min(timeout, NOTE_AFTER_END)
+        timeout = min(timeout, ended + NOTE_AFTER_END - time.time())  # the moment ends NOTE_AFTER_END after the end
     deadline = time.monotonic() + timeout
     with Changes(str(directory)) as changes:
         while time.monotonic() < deadline:
