@@ -169,6 +169,8 @@ def watcher_cancelled(root: Path, session_id: str, timeout: float = WATCHER_CANC
 
     True when the record reached a terminal step and the watcher's ``teardown.json`` says complete; the watcher may
     well have got there before this wait began (it acts on the tombstone at once, while the cancel stops the start).
+    The watcher notes that its teardown is under way as soon as it records the end (``Watcher.note_under_way``), and
+    this waits for the final note while that watcher runs, however long a burst of teardowns takes on shared cores.
     False at once for what the watcher does not tear down (no job recorded yet, a connect-mode session, a session that
     had ended otherwise than cancelled), when its teardown left something, when the watcher is gone, or after
     ``timeout``: the cancel playbook then does and confirms every step.
@@ -184,16 +186,17 @@ def watcher_cancelled(root: Path, session_id: str, timeout: float = WATCHER_CANC
     if not rec.get("job_id"):  # connect mode, or not submitted yet: nothing of the watcher's to wait for
         return False
     if rec.get("step") in TERMINAL_STEPS:
-        # ended already: by the watcher on this tombstone, and then its note says whether it undid everything, or
-        # otherwise than cancelled. The watcher writes the note just after it records the end: a session cancelled
-        # moments ago without a note yet gets that moment (the wait below); one cancelled long ago without a note was
-        # not cancelled by the watcher.
+        # ended already: by the watcher on this tombstone (its note says under way, or whether it undid everything),
+        # or otherwise than cancelled. The watcher writes its first note just after it records the end: a session
+        # cancelled moments ago without any note gets that moment; one cancelled long ago without a note was not
+        # cancelled by the watcher.
         note = read_teardown(directory) if rec.get("step") == "cancelled" else None
         ended = rec.get("ended")
-        if note is not None or rec.get("step") != "cancelled" or not isinstance(ended, (int, float)) \
-                or time.time() - ended > NOTE_AFTER_END:
+        if note is None and rec.get("step") == "cancelled" and isinstance(ended, (int, float)) \
+                and time.time() - ended <= NOTE_AFTER_END:
+            timeout = min(timeout, ended + NOTE_AFTER_END - time.time())  # the moment ends NOTE_AFTER_END after the end
+        elif note_pending(note, root) is None:
             return bool(note and note.get("complete"))
-        timeout = min(timeout, ended + NOTE_AFTER_END - time.time())  # the moment ends NOTE_AFTER_END after the end
     deadline = time.monotonic() + timeout
     with Changes(str(directory)) as changes:
         while time.monotonic() < deadline:
@@ -206,10 +209,21 @@ def watcher_cancelled(root: Path, session_id: str, timeout: float = WATCHER_CANC
                 return False
             if rec.get("step") in TERMINAL_STEPS:
                 note = read_teardown(directory)
-                if note is not None:  # written after the teardown that follows the end
+                pending = note_pending(note, root)
+                if note is not None and pending is None:  # the final note, written after the teardown
                     return bool(note.get("complete"))
+                if pending is False:  # under way for a watcher that is gone: nobody finishes it
+                    return False
             changes.wait(min(0.5, max(0.0, deadline - time.monotonic())))
     return False
+
+
+def note_pending(note: Optional[Dict[str, Any]], root: Path) -> Optional[bool]:
+    """Of a watcher's ``teardown.json``: None when it is final (or there is none), True when the running watcher's
+    teardown is under way, False when it was under way for a watcher that no longer runs."""
+    if not note or not note.get("under_way"):
+        return None
+    return note.get("under_way") == running_pid(root)
 
 
 def run_cancel(root: Path, session_id: str, inventory: Optional[Path], emit: Callable[[str], None],

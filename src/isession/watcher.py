@@ -516,10 +516,21 @@ class Watcher:
         (problems, a listener left for later, no note at all) and the playbook does and confirms every step.
         """
         pending = sid in self.lingering
-        doc = {"complete": not problems and not pending, "problems": list(problems), "pending": pending,
-               "at": round(time.time(), 3)}
+        self.write_note(sid, {"complete": not problems and not pending, "problems": list(problems), "pending": pending})
+
+    def note_under_way(self, sid: str) -> None:
+        """Write ``teardown.json`` saying this watcher recorded the end and its teardown is under way.
+
+        A burst of ends is torn down side by side, and on shared cores a note can come seconds after its end;
+        ``isession cancel`` waits for the final note while the watcher named here runs, and does not take the late
+        note for a cancel that was not the watcher's.
+        """
+        self.write_note(sid, {"complete": False, "problems": [], "pending": False, "under_way": os.getpid()})
+
+    def write_note(self, sid: str, doc: Mapping[str, Any]) -> None:
         try:
-            write_private(self.root / sid / TEARDOWN_FILE, json.dumps(doc, sort_keys=True) + "\n")
+            write_private(self.root / sid / TEARDOWN_FILE,
+                          json.dumps(dict(doc, at=round(time.time(), 3)), sort_keys=True) + "\n")
         except OSError as exc:
             self.log(f"{sid}: cannot write {TEARDOWN_FILE}: {exc}")
 
@@ -671,12 +682,17 @@ class Watcher:
         except ValueError as exc:
             self.log(f"{sid}: not updated: {exc}")
             return
+        if d.terminal:  # at once: a cancel reading the end now knows the teardown below is this watcher's, to wait for
+            self.note_under_way(sid)
         self.log(f"{sid}: {current or '-'} -> {d.status}" + (f" ({d.message})" if d.message else ""))
         if d.terminal:
             self.absent.pop(sid, None)
             self.cancel_sent.pop(sid, None)
             # the scheduler says the job ended: what it left behind goes, on both sides (the same table as a cancel)
-            said, problems = self.teardown(group_key(rec), sid, rec, skip=("job",))
+            try:
+                said, problems = self.teardown(group_key(rec), sid, rec, skip=("job",))
+            except Exception as exc:  # noqa: BLE001 - the note must not stay "under way": the playbook does the rest
+                said, problems = "", [f"teardown failed: {type(exc).__name__}: {exc}"]
             self.note_teardown(sid, problems)
             if sid not in self.lingering:
                 self.undone.pop(sid, None)

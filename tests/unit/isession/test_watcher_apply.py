@@ -663,6 +663,76 @@ def test_a_cancel_that_reads_the_end_before_the_watchers_note_waits_for_the_note
     assert time.monotonic() - started < NOTE_AFTER_END  # not the moment a fresh end gets
 
 
+def test_the_watcher_says_its_teardown_is_under_way_from_the_moment_it_records_the_end(tmp_path):
+    """A burst of ends is torn down side by side: a note can come seconds after its end, so the end says first
+    that the note is to come (and from which watcher)."""
+    root = tmp_path / "s"
+    make_session(root, "a", ports={"workspace": 21999})
+    _state.run_op("cancel", str(root), "a", {})
+    seen = []
+    watch = FastCancel(root, [RUNNING, CANCELLED], FakeServer(lambda req: undid(("job", ["job 42"]))))
+    run_ticks(watch, 1)
+    assert wf.read_teardown(root / "a") is None  # the job was signalled, its end not seen: nothing to say yet
+    teardown = watch.teardown
+
+    def looked_at(*args, **kw):  # the teardown after the end: the end is recorded, the final note not written yet
+        seen.append((_state.read_record(str(root / "a" / "state.json"))["step"], wf.read_teardown(root / "a")))
+        return teardown(*args, **kw)
+
+    watch.teardown = looked_at
+    _cancelled_by(watch, 1)
+    assert [(step, note["under_way"], note["complete"]) for step, note in seen] == [("cancelled", os.getpid(), False)]
+    final = wf.read_teardown(root / "a")
+    assert final["complete"] is True and "under_way" not in final, final
+
+
+def test_a_teardown_that_raises_still_gets_a_final_note(tmp_path):
+    root = tmp_path / "s"
+    make_session(root, "a", ports={"workspace": 21999})
+    _state.run_op("cancel", str(root), "a", {})
+    watch = FastCancel(root, [RUNNING, CANCELLED], FakeServer(lambda req: undid(("job", ["job 42"]))))
+    run_ticks(watch, 1)
+
+    def broken(*_args, **_kw):
+        raise RuntimeError("boom")
+
+    watch.teardown = broken
+    _cancelled_by(watch, 1)
+    note = wf.read_teardown(root / "a")
+    assert note["complete"] is False and "under_way" not in note and "boom" in note["problems"][0], note
+
+
+def test_a_cancel_waits_for_a_note_under_way_longer_than_the_moment_after_the_end(tmp_path):
+    """Twenty cancels at once on two cores: the watcher recorded each end at once, its notes came seconds later.
+    The cancel that read "under way" waits for the final note instead of running the playbook."""
+    root = tmp_path / "s"
+    make_session(root, "a", ports={"workspace": 21999})
+    _state.run_op("cancel", str(root), "a", {"step": "cancelled"})
+    note = root / "a" / wf.TEARDOWN_FILE
+    fd = wf.lock_pidfile(root)
+    wf.write_pid(fd)
+    try:
+        note.write_text(json.dumps({"complete": False, "problems": [], "pending": False, "under_way": os.getpid()}))
+
+        def final_note_late():
+            time.sleep(NOTE_AFTER_END + 0.5)
+            note.write_text(json.dumps({"complete": True, "problems": [], "pending": False}))
+
+        worker = threading.Thread(target=final_note_late)
+        worker.start()
+        started = time.monotonic()
+        assert watcher_cancelled(root, "a", timeout=20.0) is True
+        assert time.monotonic() - started >= NOTE_AFTER_END
+        worker.join()
+        # under way for a watcher that is gone (another pid holds the lock now): nobody will finish it
+        note.write_text(json.dumps({"complete": False, "problems": [], "pending": False, "under_way": 1}))
+        started = time.monotonic()
+        assert watcher_cancelled(root, "a", timeout=20.0) is False
+        assert time.monotonic() - started < 5
+    finally:
+        os.close(fd)
+
+
 def test_a_cancel_runs_the_playbook_when_the_watcher_cannot_vouch_for_everything(tmp_path):
     root = tmp_path / "s"
     # a teardown that left something
