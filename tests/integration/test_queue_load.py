@@ -42,6 +42,21 @@ def status(cli: Cli, sid: str) -> str:
         return "-"
 
 
+def diagnosis(cli: Cli, outputs: dict) -> str:
+    """What a failed assertion shows: the commands' output, each session's teardown note and the watcher's log."""
+    notes = {}
+    for sid in outputs:
+        try:
+            notes[sid] = (cli.root / sid / "teardown.json").read_text().strip()
+        except OSError as exc:
+            notes[sid] = str(exc)
+    try:
+        log = (cli.root / ".watcher.log").read_text().splitlines()[-60:]
+    except OSError as exc:
+        log = [str(exc)]
+    return "\n".join([json.dumps(outputs, indent=1), json.dumps(notes, indent=1), "watcher log:", *log])
+
+
 def test_twenty_at_once_most_queued_then_cancelled_at_once(bed):
     cli = Cli(bed, inventory=cluster_inventory(bed))
     tag = f"{time.strftime('%H%M%S')}-{secrets.token_hex(2)}"
@@ -89,7 +104,7 @@ def test_twenty_at_once_most_queued_then_cancelled_at_once(bed):
         by_sid.update(zip(rest, done, strict=True))
         ran_playbook = [s for s in queued if "the user's watcher ended the session" not in by_sid[s].stdout
                         or list((cli.root / s / "logs" / "runner" / "artifacts").glob("cancel-*"))]
-        assert not ran_playbook, {s: by_sid[s].stdout[-400:] for s in ran_playbook}
+        assert not ran_playbook, diagnosis(cli, {s: by_sid[s].stdout[-400:] for s in ran_playbook})
         # every start ended (interrupted by its cancel: 130)
         codes = [p.wait(timeout=120) for p in starts]
         assert all(c in (0, 130) for c in codes), codes
