@@ -90,7 +90,7 @@ ARGUMENT_SPEC = dict(
     timeout=dict(type="float", default=3600), interval=dict(type="float", default=0.1),
 )
 MODULE_OPTIONS = dict(supports_check_mode=True)
-RECHECK = 5.0  # seconds: a re-read of the record while inotify reports no change (a change it could miss)
+RECHECK = 30.0  # seconds: a re-read of the record while inotify reports no change (a change it could miss)
 
 
 def queued_reason(directory: str) -> str:

@@ -14,7 +14,7 @@ description:
     C(internal_poll_interval) seconds (0.001 by default), however long the task runs, which costs about 2% of a
     core per C(ansible-playbook) process while a task waits. This strategy sleeps until ansible-core's results
     thread hands a result over, so a result is taken as soon as it arrives and a task that runs for hours costs
-    nothing while it runs (a check for dead workers or a stopped run every 5 seconds; a signal to
+    nothing while it runs (a check for dead workers or a stopped run every 30 seconds; a signal to
     C(ansible-playbook) acts at once, as with C(linear)).
   - An C(isession start) waiting for its queued job keeps one C(ansible-playbook) process waiting for as long as
     the job waits, so C(isession) runs its plays with this strategy unless the user chose one in E(ANSIBLE_STRATEGY).
@@ -43,7 +43,7 @@ from ansible.plugins.strategy.linear import StrategyModule as LinearStrategyModu
 # seconds between checks for dead workers and a stopped run while no result comes: each check wakes a process that
 # may wait for hours (a start whose job is queued), and fifty may wait at once; a worker that dies is rare, and a
 # Ctrl-C or SIGTERM reaches ansible-playbook's handlers without this check
-CHECK_EVERY = 5.0
+CHECK_EVERY = 30.0
 
 
 class _WakingDeque(deque):
