@@ -185,6 +185,7 @@ def watcher_cancelled(root: Path, session_id: str, timeout: float = WATCHER_CANC
         return False
     if not rec.get("job_id"):  # connect mode, or not submitted yet: nothing of the watcher's to wait for
         return False
+    limit = time.monotonic() + timeout  # the whole wait, for a teardown the watcher says is under way
     if rec.get("step") in TERMINAL_STEPS:
         # ended already: by the watcher on this tombstone (its note says under way, or whether it undid everything),
         # or otherwise than cancelled. The watcher writes its first note just after it records the end: a session
@@ -194,7 +195,8 @@ def watcher_cancelled(root: Path, session_id: str, timeout: float = WATCHER_CANC
         ended = rec.get("ended")
         if note is None and rec.get("step") == "cancelled" and isinstance(ended, (int, float)) \
                 and time.time() - ended <= NOTE_AFTER_END:
-            timeout = min(timeout, ended + NOTE_AFTER_END - time.time())  # the moment ends NOTE_AFTER_END after the end
+            # the moment ends NOTE_AFTER_END after the end, unless the watcher's "under way" comes within it
+            timeout = min(timeout, ended + NOTE_AFTER_END - time.time())
         elif note_pending(note, root) is None:
             return bool(note and note.get("complete"))
     deadline = time.monotonic() + timeout
@@ -214,6 +216,8 @@ def watcher_cancelled(root: Path, session_id: str, timeout: float = WATCHER_CANC
                     return bool(note.get("complete"))
                 if pending is False:  # under way for a watcher that is gone: nobody finishes it
                     return False
+                if pending:
+                    deadline = limit
             changes.wait(min(0.5, max(0.0, deadline - time.monotonic())))
     return False
 

@@ -733,6 +733,25 @@ def test_a_cancel_waits_for_a_note_under_way_longer_than_the_moment_after_the_en
         os.close(fd)
 
 
+def test_an_under_way_note_that_comes_within_the_moment_after_the_end_extends_the_wait(tmp_path):
+    """Read between the end and the first note: the moment after the end would end the wait, the "under way" note
+    that comes within it makes the cancel wait for the final note, later than that moment."""
+    root = tmp_path / "s"
+    make_session(root, "a", ports={"workspace": 21999})
+    _state.run_op("cancel", str(root), "a", {"step": "cancelled"})  # ended just now, no note yet
+    note = root / "a" / wf.TEARDOWN_FILE
+
+    def notes():
+        time.sleep(0.2)
+        note.write_text(json.dumps({"complete": False, "problems": [], "pending": False, "under_way": os.getpid()}))
+        time.sleep(NOTE_AFTER_END + 0.3)
+        note.write_text(json.dumps({"complete": True, "problems": [], "pending": False}))
+
+    started = time.monotonic()
+    assert _cancel_cli(root, "a", notes) is True
+    assert time.monotonic() - started >= NOTE_AFTER_END
+
+
 def test_a_cancel_runs_the_playbook_when_the_watcher_cannot_vouch_for_everything(tmp_path):
     root = tmp_path / "s"
     # a teardown that left something
