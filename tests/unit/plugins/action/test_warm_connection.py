@@ -24,7 +24,9 @@ from pathlib import Path
 out = Path({out!r})
 out.joinpath("argv").write_text("\\0".join(sys.argv))
 out.joinpath("sid").write_text("%d %d" % (os.getsid(0), os.getppid()))
-while not out.joinpath("go").exists():
+# until the test's word, or its directory is gone, or a minute: a stand-in must never outlive its test
+started = time.monotonic()
+while not out.joinpath("go").exists() and out.is_dir() and time.monotonic() - started < 60:
     time.sleep(0.02)
 """
 
