@@ -347,7 +347,8 @@ class Watcher:
         if listed != self._listed:
             self._listed = listed
             here = {os.path.join(root, name) for name in names}
-            for key in [k for k in self._parsed if os.path.dirname(k) not in here]:
+            # list(): a snapshot, the resource polls add entries from their own threads meanwhile
+            for key in [k for k in list(self._parsed) if os.path.dirname(k) not in here]:
                 self._parsed.pop(key, None)  # the files of a session directory that went away
         return out
 
