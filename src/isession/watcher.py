@@ -819,7 +819,13 @@ class Watcher:
         while not self.stop.is_set():
             self.wake.clear()  # before the tick: a nudge arriving during it makes the next one come at once
             started = time.monotonic()
-            if self.tick():
+            try:
+                live = self.tick()
+            except Exception as exc:  # noqa: BLE001 - one bad tick (an unreadable directory, ...) must not end the
+                # watcher that every waiting start and every fast cancel of the user relies on; the next tick retries
+                self.log(f"tick failed: {type(exc).__name__}: {exc}")
+                live = 1
+            if live:
                 idle_since = started
             elif self.idle_exit and started - idle_since > self.idle_exit:
                 self.log(f"no live session for {self.idle_exit:.0f} s: exiting")

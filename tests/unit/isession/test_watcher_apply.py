@@ -361,6 +361,32 @@ def test_nudge_wakes_the_loop_at_once(tmp_path):
     assert not thread.is_alive(), "shutdown did not end a watcher waiting out a 30 s interval"
 
 
+def test_a_tick_that_raises_is_logged_and_the_watcher_goes_on(tmp_path):
+    """Every waiting start and every fast cancel relies on the user's one watcher: one bad tick must not end it."""
+    root = tmp_path / "s"
+    make_session(root, "a")
+    watch = Scripted(root, [RUNNING] * 50, interval=0.05)
+    lines = []
+    watch.log = lines.append
+    real, failures = watch.live_sessions, [PermissionError(13, "Permission denied")]
+
+    def live_sessions():
+        if failures:
+            raise failures.pop()
+        return real()
+
+    watch.live_sessions = live_sessions
+    thread = threading.Thread(target=watch.run)
+    thread.start()
+    try:
+        assert wait_for(lambda: len(watch.calls) >= 2, 5), lines  # it went on ticking (and asking) after the failure
+        assert thread.is_alive()
+        assert any(line.startswith("tick failed: PermissionError") for line in lines), lines
+    finally:
+        watch.shutdown()
+        thread.join(timeout=10)
+
+
 def wait_for(cond, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
