@@ -26,7 +26,7 @@ from .cli import EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK
 from .collection import active, find_collection
 from .config import UsageError
 from .progress import QUEUE_FILE, Progress, read_queue_file
-from .watchfiles import lock_pidfile, read_teardown, running_pid, write_pid
+from .watchfiles import lock_pidfile, note_pending, read_teardown, running_pid, write_pid
 
 
 class Output:
@@ -197,7 +197,7 @@ def watcher_cancelled(root: Path, session_id: str, timeout: float = WATCHER_CANC
                 and time.time() - ended <= NOTE_AFTER_END:
             # the moment ends NOTE_AFTER_END after the end, unless the watcher's "under way" comes within it
             timeout = min(timeout, ended + NOTE_AFTER_END - time.time())
-        elif note_pending(note, root) is None:
+        elif note_pending(note, running_pid(root)) is None:
             return bool(note and note.get("complete"))
     deadline = time.monotonic() + timeout
     with Changes(str(directory)) as changes:
@@ -211,7 +211,7 @@ def watcher_cancelled(root: Path, session_id: str, timeout: float = WATCHER_CANC
                 return False
             if rec.get("step") in TERMINAL_STEPS:
                 note = read_teardown(directory)
-                pending = note_pending(note, root)
+                pending = note_pending(note, pid)
                 if note is not None and pending is None:  # the final note, written after the teardown
                     return bool(note.get("complete"))
                 if pending is False:  # under way for a watcher that is gone: nobody finishes it
@@ -220,14 +220,6 @@ def watcher_cancelled(root: Path, session_id: str, timeout: float = WATCHER_CANC
                     deadline = limit
             changes.wait(min(0.5, max(0.0, deadline - time.monotonic())))
     return False
-
-
-def note_pending(note: Optional[Dict[str, Any]], root: Path) -> Optional[bool]:
-    """Of a watcher's ``teardown.json``: None when it is final (or there is none), True when the running watcher's
-    teardown is under way, False when it was under way for a watcher that no longer runs."""
-    if not note or not note.get("under_way"):
-        return None
-    return note.get("under_way") == running_pid(root)
 
 
 def run_cancel(root: Path, session_id: str, inventory: Optional[Path], emit: Callable[[str], None],

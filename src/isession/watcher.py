@@ -53,7 +53,7 @@ from ansible_collections.hpc.interactive.plugins.module_utils._schedulers import
 from .config import cli_record
 from .progress import QUEUE_FILE
 from .remote import RemoteError, RemoteServer, inventory_conn
-from .watchfiles import TEARDOWN_FILE
+from .watchfiles import TEARDOWN_FILE, UNDER_WAY
 
 CONFIRM_ABSENT = 3
 QUERY_TIMEOUT = 5.0
@@ -526,7 +526,7 @@ class Watcher:
         ``isession cancel`` waits for the final note while the watcher named here runs, and does not take the late
         note for a cancel that was not the watcher's.
         """
-        self.write_note(sid, {"complete": False, "problems": [], "pending": False, "under_way": os.getpid()})
+        self.write_note(sid, {"complete": False, "problems": [], "pending": False, UNDER_WAY: os.getpid()})
 
     def write_note(self, sid: str, doc: Mapping[str, Any]) -> None:
         try:

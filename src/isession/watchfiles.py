@@ -15,6 +15,8 @@ from typing import Any, Dict, Optional
 PIDFILE = ".watcher.pid"  # under the session root; flock'ed by the one watcher of the user
 # what the watcher's teardown of an ended session came to, in its directory; `isession cancel` reads it
 TEARDOWN_FILE = "teardown.json"
+# the key of a note written while the teardown is under way: the pid of the watcher doing it (its final note has none)
+UNDER_WAY = "under_way"
 
 
 def lock_pidfile(root: Path) -> Optional[int]:
@@ -59,3 +61,12 @@ def running_pid(root: Path) -> Optional[int]:
         return None
     finally:
         os.close(fd)
+
+
+def note_pending(note: Optional[Dict[str, Any]], watcher_pid: Optional[int]) -> Optional[bool]:
+    """Of a watcher's ``teardown.json``: None when it is final (or there is none), True when the teardown of the
+    running watcher (``watcher_pid``, from :func:`running_pid`) is under way, False when it was under way for a
+    watcher that no longer runs."""
+    if not note or not note.get(UNDER_WAY):
+        return None
+    return note.get(UNDER_WAY) == watcher_pid

@@ -707,9 +707,9 @@ def test_the_watcher_says_its_teardown_is_under_way_from_the_moment_it_records_t
 
     watch.teardown = looked_at
     _cancelled_by(watch, 1)
-    assert [(step, note["under_way"], note["complete"]) for step, note in seen] == [("cancelled", os.getpid(), False)]
+    assert [(step, note[wf.UNDER_WAY], note["complete"]) for step, note in seen] == [("cancelled", os.getpid(), False)]
     final = wf.read_teardown(root / "a")
-    assert final["complete"] is True and "under_way" not in final, final
+    assert final["complete"] is True and wf.UNDER_WAY not in final, final
 
 
 def test_a_teardown_that_raises_still_gets_a_final_note(tmp_path):
@@ -725,7 +725,19 @@ def test_a_teardown_that_raises_still_gets_a_final_note(tmp_path):
     watch.teardown = broken
     _cancelled_by(watch, 1)
     note = wf.read_teardown(root / "a")
-    assert note["complete"] is False and "under_way" not in note and "boom" in note["problems"][0], note
+    assert note["complete"] is False and wf.UNDER_WAY not in note and "boom" in note["problems"][0], note
+
+
+@pytest.mark.parametrize(("note", "watcher", "pending"), [
+    (None, 7, None),  # no note
+    ({"complete": True, "problems": []}, 7, None),  # final
+    ({"complete": False, "problems": ["x"]}, None, None),  # final, incomplete
+    ({"complete": False, wf.UNDER_WAY: 7}, 7, True),  # the running watcher's teardown
+    ({"complete": False, wf.UNDER_WAY: 7}, 8, False),  # another watcher runs now
+    ({"complete": False, wf.UNDER_WAY: 7}, None, False),  # no watcher runs
+])
+def test_note_pending_tells_a_final_note_from_one_under_way(note, watcher, pending):
+    assert wf.note_pending(note, watcher) is pending
 
 
 def test_a_cancel_waits_for_a_note_under_way_longer_than_the_moment_after_the_end(tmp_path):
@@ -738,7 +750,7 @@ def test_a_cancel_waits_for_a_note_under_way_longer_than_the_moment_after_the_en
     fd = wf.lock_pidfile(root)
     wf.write_pid(fd)
     try:
-        note.write_text(json.dumps({"complete": False, "problems": [], "pending": False, "under_way": os.getpid()}))
+        note.write_text(json.dumps({"complete": False, "problems": [], "pending": False, wf.UNDER_WAY: os.getpid()}))
 
         def final_note_late():
             time.sleep(NOTE_AFTER_END + 0.5)
@@ -751,7 +763,7 @@ def test_a_cancel_waits_for_a_note_under_way_longer_than_the_moment_after_the_en
         assert time.monotonic() - started >= NOTE_AFTER_END
         worker.join()
         # under way for a watcher that is gone (another pid holds the lock now): nobody will finish it
-        note.write_text(json.dumps({"complete": False, "problems": [], "pending": False, "under_way": 1}))
+        note.write_text(json.dumps({"complete": False, "problems": [], "pending": False, wf.UNDER_WAY: 1}))
         started = time.monotonic()
         assert watcher_cancelled(root, "a", timeout=20.0) is False
         assert time.monotonic() - started < 5
@@ -769,7 +781,7 @@ def test_an_under_way_note_that_comes_within_the_moment_after_the_end_extends_th
 
     def notes():
         time.sleep(0.2)
-        note.write_text(json.dumps({"complete": False, "problems": [], "pending": False, "under_way": os.getpid()}))
+        note.write_text(json.dumps({"complete": False, "problems": [], "pending": False, wf.UNDER_WAY: os.getpid()}))
         time.sleep(NOTE_AFTER_END + 0.3)
         note.write_text(json.dumps({"complete": True, "problems": [], "pending": False}))
 
