@@ -15,7 +15,7 @@ display; the only thing that differs from ports is the test of whether a number 
 
 A display N is usable when, besides having no valid reservation, no X server owns it:
 
-* ``/tmp/.X<N>-lock`` (the X server's own lock, holding its pid) is absent, or names a dead process;
+* ``/tmp/.X<N>-lock`` (the X server's own lock, holding its pid) is absent, or names a dead process (or a zombie);
 * ``/tmp/.X11-unix/X<N>`` is absent, or nothing accepts a connection on it;
 * nothing accepts a connection on the abstract socket ``@/tmp/.X11-unix/X<N>`` (per network namespace);
 * TCP port 6000+N can be bound (an X server listening on TCP).
@@ -61,6 +61,7 @@ PASSWORD_CONTEXT = b"hpc.interactive vnc password\n"
 # kill (jobs submitted with -notify), which reaches every process of the job
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
 VNC_PASSWORD_LEN = 8
+KILL_WAIT = 2.0  # s: how long stop_marked waits for what it KILLed to be gone
 
 
 class DisplayError(_ports.PortError):
@@ -157,6 +158,12 @@ def x_tcp_free(display: int) -> bool:
         sock.close()
 
 
+def server_alive(pid: int) -> bool:
+    """True while the X server ``pid`` runs: a killed server its parent has not reaped yet (a zombie) is dead, as
+    it can no longer serve or remove its files; a process whose state cannot be read counts as running."""
+    return _ports.pid_alive(pid) and _state(pid) != "Z"
+
+
 def _mine(path: str, uid: int) -> bool:
     try:
         return uid == 0 or os.lstat(path).st_uid == uid
@@ -170,7 +177,7 @@ def display_state(display: int, uid: Optional[int] = None, xtmp: str = X_TMP) ->
     pid = lock_pid(display, xtmp)
     stale = False
     if pid is not None:
-        if pid == 0 or _ports.pid_alive(pid):
+        if pid == 0 or server_alive(pid):
             return "busy"  # a live server (or a lock we cannot judge): never touched
         if not _mine(lock_path(display, xtmp), uid):
             return "busy"
@@ -213,7 +220,7 @@ def reclaim_x_files(display: int, uid: Optional[int] = None, xtmp: str = X_TMP) 
         seen = None
     if seen is not None:
         pid = lock_pid(display, xtmp)
-        if pid == 0 or (pid is not None and _ports.pid_alive(pid)) or not _mine(lock, uid):
+        if pid == 0 or (pid is not None and server_alive(pid)) or not _mine(lock, uid):
             return removed
         if not _unlink_same(lock, seen):
             return removed
@@ -327,9 +334,16 @@ def stop_marked(marker: str, grace: float = 2.0, clock: Callable[[], float] = ti
     while left and clock() < deadline:
         time.sleep(0.05)
         left = [p for p in left if _ports.pid_alive(p) and not _zombie(p)]
-    for pid in marked_processes(marker):
+    killed = marked_processes(marker)
+    for pid in killed:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
+    # a KILL is not instant: the caller releases the display next, and a server still alive then keeps its files
+    deadline = clock() + KILL_WAIT
+    while killed and clock() < deadline:
+        killed = [p for p in killed if _ports.pid_alive(p) and not _zombie(p)]
+        if killed:
+            time.sleep(0.02)
     return pids
 
 
@@ -413,12 +427,18 @@ def _end_below(root: int, grace: float) -> None:
             pass
 
 
-def _zombie(pid: int) -> bool:
+def _state(pid: int) -> str:
+    """The process state letter of ``pid`` (``/proc/PID/stat``: R, S, Z, ...); "" when it cannot be read."""
     try:
         with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
-            return handle.read().rpartition(")")[2].split()[0] == "Z"
+            return handle.read().rpartition(")")[2].split()[0]
     except (OSError, IndexError):
-        return True
+        return ""
+
+
+def _zombie(pid: int) -> bool:
+    """True when ``pid`` is a zombie or gone."""
+    return _state(pid) in ("Z", "")
 
 
 # ---------------------------------------------------------------- the script

@@ -123,6 +123,27 @@ def test_a_dead_servers_lock_and_socket_are_stale_and_reclaimed(xtmp):
     assert display_state(D, xtmp=xtmp) == "free"
 
 
+def _zombie_child() -> subprocess.Popen:
+    """A child that has exited and that this process has not reaped: what a killed X server is to its agent shell
+    until the shell gets to it."""
+    proc = subprocess.Popen(["true"])
+    deadline = time.monotonic() + 5
+    while not _desktop._zombie(proc.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert _ports.pid_alive(proc.pid), "the child must still be a zombie, not reaped"
+    return proc
+
+
+def test_a_zombie_servers_lock_is_stale_and_reclaimed(xtmp):
+    proc = _zombie_child()
+    try:
+        Path(lock_path(D, xtmp)).write_text(f"{proc.pid:10d}\n")
+        assert display_state(D, xtmp=xtmp) == "stale"
+        assert reclaim_x_files(D, xtmp=xtmp) == [lock_path(D, xtmp)]
+    finally:
+        proc.wait()
+
+
 def test_a_listening_socket_makes_it_busy(xtmp):
     sock = socket.socket(socket.AF_UNIX)
     sock.bind(socket_path(D, xtmp))
@@ -247,6 +268,29 @@ def test_marked_processes_finds_escaped_children_but_not_the_caller():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_a_server_that_ignores_term_is_killed_and_its_lock_released_at_once(tmp_path, xtmp):
+    """The desktop's end (``_desktop.py stop``): an X server that does not exit on TERM within the grace is KILLed,
+    and the display's release right after finds it dead (gone or an unreaped zombie) and removes its lock."""
+    marker = f"ISESSION_DESKTOP=unit-kill-{os.getpid()}"
+    env = dict(os.environ, ISESSION_DESKTOP=marker.split("=", 1)[1])
+    path = str(tmp_path / "res")
+    display, _unused = ddir(path, xtmp).reserve_display("sess-k", pid=os.getpid(), display_range="900-905")
+    lock = Path(lock_path(display, xtmp))
+    # a stand-in X server: writes its lock, ignores TERM; a child of this process, which does not reap it
+    server = subprocess.Popen(["bash", "-c", f"trap '' TERM; printf '%10d\\n' $$ > {lock}; exec sleep 60"], env=env)
+    try:
+        deadline = time.monotonic() + 5
+        while server.pid not in _desktop.marked_processes(marker) or not lock.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert _desktop.stop_marked(marker, grace=0.2) == [server.pid]
+        out = release_displays("sess-k", path, xtmp=xtmp)
+        assert out == {"released": [display], "removed": [str(lock)]}, out
+    finally:
+        server.kill()
+        server.wait()
 
 
 def test_reserve_command_prints_the_display_and_errors_as_json(tmp_path):
