@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import threading
 import time
@@ -37,7 +38,13 @@ from sessions_common import (
 from test_matrix import server_location, session_processes_by_host
 from test_sessions_sge import jobs_named, sge_inventory
 
-from ansible_collections.hpc.interactive.plugins.module_utils._desktop import lock_path, socket_path, vnc_password
+from ansible_collections.hpc.interactive.plugins.module_utils._desktop import (
+    lock_path,
+    lock_pid,
+    socket_path,
+    vnc_password,
+)
+from ansible_collections.hpc.interactive.plugins.module_utils._ports import pid_alive
 
 pytestmark = pytest.mark.bed
 
@@ -118,6 +125,16 @@ def assert_xfce_desktop(png: bytes) -> None:
     assert wallpaper > 0.6, f"no xfce wallpaper ({wallpaper:.0%}): {colours(png, (200, 150, 1080, 650))}"
 
 
+def end_logs(rdir: Path) -> str:
+    """What the session's end said (the agent's, the fragment's and its stop helper's logs), for a failure."""
+    out = []
+    for name in ("server.log", "xvnc.log", "desktop-stop.log"):
+        path = rdir / "logs" / name
+        lines = path.read_text(errors="replace").splitlines()[-15:] if path.exists() else ["(none)"]
+        out.append(f"--- {name}\n" + "\n".join(lines))
+    return "\n".join(out)
+
+
 def assert_nothing_left(bed, facts, sid: str) -> None:
     """Per host: no process, no listener, no X lock/socket of the display, no reservation, no job."""
     host, display = facts["host"], facts["display"]
@@ -128,7 +145,8 @@ def assert_nothing_left(bed, facts, sid: str) -> None:
     assert not listening(bed, "workspace", facts["port"])
     assert wait_until(lambda: not listening(bed, host, facts["node_port"]), 10)
     for path in (lock_path(display), socket_path(display)):
-        assert wait_until(lambda p=path: not os.path.lexists(p), 10), f"{path} left behind on {host}"
+        assert wait_until(lambda p=path: not os.path.lexists(p), 10), \
+            f"{path} left behind on {host}\n{end_logs(facts['rdir'])}"
     assert wait_until(lambda: reservations(sid) == [] and display_records(sid) == [], 10), \
         (reservations(sid), display_records(sid))
 
@@ -213,6 +231,15 @@ def test_vnc_on_the_other_targets_shows_the_desktop_then_cancel_leaves_nothing(d
         assert f["host"] == ("controller" if where == "controller" else f["host"]) and f["host"] != "workspace"
         png = open_desktop(bed, f["port"], "", vnc_password(f["secret"]), f"vnc-{where}.png")
         assert_xfce_desktop(png)
+        if where == "sge":
+            # a site's Grid Engine may send its warning (SIGUSR2, -notify) to every process of the job: Xvnc would
+            # die of it without removing its lock; it ignores it, and the session's end stops it with TERM
+            xvnc = lock_pid(f["display"])
+            assert xvnc and xvnc > 0, f"no Xvnc lock for display :{f['display']}"
+            os.kill(xvnc, signal.SIGUSR2)
+            time.sleep(1)
+            assert pid_alive(xvnc), "Xvnc died of SIGUSR2"
+            assert read_json(root / sid / "service.json")["JOB_STATUS"] == "Running"
     finally:
         cancel(bed, root, sid, inv)
     assert read_json(root / sid / "service.json")["JOB_STATUS"] == "Cancelled"
