@@ -128,9 +128,15 @@ def _ended_line(sess: Optional[sessions.Session]) -> str:
     return f"session ended: {sess.status}" + (f": {sess.message}" if sess.message else "")
 
 
-def ensure_watcher(root: Path, inventory: Optional[Path]) -> None:
+def ensure_watcher(root: Path, inventory: Optional[Path], *, wait: bool = True) -> Optional[subprocess.Popen]:
+    """Start the user's watcher (``isession watch --daemon``) unless one runs.
+
+    With ``wait`` false the command is started and returned, not waited for (the caller reaps it later): a start on a
+    cluster target starts it before its play, so that a job that ends while its app starts is seen at once (only the
+    watcher asks the scheduler), without delaying the play.
+    """
     if running_pid(root):
-        return
+        return None
     argv = [sys.executable, "-m", "isession", "watch", "--daemon"]
     if inventory:
         argv += ["--inventory", str(inventory)]
@@ -138,7 +144,15 @@ def ensure_watcher(root: Path, inventory: Optional[Path]) -> None:
     env = {**os.environ, "ISESSION_ROOT": str(root)}
     if col is not None:  # the watcher imports the copy this command uses
         env["ISESSION_COLLECTIONS"] = str(col.root)
-    subprocess.run(argv, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30, env=env)
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    if not wait:
+        return proc
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    return None
 
 
 WATCHER_CANCEL_WAIT = 15.0  # seconds a cancel waits for the watcher's teardown before it runs the cancel playbook
@@ -288,6 +302,8 @@ def cmd_start(args: argparse.Namespace) -> int:
     where = target if target == "workspace" else f"{target} of {resource}"
     out.say(f"Starting {service} session {sid} on {where}")
     progress = Progress(verbose=args.verbose, queue_source=lambda: read_queue_file(session_dir / QUEUE_FILE))
+    # a cluster job that ends while its app starts is seen only by the watcher: it must run before the readiness wait
+    early_watcher = ensure_watcher(root, inventory, wait=False) if target != "workspace" else None
     # one handler from the start to the end of the command: a Ctrl-C at any point (the start's play, the report,
     # the wait) cancels the session, and none turns into a KeyboardInterrupt half-way
     with Interrupts() as intr:
@@ -298,6 +314,9 @@ def cmd_start(args: argparse.Namespace) -> int:
             if intr.signal == signal.SIGINT:
                 return cancel_after_interrupt(root, sid, inventory, out.say, signal.SIGINT)
             return EXIT_INTERRUPTED  # SIGTERM: `isession cancel` stops the start and cancels it itself
+        if early_watcher is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                early_watcher.wait(timeout=30)
         sess = sessions.load(root, sid) or sessions.Session(id=sid, dir=session_dir)
         ok = sess.status == "Running"
         if ok:

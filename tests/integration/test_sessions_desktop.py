@@ -369,8 +369,13 @@ def test_cancel_while_queued_leaves_nothing(desktop_bed, root):
 
 
 def _failed(bed, root, sid, inv, service="vnc", **extra) -> Tuple[str, object]:
-    res = start(bed, root, service, sid, inv=inv, session_start_timeout=30, **extra)
+    # the job fails at once: the start must see it then (through the user's watcher, which asks the scheduler),
+    # not when session_start_timeout runs out
+    began = time.monotonic()
+    res = start(bed, root, service, sid, inv=inv, session_start_timeout=240, **extra)
+    took = time.monotonic() - began
     assert res.rc != 0
+    assert took < 120, f"the start took {took:.0f} s to see a job that failed at once"
     svc = read_json(root / sid / "service.json")
     assert svc["JOB_STATUS"] == "Failed", svc
     assert wait_until(lambda: queue(bed, f"isession-{sid}") == "", 15)
