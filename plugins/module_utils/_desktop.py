@@ -3,7 +3,7 @@
 """X displays for desktop sessions: reserved race-free, stale X server files reclaimed, the VNC password.
 
 Private to the hpc.interactive collection: no compatibility promise outside it.
-Standard library only. The desktop roles' agent fragment runs it as a plain script beside ``_ports.py``
+Standard library only. The desktop roles' agent fragment runs it as a plain script beside ``_ports.py`` and ``_proc.py``
 (``python3 _desktop.py reserve --owner ID --pid PID``); the gateway and the filter plugin import it.
 
 Displays are reserved with the port reservation scheme of ``_ports.py``, not a second one: the same
@@ -48,9 +48,10 @@ import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 if __package__:
-    from ansible_collections.hpc.interactive.plugins.module_utils import _ports
-else:  # run as a plain script: its own sibling _ports.py, never another copy an installed collection has
+    from ansible_collections.hpc.interactive.plugins.module_utils import _ports, _proc
+else:  # run as a plain script: its own siblings _ports.py and _proc.py, never another copy an installed collection has
     import _ports  # type: ignore[no-redef]
+    import _proc  # type: ignore[no-redef]
 
 DISPLAYS_DIR = "/tmp/isession-displays"  # noqa: S108 - shared, sticky, root-owned, host-local, like the ports'
 DISPLAY_RANGE = (1, 99)
@@ -158,12 +159,6 @@ def x_tcp_free(display: int) -> bool:
         sock.close()
 
 
-def server_alive(pid: int) -> bool:
-    """True while the X server ``pid`` runs: a killed server its parent has not reaped yet (a zombie) is dead, as
-    it can no longer serve or remove its files; a process whose state cannot be read counts as running."""
-    return _ports.pid_alive(pid) and _state(pid) != "Z"
-
-
 def _mine(path: str, uid: int) -> bool:
     try:
         return uid == 0 or os.lstat(path).st_uid == uid
@@ -177,7 +172,7 @@ def display_state(display: int, uid: Optional[int] = None, xtmp: str = X_TMP) ->
     pid = lock_pid(display, xtmp)
     stale = False
     if pid is not None:
-        if pid == 0 or server_alive(pid):
+        if pid == 0 or _proc.alive(pid):  # a zombie server (killed, not reaped yet) serves nothing: dead
             return "busy"  # a live server (or a lock we cannot judge): never touched
         if not _mine(lock_path(display, xtmp), uid):
             return "busy"
@@ -220,7 +215,7 @@ def reclaim_x_files(display: int, uid: Optional[int] = None, xtmp: str = X_TMP) 
         seen = None
     if seen is not None:
         pid = lock_pid(display, xtmp)
-        if pid == 0 or (pid is not None and server_alive(pid)) or not _mine(lock, uid):
+        if pid == 0 or (pid is not None and _proc.alive(pid)) or not _mine(lock, uid):
             return removed
         if not _unlink_same(lock, seen):
             return removed
@@ -329,22 +324,22 @@ def stop_marked(marker: str, grace: float = 2.0, clock: Callable[[], float] = ti
     for pid in pids:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGTERM)
-    deadline = clock() + grace
-    left = pids
-    while left and clock() < deadline:
-        time.sleep(0.05)
-        left = [p for p in left if _ports.pid_alive(p) and not _zombie(p)]
+    _wait_gone(pids, grace, clock)
     killed = marked_processes(marker)
     for pid in killed:
         with contextlib.suppress(OSError):
             os.kill(pid, signal.SIGKILL)
     # a KILL is not instant: the caller releases the display next, and a server still alive then keeps its files
-    deadline = clock() + KILL_WAIT
-    while killed and clock() < deadline:
-        killed = [p for p in killed if _ports.pid_alive(p) and not _zombie(p)]
-        if killed:
-            time.sleep(0.02)
+    _wait_gone(killed, KILL_WAIT, clock)
     return pids
+
+
+def _wait_gone(pids: List[int], seconds: float, clock: Callable[[], float]) -> None:
+    """Wait up to ``seconds`` until none of ``pids`` runs (gone, or a zombie)."""
+    deadline = clock() + seconds
+    while pids and clock() < deadline:
+        time.sleep(0.05)
+        pids = [p for p in pids if _proc.alive(p)]
 
 
 def descendants(root: int, proc: str = "/proc") -> List[int]:
@@ -425,20 +420,6 @@ def _end_below(root: int, grace: float) -> None:
     with contextlib.suppress(ChildProcessError):
         while os.waitpid(-1, os.WNOHANG)[0] > 0:
             pass
-
-
-def _state(pid: int) -> str:
-    """The process state letter of ``pid`` (``/proc/PID/stat``: R, S, Z, ...); "" when it cannot be read."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as handle:
-            return handle.read().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return ""
-
-
-def _zombie(pid: int) -> bool:
-    """True when ``pid`` is a zombie or gone."""
-    return _state(pid) in ("Z", "")
 
 
 # ---------------------------------------------------------------- the script

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from ansible_collections.hpc.interactive.plugins.module_utils import _desktop, _ports
+from ansible_collections.hpc.interactive.plugins.module_utils import _desktop, _ports, _proc
 from ansible_collections.hpc.interactive.plugins.module_utils._desktop import (
     DisplayDir,
     DisplayError,
@@ -128,7 +128,7 @@ def _zombie_child() -> subprocess.Popen:
     until the shell gets to it."""
     proc = subprocess.Popen(["true"])
     deadline = time.monotonic() + 5
-    while not _desktop._zombie(proc.pid) and time.monotonic() < deadline:
+    while _proc.alive(proc.pid) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert _ports.pid_alive(proc.pid), "the child must still be a zombie, not reaped"
     return proc
@@ -255,10 +255,11 @@ def test_marked_processes_finds_escaped_children_but_not_the_caller():
     # a daemon that left the process group (setsid), as ssh-agent does
     proc = subprocess.Popen(["setsid", "sleep", "30"], env=env)
     try:
-        # until the child has exec'd, its /proc environ is still this process's (no marker)
+        # until the child has exec'd, its /proc environ is still this process's (no marker); and while setsid execs
+        # sleep, its environ reads empty for a moment: wait until it is sleep
         deadline = time.monotonic() + 5
         found = _desktop.marked_processes(marker)
-        while proc.pid not in found and time.monotonic() < deadline:
+        while (proc.pid not in found or _proc.cmdline(proc.pid)[:1] != ["sleep"]) and time.monotonic() < deadline:
             time.sleep(0.01)
             found = _desktop.marked_processes(marker)
         assert proc.pid in found and os.getpid() not in found
@@ -318,7 +319,7 @@ def _reap(tmp_path, script: str) -> subprocess.Popen:
 
 def _alive(pid_file: Path) -> bool:
     pid = int(pid_file.read_text())
-    return _ports.pid_alive(pid) and not _desktop._zombie(pid)
+    return _proc.alive(pid)
 
 
 def _wait_file(path: Path) -> None:
