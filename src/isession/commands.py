@@ -144,14 +144,9 @@ def ensure_watcher(root: Path, inventory: Optional[Path], *, wait: bool = True) 
     env = {**os.environ, "ISESSION_ROOT": str(root)}
     if col is not None:  # the watcher imports the copy this command uses
         env["ISESSION_COLLECTIONS"] = str(col.root)
-    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     if not wait:
-        return proc
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+        return subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    subprocess.run(argv, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=30, env=env)
     return None
 
 
