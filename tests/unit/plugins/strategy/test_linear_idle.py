@@ -106,7 +106,10 @@ def test_the_wait_takes_each_result_as_it_comes_without_polling_in_between():
     assert checks["n"] <= 2 * 3 + int(1.2 / CHECK_EVERY), checks
 
 
-def test_the_wait_still_checks_for_dead_workers_and_a_stopped_run_while_nothing_comes():
+def test_the_wait_still_checks_for_dead_workers_and_a_stopped_run_while_nothing_comes(monkeypatch):
+    # the check comes every CHECK_EVERY s while no result comes; a short one here, so that the two silent checks
+    # before the worker is found dead take a fraction of a second instead of a minute
+    monkeypatch.setattr(linear_idle, "CHECK_EVERY", 0.2)
     strategy, checks = _strategy(_Tqm(dead_after=2), None)
     strategy._pending_results = 1
     with pytest.raises(AnsibleError, match="dead state"):
