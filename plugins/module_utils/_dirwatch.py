@@ -14,7 +14,7 @@ import ctypes
 import os
 import select
 import time
-from typing import Optional, Tuple
+from typing import Optional, Sequence, Tuple
 
 IN_CLOSE_WRITE = 0x008
 IN_MOVED_TO = 0x080
@@ -66,14 +66,16 @@ class Changes:
         """True when changes are reported (inotify); False when :meth:`wait` only sleeps."""
         return self.fd >= 0
 
-    def wait(self, timeout: float) -> bool:
-        """Wait until something in the directory changes or ``timeout`` seconds pass; True when a change came."""
-        if self.fd < 0:
+    def wait(self, timeout: float, also: Sequence[int] = ()) -> bool:
+        """Wait until something in the directory changes, one of the descriptors ``also`` becomes readable, or
+        ``timeout`` seconds pass; True when something came."""
+        watched = ([self.fd] if self.fd >= 0 else []) + list(also)
+        if not watched:
             time.sleep(max(0.0, timeout))
             return False
-        ready, _w, _x = select.select([self.fd], [], [], max(0.0, timeout))
-        if not ready:
-            return False
+        ready, _w, _x = select.select(watched, [], [], max(0.0, timeout))
+        if self.fd not in ready:
+            return bool(ready)
         while True:  # drain every pending event: one wake-up per burst of writes
             try:
                 if not os.read(self.fd, 65536):

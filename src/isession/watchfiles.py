@@ -12,7 +12,9 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Optional
 
-PIDFILE = ".watcher.pid"  # under the session root; flock'ed by the one watcher of the user
+# under the session root; flock'ed by the one watcher of the user
+from ansible_collections.hpc.interactive.plugins.module_utils._watcher_pid import PIDFILE, watcher_pid
+
 # what the watcher's teardown of an ended session came to, in its directory; `isession cancel` reads it
 TEARDOWN_FILE = "teardown.json"
 # the key of a note written while the teardown is under way: the pid of the watcher doing it (its final note has none)
@@ -47,20 +49,7 @@ def read_teardown(directory: Path) -> Optional[Dict[str, Any]]:
 
 def running_pid(root: Path) -> Optional[int]:
     """The pid of the running watcher, or None (the lock, not the file's text, decides)."""
-    path = root / PIDFILE
-    if not path.exists():
-        return None
-    fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-        except BlockingIOError:
-            text = os.pread(fd, 32, 0).decode().strip()
-            return int(text) if text.isdigit() else -1
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
-    finally:
-        os.close(fd)
+    return watcher_pid(str(root))
 
 
 def note_pending(note: Optional[Dict[str, Any]], watcher_pid: Optional[int]) -> Optional[bool]:
