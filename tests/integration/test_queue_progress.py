@@ -1,5 +1,6 @@
 """A start that waits in the queue shows it while it waits: the scheduler's reason, the queue position and
-Slurm's estimated start, in isession's live view on a terminal.
+Slurm's estimated start, in isession's live view on a terminal; and it still learns that its job runs when the
+user's watcher, which tells it, is killed meanwhile.
 
 The bed's ``small`` partition fills with two 1-CPU jobs; a session asked there waits (Resources) until one ends.
 The blockers have a time limit, so Slurm's backfill scheduler can estimate when the session's job will start. The
@@ -7,8 +8,10 @@ CLI runs on a pseudo-terminal (``script``), as a user at a terminal sees it.
 """
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import threading
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from ansible_collections.hpc.interactive.plugins.module_utils._watcher_pid import watcher_pid
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the shared helpers, also under --import-mode=importlib
 from cli_support import Cli  # noqa: E402
 from sessions_common import cluster_inventory, queue, wait_until  # noqa: E402
@@ -51,7 +55,7 @@ class Terminal:
         return rc
 
 
-def test_a_queued_start_shows_the_reason_position_and_estimated_start(bed):
+def test_a_queued_start_shows_the_reason_position_and_estimated_start_and_outlives_its_watcher(bed):
     blockers = []
     for _attempt in range(2):  # MaxCPUsPerNode=2: two 1-CPU jobs fill it; a time limit lets backfill estimate
         out = bed.slurm(["sbatch", "--parsable", "-p", "small", "-c", "1", "-t", "10", "-J", "isession-test-blocker",
@@ -74,6 +78,14 @@ def test_a_queued_start_shows_the_reason_position_and_estimated_start(bed):
         # the backfill scheduler (every 30 s by default) then estimates the start; the view shows it
         estimate = re.compile(r"position 1 of 1, estimated start \d\d:\d\d:\d\d \(in ")
         assert wait_until(lambda: estimate.search(term.text), 90, step=0.5), term.text[-3000:]
+        # the watcher, which tells the waiting start that its job runs, is killed: the start's wait starts it again
+        # (told by a pidfd at once), and the new one sees the job run
+        first = watcher_pid(str(cli.root))
+        assert first and first > 0
+        os.kill(first, signal.SIGKILL)
+        assert wait_until(lambda: (watcher_pid(str(cli.root)) or first) not in (first, -1), 30), \
+            "no new watcher after the first was killed"
+        assert term.proc.poll() is None
         bed.slurm(["scancel", blockers[0]], check=False)
         assert term.wait(180) == 0, term.text[-3000:]
         assert "status    Running" in term.text and f"cancel    isession cancel {sid}" in term.text

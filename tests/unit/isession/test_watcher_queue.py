@@ -77,8 +77,9 @@ def test_the_progress_view_reads_the_watchers_queue_while_the_start_waits_on_it(
     first = {"jobs": {"42": {"state": "queued", "reason": "Priority"}}}
     p.line({"event": "runner_on_ok", "event_data": {"task_action": "hpc.interactive.scheduler_job_info",
                                                     "res": first}})
-    p.line({"event": "playbook_on_task_start", "event_data": {"task_action": "hpc.interactive.session_wait",
-                                                              "task": "Wait until the watcher sees the job run"}})
+    p.line({"event": "playbook_on_task_start",
+            "event_data": {"task_action": "hpc.interactive.session_wait",
+                           "task": "Wait until the user's watcher sees the job run"}})
     assert p.current_queue().describe() == "queued (job 42): Priority"  # no file yet: the submit's answer
     path.write_text(json.dumps({"job_id": "42", "reason": "Resources", "queue_position": 1, "queue_pending": 1}))
     assert p.current_queue().describe() == "queued (job 42): Resources, position 1 of 1"
