@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import uuid
 from pathlib import Path
 
@@ -55,3 +56,19 @@ def run_module(tmp_path):
                              code=code)
 
     return run
+
+
+@pytest.fixture
+def wait_for():
+    """``wait_for(condition, timeout)``: True as soon as ``condition()`` is true (asked every 20 ms), else its last
+    answer once ``timeout`` seconds have passed."""
+
+    def wait(condition, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return True
+            time.sleep(0.02)
+        return bool(condition())
+
+    return wait

@@ -345,7 +345,7 @@ def test_fast_polling_stops_when_a_sent_cancel_never_ends(tmp_path):
     watch.close()
 
 
-def test_nudge_wakes_the_loop_at_once(tmp_path):
+def test_nudge_wakes_the_loop_at_once(tmp_path, wait_for):
     root = tmp_path / "s"
     make_session(root, "a")
     watch = Scripted(root, [RUNNING] * 50, interval=30.0)
@@ -362,7 +362,7 @@ def test_nudge_wakes_the_loop_at_once(tmp_path):
     assert not thread.is_alive(), "shutdown did not end a watcher waiting out a 30 s interval"
 
 
-def test_a_tick_that_raises_is_logged_and_the_watcher_goes_on(tmp_path):
+def test_a_tick_that_raises_is_logged_and_the_watcher_goes_on(tmp_path, wait_for):
     """Every waiting start and every fast cancel relies on the user's one watcher: one bad tick must not end it."""
     root = tmp_path / "s"
     make_session(root, "a")
@@ -386,15 +386,6 @@ def test_a_tick_that_raises_is_logged_and_the_watcher_goes_on(tmp_path):
     finally:
         watch.shutdown()
         thread.join(timeout=10)
-
-
-def wait_for(cond, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return True
-        time.sleep(0.02)
-    return cond()
 
 
 def test_one_watcher_per_root(tmp_path):
@@ -516,7 +507,7 @@ def test_a_job_that_ends_with_its_tunnel_reads_completed_never_starting(tmp_path
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to listen as a second user")
-def test_another_users_listener_ends_the_session_and_cancels_its_job(tmp_path):
+def test_another_users_listener_ends_the_session_and_cancels_its_job(tmp_path, wait_for):
     root = tmp_path / "s"
     rdir = tmp_path / "ports"
     res = _ports.ReservationDir(str(rdir))

@@ -121,7 +121,7 @@ def starts_of(log: Path) -> list:
     return [(int(pid), float(at)) for pid, at in (line.split() for line in log.read_text().splitlines())]
 
 
-def test_the_wait_starts_the_watcher_again_when_it_exits_and_still_sees_its_job_run(tmp_path, run_module):
+def test_the_wait_starts_the_watcher_again_when_it_exits_and_still_sees_its_job_run(tmp_path, run_module, wait_for):
     root = tmp_path / "s"
     queued(root, "w")
     argv, log = starter(tmp_path, root)
@@ -178,12 +178,3 @@ def test_watcher_env_needs_watcher_argv(tmp_path, run_module):
     queued(root, "z")
     res = run_module("session_wait", {"id": "z", "root": str(root), "watcher_env": {"A": "1"}})
     assert res["failed"] is True and "watcher_argv" in res["msg"], res
-
-
-def wait_for(predicate, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return bool(predicate())
