@@ -243,8 +243,8 @@ def run_module(module: AnsibleModule) -> None:
         with Changes(paths["dir"]) as changes:
             while True:
                 if watcher is not None and not module.check_mode and not watcher.ensure():
-                    followed = False
-                    record, why = None, "watcher"
+                    followed, why = False, "watcher"
+                    record = read_record(paths["state"]) if os.path.exists(paths["state"]) else None
                     break
                 # the watcher's exit wakes the wait at once through a pidfd; without one its lock is looked at
                 # every WATCHER_CHECK s
@@ -266,8 +266,6 @@ def run_module(module: AnsibleModule) -> None:
                     break
     except (StateError, ValueError, OSError) as exc:
         module.fail_json(msg="cannot read the session record: %s" % exc, field="id")
-    if not followed:
-        record = read_record(paths["state"]) if os.path.exists(paths["state"]) else None
     step = (record or {}).get("step") or ""
     reason = queued_reason(paths["dir"])
     result = dict(changed=bool(watcher and watcher.starts), step=step, waited=round(waited, 3), reason=reason)
