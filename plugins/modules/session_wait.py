@@ -104,6 +104,7 @@ watcher_starts: {description: How many times the wait started the watcher., retu
 import functools
 import json
 import os
+import select
 import subprocess
 import tempfile
 import time
@@ -180,6 +181,7 @@ class Watcher:
         self.starts = 0
         self.exits = 0
         self.pid = None
+        self.fd = None
         self.problem = ""
 
     def ensure(self) -> bool:
@@ -211,15 +213,18 @@ class Watcher:
 
     def exit_fd(self):
         """A descriptor readable once the running watcher exits (closed by the caller), or None: see ``exit_fd``."""
-        fd = exit_fd(self.root)
-        self.pid = watcher_pid(self.root) if fd is not None else None
-        return fd
+        self.fd = exit_fd(self.root)
+        self.pid = watcher_pid(self.root) if self.fd is not None else None
+        return self.fd
 
     def gone(self) -> bool:
-        """True when the watcher the wait follows no longer runs (none runs, or another one than the pidfd's: the
-        wait then looks again). Every True counts as an exit, so no state of the lock can make the wait spin."""
+        """True when the watcher the wait follows no longer runs: none runs, another one than the pidfd's runs, or
+        the pidfd says its process ended (even while some other process still shares its lock). The wait then
+        looks again. Every True counts as an exit, and a readable pidfd always gives True, so the wait cannot spin
+        on it."""
         now = watcher_pid(self.root)
-        if now is None or (self.pid is not None and now != self.pid):
+        ended = self.fd is not None and bool(select.select([self.fd], [], [], 0)[0])
+        if now is None or ended or (self.pid is not None and now != self.pid):
             self.exits += 1
             return True
         return False
