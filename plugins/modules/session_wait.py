@@ -180,7 +180,6 @@ class Watcher:
         self.env = dict(os.environ, **{k: str(v) for k, v in (env or {}).items()})
         self.starts = 0
         self.exits = 0
-        self.pid = None
         self.fd = None
         self.problem = ""
 
@@ -214,20 +213,19 @@ class Watcher:
     def exit_fd(self):
         """A descriptor readable once the running watcher exits (closed by the caller), or None: see ``exit_fd``."""
         self.fd = exit_fd(self.root)
-        self.pid = watcher_pid(self.root) if self.fd is not None else None
         return self.fd
 
     def gone(self) -> bool:
-        """True when the watcher the wait follows no longer runs: none runs, another one than the pidfd's runs, or
-        the pidfd says its process ended (even while some other process still shares its lock). The wait then
-        looks again. Every True counts as an exit, and a readable pidfd always gives True, so the wait cannot spin
-        on it."""
-        now = watcher_pid(self.root)
-        ended = self.fd is not None and bool(select.select([self.fd], [], [], 0)[0])
-        if now is None or ended or (self.pid is not None and now != self.pid):
+        """True when the watcher the wait follows has exited: its pidfd is readable (even while some other process
+        still shares its lock), or, without a pidfd, its lock is free. The wait then looks again; every True counts
+        as an exit, so a readable pidfd cannot make the wait spin."""
+        if self.fd is not None:
+            ended = bool(select.select([self.fd], [], [], 0)[0])
+        else:
+            ended = watcher_pid(self.root) is None
+        if ended:
             self.exits += 1
-            return True
-        return False
+        return ended
 
 
 def run_module(module: AnsibleModule) -> None:
@@ -241,19 +239,19 @@ def run_module(module: AnsibleModule) -> None:
         root = p["root"] or default_root()
         paths = session_paths(root, p["id"])
         watcher = Watcher(root, p["watcher_argv"], p["watcher_env"]) if p["watcher_argv"] else None
+        following = watcher is not None and not module.check_mode
         followed = True
         waited = 0.0
         # the record changes by a rename in its directory: with inotify the wait sleeps until then (and re-reads the
         # record every RECHECK s besides); without it, it checks the modification time every interval
         with Changes(paths["dir"]) as changes:
             while True:
-                if watcher is not None and not module.check_mode and not watcher.ensure():
+                if following and not watcher.ensure():
                     followed, why = False, "watcher"
                     record = read_record(paths["state"]) if os.path.exists(paths["state"]) else None
                     break
                 # the watcher's exit wakes the wait at once through a pidfd; without one its lock is looked at
                 # every WATCHER_CHECK s
-                following = watcher is not None and not module.check_mode
                 exited = watcher.exit_fd() if following else None
                 pace = RECHECK if changes.active else p["interval"]
                 if following and exited is None:
