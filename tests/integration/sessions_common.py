@@ -7,7 +7,6 @@ shared filesystem, listeners per network namespace, and processes in ``/proc`` (
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -15,6 +14,8 @@ import signal
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
+
+from ansible_collections.hpc.interactive.plugins.module_utils._watcher_pid import watcher_pid
 
 WS_USER = "wsuser"
 PORTS_DIR = Path("/tmp/isession-ports")
@@ -115,19 +116,10 @@ def session_processes(marker: str) -> Dict[int, str]:
 def stop_watcher(root: Path) -> None:
     """SIGTERM the watcher of a session root while it still holds its lock. The pid in a file an ended watcher left
     behind may by now name any process (pids wrap at 32768 here, within minutes): that one is never signalled."""
-    try:
-        fd = os.open(root / ".watcher.pid", os.O_RDONLY | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:  # a watcher holds it: the pid it wrote is its own
-        text = os.pread(fd, 32, 0).decode().strip()
-        if text.isdigit():
-            with contextlib.suppress(OSError):
-                os.kill(int(text), signal.SIGTERM)
-    finally:
-        os.close(fd)  # also drops a lock taken here
+    pid = watcher_pid(str(root))  # the lock decides, not the file's text
+    if pid and pid > 0:
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
 
 
 def wait_until(pred, timeout: float = 10.0, step: float = 0.1) -> bool:
