@@ -36,7 +36,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, FrozenSet, List, Mapping, Optional, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Tuple, Union
 
 from ansible_collections.hpc.interactive.plugins.module_utils import (
     _cmd,
@@ -76,6 +76,15 @@ FAILED_WORDS = {
     "NODE_FAIL": "node failure", "OUT_OF_MEMORY": "out of memory", "BOOT_FAIL": "node boot failure",
     "PREEMPTED": "preempted by the scheduler", "DEADLINE": "deadline reached",
 }
+
+
+class SessionPaths(NamedTuple):
+    """A session's directory and the files every tick looks at."""
+
+    directory: str
+    state: str
+    service: str
+    queue: str
 
 
 @dataclass(frozen=True)
@@ -293,6 +302,8 @@ class Watcher:
         self.stop = threading.Event()
         self.wake = threading.Event()  # set by nudge(): tick now (a cancel was requested)
         self.cancel_sent: Dict[str, float] = {}  # session -> when the watcher sent its cancel
+        # sessions whose cancel's teardown runs now, beside a poll of their resource: that poll leaves them alone
+        self.in_flight: set = set()
         self.undone: Dict[str, set] = {}  # session -> kinds this watcher's teardown already undid
         # ended sessions with a kind left for later (the workspace port while the user's listener is still on it):
         # session -> (resource key, record, since when); tried again every tick
@@ -312,13 +323,28 @@ class Watcher:
         self._parsed: Dict[str, Tuple[Tuple[int, int, int], Any]] = {}
         self._listed: FrozenSet[str] = frozenset()  # the session root's entries at the last prune of _parsed
         self.root_str = str(root)
+        self._paths: Dict[str, SessionPaths] = {}  # session -> its files' paths, joined once
+        # session -> (state.json's stamp, service.json's stamp, the scheduler's answer) when a poll last changed
+        # nothing: the same three again need no decision (a waiting session costs two stats per tick)
+        self._quiet: Dict[str, Tuple[Tuple[int, int, int], Tuple[int, int, int], Mapping[str, Any]]] = {}
 
     # -- sessions
-    def read_cached(self, path: Union[str, Path], reader: Callable[[str], Any]) -> Any:
-        """``reader(path)``, parsed again only when the file changed since the last read (``_dirwatch.unchanged``).
-        Raises what ``os.stat`` and ``reader`` raise."""
+    def paths_of(self, sid: str) -> SessionPaths:
+        """The paths of ``sid``'s files, joined once (every tick looks at every session's files)."""
+        paths = self._paths.get(sid)
+        if paths is None:
+            directory = os.path.join(self.root_str, sid)
+            paths = self._paths[sid] = SessionPaths(directory, os.path.join(directory, "state.json"),
+                                                    os.path.join(directory, "service.json"),
+                                                    os.path.join(directory, QUEUEFILE))
+        return paths
+
+    def read_cached(self, path: Union[str, Path], reader: Callable[[str], Any],
+                    st: Optional[os.stat_result] = None) -> Any:
+        """``reader(path)``, parsed again only when the file changed since the last read (``_dirwatch.unchanged``);
+        ``st``: the file's stat when the caller has just taken it. Raises what ``os.stat`` and ``reader`` raise."""
         key = str(path)
-        st = os.stat(key)
+        st = st or os.stat(key)
         hit = self._parsed.get(key)
         if hit is None or not _dirwatch.unchanged(st, hit[0]):
             # read after the stat: the content is at least as new as the stamp, so a change is never missed
@@ -338,7 +364,7 @@ class Watcher:
             if name.startswith("."):
                 continue
             try:
-                rec = self.read_cached(os.path.join(root, name, "state.json"), self.st.read_record)
+                rec = self.read_cached(self.paths_of(name).state, self.st.read_record)
             except (ValueError, OSError):
                 continue
             if rec and rec.get("step") in LIVE_STEPS and (rec.get("job_id") or is_connect(rec)):
@@ -350,6 +376,9 @@ class Watcher:
             # list(): a snapshot, the resource polls add entries from their own threads meanwhile
             for key in [k for k in list(self._parsed) if os.path.dirname(k) not in here]:
                 self._parsed.pop(key, None)  # the files of a session directory that went away
+            for sid in [s for s in list(self._paths) if s not in listed]:
+                self._paths.pop(sid, None)
+                self._quiet.pop(sid, None)
         return out
 
     def cli_record(self, session_id: str) -> Dict[str, Any]:
@@ -539,16 +568,30 @@ class Watcher:
         """Tear one session down now (once); the cancel playbook confirms it whatever happens here."""
         self.send_cancels(key, {sid: rec})
 
-    def send_cancels(self, key: Tuple[str, str], sessions: Mapping[str, Mapping[str, Any]]) -> None:
-        """Tear these sessions of one resource down now, together (each once); see :meth:`send_cancel`."""
+    def claim_cancels(self, sessions: Mapping[str, Mapping[str, Any]]) -> Dict[str, Mapping[str, Any]]:
+        """Those of ``sessions`` whose cancel nobody has sent yet, now marked as sent and under way (``in_flight``)
+        until :meth:`send_claimed` is done with them."""
         with self._lock:
             todo = {sid: rec for sid, rec in sessions.items() if sid not in self.cancel_sent}
             now = time.monotonic()
             self.cancel_sent.update({sid: now for sid in todo})
+            self.in_flight.update(todo)
+        return todo
+
+    def send_cancels(self, key: Tuple[str, str], sessions: Mapping[str, Mapping[str, Any]]) -> None:
+        """Tear these sessions of one resource down now, together (each once); see :meth:`send_cancel`."""
+        self.send_claimed(key, self.claim_cancels(sessions))
+
+    def send_claimed(self, key: Tuple[str, str], todo: Mapping[str, Mapping[str, Any]]) -> None:
+        """The teardown of sessions :meth:`claim_cancels` returned, logged per session."""
         if not todo:
             return
         started = time.monotonic()
-        results = self.teardown_many(key, [(sid, rec, ()) for sid, rec in todo.items()])
+        try:
+            results = self.teardown_many(key, [(sid, rec, ()) for sid, rec in todo.items()])
+        finally:
+            with self._lock:
+                self.in_flight.difference_update(todo)
         took = time.monotonic() - started
         together = f", {len(todo)} together" if len(todo) > 1 else ""
         for sid, (said, problems) in results.items():
@@ -620,7 +663,7 @@ class Watcher:
             except (RemoteError, LookupError, OSError, ValueError) as exc:
                 self.log(f"{key[0] or 'workspace'}: queue details not available: {exc}")
         for sid in sessions:
-            path = os.path.join(self.root_str, sid, QUEUEFILE)
+            path = self.paths_of(sid).queue
             if sid not in queued:
                 if self.queue_files.pop(sid, None) is not None:
                     with contextlib.suppress(FileNotFoundError):
@@ -640,15 +683,28 @@ class Watcher:
                 self.queue_files[sid] = doc
 
     def apply(self, sid: str, rec: Dict[str, Any], info: Optional[Dict[str, Any]], reachable: bool) -> None:
-        # every tick, for every polled session: string paths (pathlib's joins were most of a waiting session's cost)
-        directory = os.path.join(self.root_str, sid)
-        service_json = os.path.join(directory, "service.json")
+        if sid in self.in_flight:  # its cancel's teardown runs beside this poll: the next poll records the end
+            return
+        # every tick, for every polled session: paths joined once, and nothing decided again when neither file
+        # changed and the scheduler says what it said when the last poll changed nothing
+        paths = self.paths_of(sid)
+        service_json = paths.service
+        try:
+            rec_st: Optional[os.stat_result] = os.stat(paths.state)
+            doc_st: Optional[os.stat_result] = os.stat(service_json)
+        except OSError:
+            rec_st = doc_st = None
+        quiet = self._quiet.pop(sid, None)
+        if quiet is not None and rec_st and doc_st and info is not None and reachable and quiet[2] == info \
+                and _dirwatch.unchanged(rec_st, quiet[0]) and _dirwatch.unchanged(doc_st, quiet[1]):
+            self._quiet[sid] = quiet
+            return
         try:  # the record as it is now, after the query: a cancel's tombstone set meanwhile must count
-            rec = self.read_cached(os.path.join(directory, "state.json"), self.st.read_record) or rec
+            rec = self.read_cached(paths.state, self.st.read_record, rec_st) or rec
         except (ValueError, OSError):
             pass
         try:
-            doc = self.read_cached(service_json, self.sf.read_service_file) or {}
+            doc = self.read_cached(service_json, self.sf.read_service_file, doc_st) or {}
         except (ValueError, OSError):  # none yet, or one to be rebuilt: this write starts it afresh
             doc = {}
         current, current_message = doc.get("JOB_STATUS"), doc.get("ERROR_MESSAGE") or ""
@@ -668,6 +724,8 @@ class Watcher:
         if d.status is None or (d.status == current and not d.terminal and not new_reason):
             if d.status is None and d.reason.startswith("job") and "not listed" in d.reason:
                 self.log(f"{sid}: {d.reason}")
+            elif rec_st and doc_st and info is not None and reachable:
+                self._quiet[sid] = (_dirwatch.stamp_of(rec_st), _dirwatch.stamp_of(doc_st), info)
             return
         try:
             # state.json first: a cancel that already ended the session makes this refuse (StateError)
@@ -804,9 +862,21 @@ class Watcher:
         for key, sessions in groups.items():
             fut = self.busy.get(key)
             if fut is not None and not fut.done():
-                continue  # the previous poll of this resource is still waiting: never pile up
+                # the previous poll of this resource is still under way: never pile up polls; but cancels asked
+                # meanwhile are sent now, beside it (in a burst, the later ones waited for the earlier teardowns)
+                asked = self.claim_cancels({sid: rec for sid, rec in sessions.items()
+                                            if rec.get("cancel_requested")})
+                if asked:
+                    self.pool.submit(self._safe_send, key, asked)
+                continue
             self.busy[key] = self.pool.submit(self._safe_poll, key, sessions)
         return len(live) + len(self.lingering)
+
+    def _safe_send(self, key: Tuple[str, str], todo: Mapping[str, Mapping[str, Any]]) -> None:
+        try:
+            self.send_claimed(key, todo)
+        except Exception as exc:  # noqa: BLE001 - the cancel playbook confirms every step whatever happens here
+            self.log(f"{', '.join(todo)}: cancel failed: {type(exc).__name__}: {exc}")
 
     def _safe_poll(self, key: Tuple[str, str], sessions: Dict[str, Dict[str, Any]]) -> None:
         try:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import logging
 import os
 import signal
 import sys
@@ -101,6 +100,8 @@ def settings_from_args(args: argparse.Namespace):
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
+    import logging  # noqa: PLC0415 - only the gateway logs this way; every other command parses its options too
+
     settings = settings_from_args(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)

@@ -245,6 +245,52 @@ def test_cancels_that_arrive_together_go_to_the_resource_in_one_request(tmp_path
     watch.close()
 
 
+def test_a_cancel_asked_while_its_resource_is_busy_is_sent_beside_that_poll(tmp_path, wait_for):
+    """A cancel asked while the resource's poll is still under way (an earlier teardown, a slow query) is sent at
+    once beside it, not after it; that poll leaves the session alone while its teardown runs, and a later poll
+    records its end, once."""
+    root = tmp_path / "s"
+    for n, sid in enumerate(("a", "b")):
+        make_session(root, sid, job_id=str(42 + n))
+    _state.run_op("cancel", str(root), "a", {})
+    release = {"a": threading.Event(), "b": threading.Event()}
+
+    def answer(req):
+        sid = req["holding"]["session_id"]
+        assert release[sid].wait(10)  # each teardown hangs until the test lets it go
+        return undid(("job", [f"job of {sid}"]))
+
+    srv = FakeServer(answer)
+    gone = {"jobs": {"42": {"state": "cancelled", "raw_state": "CANCELLED", "found": True},
+                     "43": {"state": "cancelled", "raw_state": "CANCELLED", "found": True}},
+            "reachable": True, "error": ""}
+    watch = FastCancel(root, [gone, gone], srv)
+    try:
+        watch.tick()  # a's cancel, inside the resource's poll, which now hangs
+        assert wait_for(lambda: len(srv.requests) == 1, 10)
+        _state.run_op("cancel", str(root), "b", {})
+        watch.tick()
+        assert wait_for(lambda: len(srv.requests) == 2, 10)  # b's went while a's poll is still busy
+        assert srv.requests[1]["holding"]["session_id"] == "b"
+        watch.tick()  # still busy: nothing is sent twice
+        release["a"].set()
+        for fut in list(watch.busy.values()):  # a's poll: its query says both jobs ended
+            fut.result(timeout=10)
+        assert service(root, "a")["JOB_STATUS"] == "Cancelled"
+        assert service(root, "b")["JOB_STATUS"] == "Running"  # its teardown still runs: left to the next poll
+    finally:
+        release["a"].set()
+        release["b"].set()
+    assert wait_for(lambda: "b" not in watch.in_flight, 10)
+    run_ticks(watch, 1)
+    assert len(srv.requests) == 2  # each cancel once
+    for sid in ("a", "b"):
+        assert service(root, sid)["JOB_STATUS"] == "Cancelled"
+        assert json.loads((root / sid / wf.TEARDOWN_FILE).read_text())["complete"] is True
+    assert sum("b: cancel requested: stopped job of b" in ln for ln in watch.lines) == 1, watch.lines
+    watch.close()
+
+
 def test_a_teardowns_answer_that_does_not_fit_leaves_each_cancel_to_its_playbook(tmp_path):
     root = tmp_path / "s"
     for n, sid in enumerate(("a", "b")):
@@ -835,6 +881,43 @@ def test_records_are_parsed_again_only_when_they_changed(tmp_path, monkeypatch):
     shutil.rmtree(root / "old")
     watch.live_sessions()
     assert not [k for k in watch._parsed if "/old/" in k]  # a directory that went away leaves no entry behind
+    watch.close()
+
+
+def test_a_waiting_session_is_decided_again_only_when_its_files_or_its_jobs_answer_change(tmp_path, monkeypatch):
+    """Polls that find the same record, the same service.json and the same answer as a poll that changed nothing
+    decide nothing again; a new reason, a tombstone or an end is still seen at the next poll."""
+    monkeypatch.setattr(_dirwatch, "RECENT_NS", 0)  # the files here are all seconds old, as in a long wait
+    root = tmp_path / "s"
+    make_session(root, "a", step="queued", status="Queued")
+    _service_file.update_service_file(str(root / "a" / "service.json"), job_status="Queued",
+                                      error_message="Priority")
+    decided = []
+    real = w.decide
+
+    def counting(rec, *args, **kwargs):
+        decided.append(rec["id"])
+        return real(rec, *args, **kwargs)
+
+    monkeypatch.setattr(w, "decide", counting)
+
+    def queued(reason):
+        return {"jobs": {"42": {"state": "queued", "raw_state": "PENDING", "reason": reason, "found": True}},
+                "reachable": True, "error": ""}
+
+    watch = Scripted(root, [queued("Priority")] * 5 + [queued("Resources")] * 5 + [CANCELLED])
+    run_ticks(watch, 5)
+    assert decided == ["a"]  # once; the four polls after it found nothing new
+    run_ticks(watch, 2)  # a new reason: decided and written; that write is a new stamp, decided once more
+    assert service(root, "a")["ERROR_MESSAGE"] == "Resources"
+    assert len(decided) == 3
+    run_ticks(watch, 1)
+    assert len(decided) == 3
+    _state.run_op("cancel", str(root), "a", {})  # the record changed: decided again at the next poll
+    run_ticks(watch, 2)
+    assert len(decided) == 4 and service(root, "a")["JOB_STATUS"] == "Queued"
+    run_ticks(watch, 1)  # the scheduler says it ended: the end is recorded
+    assert service(root, "a")["JOB_STATUS"] == "Cancelled"
     watch.close()
 
 
