@@ -319,11 +319,12 @@ class Cli:
             return {}
 
     def watcher_pid(self) -> Optional[int]:
-        try:
-            text = (self.root / ".watcher.pid").read_text().strip()
-        except OSError:
-            return None
-        return int(text) if text.isdigit() and Path(f"/proc/{text}").exists() else None
+        """The pid of the watcher that holds this root's pid-file lock (the collection's own check,
+        ``_watcher_pid.watcher_pid``); None when no watcher holds it: a pid file left by a dead watcher may name a
+        process that reused its pid, which must not be signalled. (-1, a watcher whose pid is not written yet, is
+        None here too: ``os.kill(-1, ...)`` would signal every process.)"""
+        pid = _watcher_pid().watcher_pid(str(self.root))
+        return pid if pid and pid > 0 else None
 
     def stop_watcher(self) -> None:
         pid = self.watcher_pid()
@@ -332,6 +333,18 @@ class Cli:
                 os.kill(pid, 15)
             except OSError:
                 pass
+
+
+def _watcher_pid() -> Any:
+    """The collection's ``_watcher_pid`` module, loaded from this checkout (it needs nothing but the standard
+    library, so no collection loader)."""
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location("isession_bench_watcher_pid",
+                                                  REPO / "plugins" / "module_utils" / "_watcher_pid.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def save_results(out: Path, results: Any, text: str) -> None:

@@ -7,7 +7,9 @@
 2. CPU while they wait: utime+stime of every process in the workspace and the controller namespaces (the starts'
    ansible-playbook processes, the watcher and its ssh, sshd, slurmctld, ...), summed over a ``--window`` s window
    and given as % of one core, for each count in ``--steps`` (default 10, 50): it must not grow with the count.
-   ``--windows`` (default 3) windows one after the other; the median is the figure.
+   ``--windows`` (default 3) windows one after the other; the median is the figure. The table splits it by role
+   (``role_of``): the watcher, its server on the controller, the start commands, their plays and waiting modules,
+   and every other process by its command name.
    The window opens ``--settle`` s (default 30) after the last start of the step reached Queued, so that it holds
    the wait alone: for a few seconds after that, the plays of the starts queued last still run their tasks.
    slurmctld's job-query RPC rate (``sdiag``) over the same window shows who asks the scheduler.
@@ -43,8 +45,25 @@ TICKS = os.sysconf("SC_CLK_TCK")
 PORTS_DIR = Path("/tmp/isession-ports")  # noqa: S108 - the reservation directory the bed's hosts share
 
 
-def ns_processes(hosts: List[str]) -> Dict[int, Tuple[str, int]]:
-    """pid -> (command name, utime+stime in ticks) of every process whose network namespace is one of ``hosts``'."""
+def role_of(name: str, cmd: str) -> str:
+    """Who a process is, for the CPU table: the parts of a waiting session by their role, any other process by its
+    command name (the bed's daemons: slurmctld, sshd, the SGE master that this bench does not use, ...)."""
+    if "isession" in cmd and " watch" in f"{cmd} ":
+        return "watcher"
+    if "sys.stdin.buffer.readline()" in cmd:  # _remote_server.BOOT: the watcher's one server on the controller
+        return "watcher's server on the controller (with its squeue)"
+    if "isession" in cmd and " start " in f"{cmd} ":
+        return "start commands"
+    if "ansible-playbook" in cmd or "ansible_playbook" in cmd:
+        return "start plays (ansible-playbook)"
+    if "AnsiballZ_" in cmd or "ansible_" in cmd and "_payload" in cmd:
+        return "start plays' waiting modules"
+    return name
+
+
+def ns_processes(hosts: List[str], roles: Dict[int, str]) -> Dict[int, Tuple[str, int]]:
+    """pid -> (role, utime+stime+cutime+cstime in ticks) of every process whose network namespace is one of
+    ``hosts``'. ``roles`` keeps each pid's role (:func:`role_of`) from its first sight."""
     wanted = set()
     for host in hosts:
         try:
@@ -55,23 +74,28 @@ def ns_processes(hosts: List[str]) -> Dict[int, Tuple[str, int]]:
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
+        pid = int(entry)
         try:
             if os.stat(f"/proc/{entry}/ns/net").st_ino not in wanted:
                 continue
             head, tail = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)
+            if pid not in roles:
+                cmd = Path(f"/proc/{entry}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                roles[pid] = role_of(head.split("(", 1)[-1], cmd)
         except OSError:
             continue
         fields = [int(f) for f in tail.split()[11:15]]  # utime, stime, cutime, cstime
-        out[int(entry)] = (head.split("(", 1)[-1], sum(fields))
+        out[pid] = (roles[pid], sum(fields))
     return out
 
 
 def cpu_percent(window: float) -> Tuple[float, Dict[str, float]]:
     """% of one core used by the workspace's and the controller's processes over ``window`` seconds, in all and per
-    command name (who pays for the wait)."""
-    before, t0 = ns_processes(["workspace", "controller"]), time.monotonic()
+    role (who pays for the wait: :func:`role_of`)."""
+    roles: Dict[int, str] = {}
+    before, t0 = ns_processes(["workspace", "controller"], roles), time.monotonic()
     time.sleep(window)
-    after, took = ns_processes(["workspace", "controller"]), time.monotonic() - t0
+    after, took = ns_processes(["workspace", "controller"], roles), time.monotonic() - t0
     by_name: Dict[str, float] = {}
     for pid, (name, ticks) in after.items():
         by_name[name] = by_name.get(name, 0.0) + ticks - before.get(pid, (name, 0))[1]
@@ -218,8 +242,8 @@ def main() -> int:
             cpu, shares = sorted(windows, key=lambda w: w[0])[len(windows) // 2]
             res["cpu"].append({"queued": queued, "cpu_percent_of_one_core": cpu,
                                "windows_percent": [w[0] for w in windows], "job_info_rpcs_per_s": round(rpcs, 2),
-                               "by_command": shares})
-            top = ", ".join(f"{n} {v:.2f}%" for n, v in list(shares.items())[:6])
+                               "by_role": shares})
+            top = ", ".join(f"{n} {v:.2f}%" for n, v in list(shares.items())[:8])
             print(f"{queued} queued: {cpu:.2f}% of one core (workspace + controller; median of "
                   f"{', '.join(f'{w[0]:.2f}' for w in windows)}), {rpcs:.2f} job queries/s; {top}")
         for i in range(min(args.runs, len(fill))):
