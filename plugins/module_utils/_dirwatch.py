@@ -13,17 +13,29 @@ from __future__ import annotations
 import ctypes
 import os
 import select
+import struct
 import time
-from typing import Optional, Sequence, Tuple
+from typing import Dict, FrozenSet, Optional, Sequence, Set, Tuple
 
 IN_CLOSE_WRITE = 0x008
+IN_MOVED_FROM = 0x040
 IN_MOVED_TO = 0x080
 IN_CREATE = 0x100
+IN_DELETE = 0x200
 IN_DELETE_SELF = 0x400
 IN_MOVE_SELF = 0x800
+IN_Q_OVERFLOW = 0x4000
+IN_IGNORED = 0x8000
+IN_ONLYDIR = 0x1000000
 IN_NONBLOCK = 0o4000
 IN_CLOEXEC = 0o2000000
 WATCHED = IN_CLOSE_WRITE | IN_MOVED_TO | IN_CREATE | IN_DELETE_SELF | IN_MOVE_SELF
+# a directory of directories (a session root): entries that come, go or are renamed, and the root itself going
+ROOT_WATCHED = IN_CREATE | IN_DELETE | IN_MOVED_FROM | IN_MOVED_TO | IN_DELETE_SELF | IN_MOVE_SELF | IN_ONLYDIR
+# one of its directories: files written, replaced by a rename, removed; the directory itself going
+ENTRY_WATCHED = IN_CLOSE_WRITE | IN_MOVED_TO | IN_MOVED_FROM | IN_CREATE | IN_DELETE | IN_DELETE_SELF | IN_MOVE_SELF \
+    | IN_ONLYDIR
+EVENT = struct.Struct("iIII")  # struct inotify_event: wd, mask, cookie, len (then len bytes of name)
 RECENT_NS = 2_000_000_000  # a file modified less than this ago is read again even when its stamp is unchanged
 
 Stamp = Tuple[int, int, int]
@@ -94,3 +106,106 @@ class Changes:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class Tree:
+    """Which directories of a root changed: the root's entries (inotify on the root) and, in each directory added with
+    :meth:`add`, the files named in ``files`` (inotify on each).
+
+    :meth:`changed` returns the names of the directories with news since the last call, or None when the caller must
+    look at everything: inotify is not available, a watch could not be added (the user's limit), the kernel's event
+    queue overflowed, or the root itself went. A caller that gets None looks at every directory (and adds them again);
+    after an event it reads the files (an event is queued before the change can be read, so a read after the drain
+    never misses it). Not thread-safe: one caller drains.
+    """
+
+    def __init__(self, root: str, files: Sequence[str], libc: Optional[ctypes.CDLL] = None) -> None:
+        self.root = root
+        self.files: FrozenSet[bytes] = frozenset(os.fsencode(f) for f in files)
+        self.fd = -1
+        self.lib = None
+        self.root_wd = -1
+        self.entries: Dict[int, str] = {}  # watch descriptor -> directory name
+        self.watched: Dict[str, int] = {}  # directory name -> watch descriptor
+        self.lost = True  # the next changed() says None: nothing has been looked at yet
+        self.dead = False  # the root went or was moved: make a new Tree
+        try:
+            lib = libc if libc is not None else ctypes.CDLL(None, use_errno=True)
+            fd = lib.inotify_init1(IN_NONBLOCK | IN_CLOEXEC)
+            if fd < 0:
+                return
+            wd = lib.inotify_add_watch(fd, os.fsencode(root), ROOT_WATCHED)
+            if wd < 0:
+                os.close(fd)
+                return
+            self.fd, self.lib, self.root_wd = fd, lib, wd
+        except (OSError, AttributeError, TypeError):
+            self.fd = -1
+
+    @property
+    def active(self) -> bool:
+        """True while changes are reported (inotify on a root that is still there)."""
+        return self.fd >= 0 and not self.dead
+
+    def add(self, name: str) -> bool:
+        """Watch directory ``name`` of the root (again: a directory replaced under the same name gets a new watch);
+        False when it cannot be watched, and the next :meth:`changed` says None."""
+        if self.fd < 0 or self.lib is None:
+            return False
+        wd = self.lib.inotify_add_watch(self.fd, os.fsencode(os.path.join(self.root, name)), ENTRY_WATCHED)
+        if wd < 0:
+            self.lost = True
+            return False
+        old = self.watched.get(name)
+        if old is not None and old != wd:
+            self.entries.pop(old, None)
+        self.watched[name] = wd
+        self.entries[wd] = name
+        return True
+
+    def changed(self) -> Optional[Set[str]]:
+        """The directories with news since the last call (see the class); None: look at everything."""
+        if self.fd < 0:
+            return None
+        out: Set[str] = set()
+        everything = self.lost
+        self.lost = False
+        while True:
+            try:
+                data = os.read(self.fd, 65536)
+            except BlockingIOError:
+                break
+            except OSError:
+                everything = True
+                break
+            if not data:
+                break
+            offset = 0
+            while offset + EVENT.size <= len(data):
+                wd, mask, _cookie, length = EVENT.unpack_from(data, offset)
+                name = data[offset + EVENT.size:offset + EVENT.size + length].rstrip(b"\0")
+                offset += EVENT.size + length
+                if mask & IN_Q_OVERFLOW:
+                    everything = True
+                elif wd == self.root_wd:
+                    if mask & (IN_DELETE_SELF | IN_MOVE_SELF | IN_IGNORED):
+                        everything = self.dead = True  # the root went: this tree reports nothing more
+                    elif name:
+                        out.add(os.fsdecode(name))
+                else:
+                    entry = self.entries.get(wd)
+                    if entry is None:
+                        continue
+                    if mask & IN_IGNORED:  # its directory went (or was replaced): forget the watch
+                        self.entries.pop(wd, None)
+                        if self.watched.get(entry) == wd:
+                            del self.watched[entry]
+                        out.add(entry)
+                    elif mask & (IN_DELETE_SELF | IN_MOVE_SELF) or name in self.files:
+                        out.add(entry)
+        return None if everything else out
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1

@@ -62,6 +62,9 @@ CANCEL_FAST_FOR = 30.0  # ... for at most this long after the watcher sent it
 # poll period while a start waits on this watcher for its queued job (session_wait): still one query per resource per
 # tick for all sessions, so the cost does not grow with the number queued, and a job that starts is seen sooner
 WAITING_INTERVAL = 0.5
+# with inotify, only sessions whose files changed are looked at again; every session's state.json is still stat'ed
+# this often (a change inotify cannot report: a write from another host to a shared home)
+FULL_SCAN_EVERY = 30.0
 QUEUE_DETAILS_EVERY = 5.0  # the queue's position and estimated start (one more query per resource) at most this often
 QUEUEFILE = QUEUE_FILE  # where a queued session waits, for isession's progress view (progress.read_queue_file)
 LINGER_FOR = 600.0  # how long an ended session's workspace port is retried while a listener of the user stays on it
@@ -85,6 +88,16 @@ class SessionPaths(NamedTuple):
     state: str
     service: str
     queue: str
+
+
+class Quiet(NamedTuple):
+    """What a poll that changed nothing saw of a session (``Watcher.apply``): the same again needs no decision."""
+
+    gen: Tuple[int, int]  # (Watcher._epoch, the session's change count) before the files were read
+    info: Mapping[str, Any]  # the scheduler's answer about the job
+    watched: bool  # inotify reported the session's changes then (else the stamps below count)
+    state: Optional[Tuple[int, int, int]]  # state.json's and service.json's stat stamps (without inotify)
+    service: Optional[Tuple[int, int, int]]
 
 
 @dataclass(frozen=True)
@@ -324,9 +337,20 @@ class Watcher:
         self._listed: FrozenSet[str] = frozenset()  # the session root's entries at the last prune of _parsed
         self.root_str = str(root)
         self._paths: Dict[str, SessionPaths] = {}  # session -> its files' paths, joined once
+        # which sessions' files changed (inotify on the root and on each session directory); None: not available
+        self._tree: Optional[_dirwatch.Tree] = None
+        self._tree_lock = threading.Lock()
+        self._changed: Optional[set] = None  # sessions changed since the last look (None: look at every session)
+        self._scanned_at = -FULL_SCAN_EVERY  # when every session was last looked at
+        self._tree_tried = -FULL_SCAN_EVERY  # when a Tree was last made
+        self._live: Dict[str, Dict[str, Any]] = {}  # the live sessions' records, as last read
         # session -> (state.json's stamp, service.json's stamp, the scheduler's answer) when a poll last changed
         # nothing: the same three again need no decision (a waiting session costs two stats per tick)
-        self._quiet: Dict[str, Tuple[Tuple[int, int, int], Tuple[int, int, int], Mapping[str, Any]]] = {}
+        self._quiet: Dict[str, Quiet] = {}
+        # a session's change count (inotify news of its files) and the count of "look at everything" (inotify lost
+        # or not available): a memo made before either moved is not trusted
+        self._gen: Dict[str, int] = {}
+        self._epoch = 0
 
     # -- sessions
     def paths_of(self, sid: str) -> SessionPaths:
@@ -352,9 +376,45 @@ class Watcher:
         return dict(hit[1]) if isinstance(hit[1], dict) else hit[1]
 
     def live_sessions(self) -> Dict[str, Dict[str, Any]]:
-        # every tick, for every session (ended ones too): plain strings, no pathlib, and the cache pruned only when
-        # the directory's list changed, so what a waiting session costs each tick is about one stat
-        out = {}
+        """The live sessions' records (copies: what a caller does to one stays with it).
+
+        Every tick, for every session: with inotify (``_dirwatch.Tree``) only the sessions whose ``state.json`` or
+        ``service.json`` changed are read again, so a session whose files do not change (waiting in the queue,
+        running, or long ended) costs no system call; without it, and every ``FULL_SCAN_EVERY`` s, every
+        session's ``state.json`` is stat'ed and parsed again only when its stamp changed (``read_cached``).
+        """
+        changed = self.drain_changes()
+        if changed is None:
+            self._live = self.scan_all()
+        else:
+            for name in changed:
+                self._live.pop(name, None)
+                if name.startswith("."):
+                    continue
+                self._parsed.pop(self.paths_of(name).state, None)  # reported changed: parsed again, whatever its stamp
+                rec = self.read_live(name)
+                if rec is not None:
+                    self._live[name] = rec
+        return {name: dict(rec) for name, rec in self._live.items()}
+
+    def read_live(self, name: str) -> Optional[Dict[str, Any]]:
+        """Session ``name``'s record when it is live (watched from now on when inotify is used), else None."""
+        tree = self._tree
+        if tree is not None:
+            tree.add(name)  # before the read: a change after it is reported
+        try:
+            rec = self.read_cached(self.paths_of(name).state, self.st.read_record)
+        except (ValueError, OSError):
+            return None
+        if rec and rec.get("step") in LIVE_STEPS and (rec.get("job_id") or is_connect(rec)):
+            return rec
+        return None
+
+    def scan_all(self) -> Dict[str, Dict[str, Any]]:
+        """Every session looked at: plain strings, no pathlib, and the caches pruned only when the directory's list
+        changed."""
+        out: Dict[str, Dict[str, Any]] = {}
+        self._scanned_at = time.monotonic()
         try:
             names = os.listdir(self.root)
         except FileNotFoundError:
@@ -363,11 +423,8 @@ class Watcher:
         for name in names:
             if name.startswith("."):
                 continue
-            try:
-                rec = self.read_cached(self.paths_of(name).state, self.st.read_record)
-            except (ValueError, OSError):
-                continue
-            if rec and rec.get("step") in LIVE_STEPS and (rec.get("job_id") or is_connect(rec)):
+            rec = self.read_live(name)
+            if rec is not None:
                 out[name] = rec
         listed = frozenset(names)
         if listed != self._listed:
@@ -379,7 +436,48 @@ class Watcher:
             for sid in [s for s in list(self._paths) if s not in listed]:
                 self._paths.pop(sid, None)
                 self._quiet.pop(sid, None)
+                self._gen.pop(sid, None)
         return out
+
+    def drain_changes(self) -> Optional[set]:
+        """The sessions whose files changed since the last call, or None: look at every session (no inotify, a
+        change it may have missed, or ``FULL_SCAN_EVERY`` s since the last full look). Called by the tick; the polls
+        call :meth:`note_changes`, whose news this returns too."""
+        self.note_changes()
+        with self._tree_lock:
+            changed, self._changed = self._changed, set()
+            if self._tree is None or time.monotonic() - self._scanned_at >= FULL_SCAN_EVERY:
+                changed = None
+            return changed
+
+    def note_changes(self) -> None:
+        """Read what inotify reports (making the session root's watch when there is none yet), keep it for
+        :meth:`drain_changes`, and forget the poll memo (``_quiet``) of every session that changed."""
+        with self._tree_lock:
+            tree = self._tree
+            if tree is None or not tree.active:
+                if tree is not None:
+                    tree.close()
+                self._tree = tree = None
+                now = time.monotonic()
+                if now - self._tree_tried >= FULL_SCAN_EVERY:  # not at every tick where inotify is not available
+                    self._tree_tried = now
+                    made = _dirwatch.Tree(self.root_str, ("state.json", "service.json"))
+                    if made.active:
+                        self._tree = tree = made
+                    else:
+                        made.close()
+            got = tree.changed() if tree is not None else None
+            if got is None:
+                self._changed = None
+                with self._lock:
+                    self._epoch += 1
+            else:
+                if self._changed is not None:
+                    self._changed |= got
+                with self._lock:
+                    for name in got:
+                        self._gen[name] = self._gen.get(name, 0) + 1
 
     def cli_record(self, session_id: str) -> Dict[str, Any]:
         """What the CLI noted at start (inventory, inputs; never a secret); {} for sessions started without it."""
@@ -615,6 +713,7 @@ class Watcher:
         except (RemoteError, LookupError, OSError) as exc:
             answer = {"jobs": {}, "reachable": False, "error": str(exc)}
         took = time.monotonic() - started
+        self.note_changes()  # what changed during the query (a tombstone) makes its session's memo stale
         if not answer.get("reachable", False):
             self.log(f"{key[0] or 'workspace'}: undetermined ({answer.get('error')}); {len(ids)} job(s) left "
                      f"as they are ({took:.2f}s)")
@@ -689,16 +788,23 @@ class Watcher:
         # changed and the scheduler says what it said when the last poll changed nothing
         paths = self.paths_of(sid)
         service_json = paths.service
-        try:
-            rec_st: Optional[os.stat_result] = os.stat(paths.state)
-            doc_st: Optional[os.stat_result] = os.stat(service_json)
-        except OSError:
-            rec_st = doc_st = None
-        quiet = self._quiet.pop(sid, None)
-        if quiet is not None and rec_st and doc_st and info is not None and reachable and quiet[2] == info \
-                and _dirwatch.unchanged(rec_st, quiet[0]) and _dirwatch.unchanged(doc_st, quiet[1]):
-            self._quiet[sid] = quiet
-            return
+        with self._lock:  # before any read: news that comes after it makes the memo made below stale
+            gen = (self._epoch, self._gen.get(sid, 0))
+        watched = self._tree is not None
+        quiet = self._quiet.get(sid)
+        rec_st: Optional[os.stat_result] = None
+        doc_st: Optional[os.stat_result] = None
+        if quiet is not None and info is not None and reachable and quiet.info == info and quiet.gen == gen \
+                and watched and quiet.watched:
+            return  # inotify reported no change of either file since the memo: not even a stat
+        if not watched:
+            try:
+                rec_st, doc_st = os.stat(paths.state), os.stat(service_json)
+            except OSError:
+                rec_st = doc_st = None
+            if quiet is not None and rec_st and doc_st and info is not None and reachable and quiet.info == info \
+                    and _dirwatch.unchanged(rec_st, quiet.state) and _dirwatch.unchanged(doc_st, quiet.service):
+                return
         try:  # the record as it is now, after the query: a cancel's tombstone set meanwhile must count
             rec = self.read_cached(paths.state, self.st.read_record, rec_st) or rec
         except (ValueError, OSError):
@@ -724,8 +830,9 @@ class Watcher:
         if d.status is None or (d.status == current and not d.terminal and not new_reason):
             if d.status is None and d.reason.startswith("job") and "not listed" in d.reason:
                 self.log(f"{sid}: {d.reason}")
-            elif rec_st and doc_st and info is not None and reachable:
-                self._quiet[sid] = (_dirwatch.stamp_of(rec_st), _dirwatch.stamp_of(doc_st), info)
+            elif info is not None and reachable and (watched or (rec_st and doc_st)):
+                self._quiet[sid] = Quiet(gen, info, watched, _dirwatch.stamp_of(rec_st) if rec_st else None,
+                                         _dirwatch.stamp_of(doc_st) if doc_st else None)
             return
         try:
             # state.json first: a cancel that already ended the session makes this refuse (StateError)
@@ -915,6 +1022,10 @@ class Watcher:
 
     def close(self) -> None:
         self.pool.shutdown(wait=True, cancel_futures=True)
+        with self._tree_lock:
+            if self._tree is not None:
+                self._tree.close()
+                self._tree = None
         for server in self.servers.values():
             server.close()
 

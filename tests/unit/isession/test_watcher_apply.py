@@ -884,7 +884,23 @@ def test_records_are_parsed_again_only_when_they_changed(tmp_path, monkeypatch):
     watch.close()
 
 
-def test_a_waiting_session_is_decided_again_only_when_its_files_or_its_jobs_answer_change(tmp_path, monkeypatch):
+class _NoTree(_dirwatch.Tree):
+    """A session root's watch where inotify is not available: the watcher looks at every session by stat."""
+
+    def __init__(self, root, files, libc=None):
+        super().__init__(root, files, libc=types.SimpleNamespace(inotify_init1=lambda _flags: -1))
+
+
+@pytest.fixture(params=["inotify", "stat"])
+def watch_mode(request, monkeypatch):
+    """The watcher with inotify (what Linux gives) and without it (``_dirwatch.Tree`` inactive)."""
+    if request.param == "stat":
+        monkeypatch.setattr(_dirwatch, "Tree", _NoTree)
+    return request.param
+
+
+def test_a_waiting_session_is_decided_again_only_when_its_files_or_its_jobs_answer_change(tmp_path, monkeypatch,
+                                                                                          watch_mode):
     """Polls that find the same record, the same service.json and the same answer as a poll that changed nothing
     decide nothing again; a new reason, a tombstone or an end is still seen at the next poll."""
     monkeypatch.setattr(_dirwatch, "RECENT_NS", 0)  # the files here are all seconds old, as in a long wait
@@ -918,6 +934,65 @@ def test_a_waiting_session_is_decided_again_only_when_its_files_or_its_jobs_answ
     assert len(decided) == 4 and service(root, "a")["JOB_STATUS"] == "Queued"
     run_ticks(watch, 1)  # the scheduler says it ended: the end is recorded
     assert service(root, "a")["JOB_STATUS"] == "Cancelled"
+    assert (watch._tree is not None) == (watch_mode == "inotify")
+    watch.close()
+
+
+def _stats_of(monkeypatch, root):
+    """Count os.stat calls on files under ``root`` from now on."""
+    seen = []
+    real = os.stat
+
+    def counting(path, *args, **kwargs):
+        if str(path).startswith(str(root)):
+            seen.append(str(path))
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "stat", counting)
+    return seen
+
+
+def test_with_inotify_a_session_whose_files_do_not_change_costs_no_system_call(tmp_path, monkeypatch):
+    """Waiting, running or long ended: a session whose files do not change is not even stat'ed at a tick; a change,
+    a new session and a session that goes are all seen at the next tick."""
+    root = tmp_path / "s"
+    make_session(root, "a", step="queued", status="Queued")
+    make_session(root, "old", step="completed", status="Completed")
+    queued = {"jobs": {"42": {"state": "queued", "raw_state": "PENDING", "reason": "Priority", "found": True},
+                       "43": {"state": "queued", "raw_state": "PENDING", "reason": "Priority", "found": True}},
+              "reachable": True, "error": ""}
+    _service_file.update_service_file(str(root / "a" / "service.json"), job_status="Queued",
+                                      error_message="Priority")
+    watch = Scripted(root, [queued] * 12)
+    run_ticks(watch, 3)  # the first look at everything, then the first polls' memos
+    assert watch._tree is not None and watch._tree.active
+    seen = _stats_of(monkeypatch, root)
+    run_ticks(watch, 4)
+    assert seen == []  # four ticks, four polls: not one stat of a session file
+    assert len(watch.calls) == 7  # and still one scheduler question per tick
+    make_session(root, "b", job_id="43", step="queued", status="Queued")  # a new session: read at the next tick
+    run_ticks(watch, 1)
+    assert watch.calls[-1] == (("controller", "slurm"), ["42", "43"])
+    _state.run_op("cancel", str(root), "a", {})  # a change: that session alone is looked at again
+    seen.clear()
+    run_ticks(watch, 1)
+    assert seen and {Path(p).parent.name for p in seen} <= {"a", "b"}
+    shutil.rmtree(root / "b")  # a session directory that goes: gone at the next tick
+    assert "b" not in watch.live_sessions()
+    watch.close()
+
+
+def test_with_inotify_every_session_is_still_stat_ed_every_full_scan_period(tmp_path, monkeypatch):
+    """A change inotify cannot report (a write to a shared home from another host) is found by the periodic look at
+    every session's record."""
+    monkeypatch.setattr(w, "FULL_SCAN_EVERY", 0.0)
+    root = tmp_path / "s"
+    make_session(root, "a", step="queued", status="Queued")
+    watch = w.Watcher(root, None, log=print)
+    watch.live_sessions()
+    seen = _stats_of(monkeypatch, root)
+    watch.live_sessions()
+    assert seen == [str(root / "a" / "state.json")]
     watch.close()
 
 

@@ -74,3 +74,87 @@ def test_a_stamp_is_trusted_only_for_a_file_not_modified_in_the_last_moments(tmp
     write_atomic(str(path), "{}\n", 0o600)
     os.utime(path, ns=(old, old))  # same size and mtime: the rename gave it another inode
     assert not _dirwatch.unchanged(os.stat(path), _dirwatch.stamp_of(st))
+
+
+def _tree(root, libc=None):
+    return _dirwatch.Tree(str(root), ("state.json", "service.json"), libc=libc)
+
+
+def test_a_tree_reports_the_directories_whose_watched_files_changed(tmp_path):
+    for name in ("a", "b", "c"):
+        (tmp_path / name).mkdir()
+    tree = _tree(tmp_path)
+    try:
+        assert tree.active
+        assert tree.changed() is None  # nothing looked at yet: the caller looks at everything first
+        for name in ("a", "b", "c"):
+            assert tree.add(name)
+        assert tree.changed() == set()
+        write_atomic(str(tmp_path / "a" / "state.json"), "{}\n", 0o600)  # a rename, as every record writer does
+        with open(tmp_path / "b" / "service.json", "w", encoding="utf-8") as handle:  # a write in place
+            handle.write("{}")
+        write_atomic(str(tmp_path / "c" / "queue.json"), "{}\n", 0o600)  # not a watched file
+        assert tree.changed() == {"a", "b"}
+        assert tree.changed() == set()  # each change once
+        (tmp_path / "d").mkdir()  # a new session directory: named by the root's watch
+        assert tree.changed() == {"d"}
+        os.unlink(tmp_path / "a" / "state.json")
+        os.rmdir(tmp_path / "a")  # a directory that goes: named, and its watch forgotten
+        assert tree.changed() == {"a"}
+        assert "a" not in tree.watched and tree.watched.keys() == {"b", "c"}
+    finally:
+        tree.close()
+    assert tree.fd == -1
+
+
+def test_a_directory_replaced_under_the_same_name_is_watched_anew(tmp_path):
+    (tmp_path / "a").mkdir()
+    tree = _tree(tmp_path)
+    try:
+        tree.changed()
+        tree.add("a")
+        os.rename(tmp_path / "a", tmp_path / ".old")
+        (tmp_path / "a").mkdir()
+        assert "a" in tree.changed()
+        assert tree.add("a")
+        write_atomic(str(tmp_path / "a" / "state.json"), "{}\n", 0o600)
+        write_atomic(str(tmp_path / ".old" / "state.json"), "{}\n", 0o600)  # the old directory: not this session
+        assert tree.changed() == {"a"}
+    finally:
+        tree.close()
+
+
+def test_a_tree_whose_root_goes_asks_for_a_full_look_and_stops(tmp_path):
+    root = tmp_path / "root"
+    root.mkdir()
+    tree = _tree(root)
+    try:
+        tree.changed()
+        os.rmdir(root)
+        assert tree.changed() is None
+        assert not tree.active
+    finally:
+        tree.close()
+
+
+def test_a_watch_that_cannot_be_added_asks_for_a_full_look(tmp_path):
+    tree = _tree(tmp_path)
+    try:
+        tree.changed()
+        assert tree.add("missing") is False
+        assert tree.changed() is None  # the caller looks at everything, by stat, at that tick
+    finally:
+        tree.close()
+
+
+def test_without_inotify_a_tree_is_inactive_and_always_asks_for_a_full_look(tmp_path):
+    class NoInotify:
+        @staticmethod
+        def inotify_init1(_flags):
+            return -1
+
+    tree = _tree(tmp_path, libc=NoInotify())
+    assert not tree.active
+    assert tree.add("a") is False
+    assert tree.changed() is None
+    tree.close()
