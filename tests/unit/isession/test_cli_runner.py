@@ -206,13 +206,15 @@ rc = cli.main(["cancel", sys.argv[1]])
 heavy = sorted(m for m in ("ansible.constants", "ansible.plugins.loader", "isession.watcher", "rich")
                if m in sys.modules)
 print("HEAVY=" + ",".join(heavy))
+print("FINDER=" + ",".join(type(f).__name__ for f in sys.meta_path if "Collection" in type(f).__name__))
 sys.exit(rc)
 """
 
 
 def test_cancel_runs_the_copy_its_start_ran_without_loading_ansibles_configuration(cli_env, tmp_path):
     """Twenty cancels at once pay each command's start-up on the same cores: a cancel finds the collection its start
-    recorded (cli.json) and installs only ansible-core's collection finder, not its configuration and plugin loaders."""
+    recorded (cli.json) and imports its module_utils as a plain namespace package: neither Ansible's configuration
+    and plugin loaders nor its collection finder (and the YAML parser that reads meta/runtime.yml)."""
     root = Path(cli_env["ISESSION_ROOT"])
     assert run_cli(cli_env, "start", "fake", "--id", "fake-l").returncode == 0
     recorded = json.loads((root / "fake-l" / "logs" / "runner" / "cli.json").read_text())
@@ -224,6 +226,7 @@ def test_cancel_runs_the_copy_its_start_ran_without_loading_ansibles_configurati
         assert cp.returncode == 0, cp.stdout + cp.stderr
         assert "status    Cancelled" in cp.stdout  # the recorded copy's cancel playbook ran
         assert "HEAVY=\n" in cp.stdout, cp.stdout
+        assert "FINDER=\n" in cp.stdout, cp.stdout  # the module_utils came through Python's own import system
         # a session whose record names no usable copy: found the usual way, with Ansible's configuration
         (root / "fake-l" / "logs" / "runner" / "cli.json").write_text(json.dumps(dict(recorded, collection="")))
         cp = subprocess.run([sys.executable, "-c", CANCEL_REPORTING_IMPORTS, "fake-l"], capture_output=True,
