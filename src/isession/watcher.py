@@ -344,8 +344,7 @@ class Watcher:
         self._scanned_at = -FULL_SCAN_EVERY  # when every session was last looked at
         self._tree_tried = -FULL_SCAN_EVERY  # when a Tree was last made
         self._live: Dict[str, Dict[str, Any]] = {}  # the live sessions' records, as last read
-        # session -> (state.json's stamp, service.json's stamp, the scheduler's answer) when a poll last changed
-        # nothing: the same three again need no decision (a waiting session costs two stats per tick)
+        # session -> what a poll that changed nothing saw of it (``Quiet``): the same again needs no decision
         self._quiet: Dict[str, Quiet] = {}
         # a session's change count (inotify news of its files) and the count of "look at everything" (inotify lost
         # or not available): a memo made before either moved is not trusted
@@ -452,7 +451,8 @@ class Watcher:
 
     def note_changes(self) -> None:
         """Read what inotify reports (making the session root's watch when there is none yet), keep it for
-        :meth:`drain_changes`, and forget the poll memo (``_quiet``) of every session that changed."""
+        :meth:`drain_changes`, and count each changed session's news (``_gen``; ``_epoch`` when everything must be
+        looked at), which makes its poll memo (``_quiet``) stale."""
         with self._tree_lock:
             tree = self._tree
             if tree is None or not tree.active:
