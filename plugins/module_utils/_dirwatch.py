@@ -11,6 +11,7 @@ checking the file's modification time at its own pace.
 from __future__ import annotations
 
 import ctypes
+import errno
 import os
 import select
 import struct
@@ -149,12 +150,16 @@ class Tree:
 
     def add(self, name: str) -> bool:
         """Watch directory ``name`` of the root (again: a directory replaced under the same name gets a new watch);
-        False when it cannot be watched, and the next :meth:`changed` says None."""
+        False when it cannot be watched: gone already or not a directory (the root's watch names one that comes), or
+        a failure that may hide changes (the user's watch limit), after which the next :meth:`changed` says None."""
         if self.fd < 0 or self.lib is None:
             return False
         wd = self.lib.inotify_add_watch(self.fd, os.fsencode(os.path.join(self.root, name)), ENTRY_WATCHED)
         if wd < 0:
-            self.lost = True
+            # gone already, or not a directory: nothing to watch, and the root's watch reports one that comes (back);
+            # any other failure (the user's watch limit) means changes may go unreported
+            if ctypes.get_errno() not in (errno.ENOENT, errno.ENOTDIR):
+                self.lost = True
             return False
         old = self.watched.get(name)
         if old is not None and old != wd:

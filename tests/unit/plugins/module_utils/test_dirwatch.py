@@ -1,6 +1,8 @@
 """_dirwatch: a wait that sleeps until a file of the directory changes, as a session record changes (a rename)."""
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import threading
 import time
@@ -137,12 +139,50 @@ def test_a_tree_whose_root_goes_asks_for_a_full_look_and_stops(tmp_path):
         tree.close()
 
 
+class _WatchLimit:
+    """The real libc, except that a session directory's watch fails as at the user's inotify watch limit."""
+
+    def __init__(self, root):
+        self.libc = ctypes.CDLL(None, use_errno=True)
+        self.root = os.fsencode(str(root))
+
+    def inotify_init1(self, flags):
+        return self.libc.inotify_init1(flags)
+
+    def inotify_add_watch(self, fd, path, mask):
+        if path == self.root:
+            return self.libc.inotify_add_watch(fd, path, mask)
+        ctypes.set_errno(errno.ENOSPC)
+        return -1
+
+
 def test_a_watch_that_cannot_be_added_asks_for_a_full_look(tmp_path):
+    (tmp_path / "a").mkdir()
+    tree = _tree(tmp_path, libc=_WatchLimit(tmp_path))
+    try:
+        assert tree.active
+        tree.changed()
+        assert tree.add("a") is False
+        assert tree.changed() is None  # the caller looks at everything, by stat, at that tick
+    finally:
+        tree.close()
+
+
+def test_a_directory_gone_before_its_watch_or_a_plain_file_needs_no_full_look(tmp_path):
+    (tmp_path / "gone").mkdir()
+    (tmp_path / "file").write_text("")
     tree = _tree(tmp_path)
     try:
         tree.changed()
-        assert tree.add("missing") is False
-        assert tree.changed() is None  # the caller looks at everything, by stat, at that tick
+        os.rmdir(tmp_path / "gone")  # a session removed between the root's news and the watch
+        assert tree.add("gone") is False
+        assert tree.add("file") is False  # not a directory: nothing in it to watch
+        assert tree.changed() == {"gone"}  # the root's own news, not "look at everything"
+        (tmp_path / "gone").mkdir()  # one that comes back is named by the root's watch, and watched then
+        assert tree.changed() == {"gone"}
+        assert tree.add("gone")
+        write_atomic(str(tmp_path / "gone" / "state.json"), "{}\n", 0o600)
+        assert tree.changed() == {"gone"}
     finally:
         tree.close()
 
