@@ -36,7 +36,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Tuple, Union
+from typing import Any, Callable, Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Sequence, Tuple, Union
 
 from ansible_collections.hpc.interactive.plugins.module_utils import (
     _cmd,
@@ -82,9 +82,8 @@ FAILED_WORDS = {
 
 
 class SessionPaths(NamedTuple):
-    """A session's directory and the files every tick looks at."""
+    """The files of a session that every tick looks at."""
 
-    directory: str
     state: str
     service: str
     queue: str
@@ -98,6 +97,18 @@ class Quiet(NamedTuple):
     watched: bool  # inotify reported the session's changes then (else the stamps below count)
     state: Optional[Tuple[int, int, int]]  # state.json's and service.json's stat stamps (without inotify)
     service: Optional[Tuple[int, int, int]]
+
+    def holds(self, info: Mapping[str, Any], gen: Tuple[int, int], watched: bool,
+              rec_st: Optional[os.stat_result], doc_st: Optional[os.stat_result]) -> bool:
+        """True when a poll that now gets ``info`` would decide nothing again: the same answer, and neither file
+        changed since the memo (inotify's change count ``gen`` when ``watched``, else the files' stats ``rec_st`` and
+        ``doc_st`` against the stamps)."""
+        if info != self.info or watched != self.watched:
+            return False
+        if watched:
+            return gen == self.gen
+        return rec_st is not None and doc_st is not None and _dirwatch.unchanged(rec_st, self.state) \
+            and _dirwatch.unchanged(doc_st, self.service)
 
 
 @dataclass(frozen=True)
@@ -357,7 +368,7 @@ class Watcher:
         paths = self._paths.get(sid)
         if paths is None:
             directory = os.path.join(self.root_str, sid)
-            paths = self._paths[sid] = SessionPaths(directory, os.path.join(directory, "state.json"),
+            paths = self._paths[sid] = SessionPaths(os.path.join(directory, "state.json"),
                                                     os.path.join(directory, "service.json"),
                                                     os.path.join(directory, QUEUEFILE))
         return paths
@@ -662,10 +673,6 @@ class Watcher:
         except OSError as exc:
             self.log(f"{sid}: cannot write {TEARDOWN_FILE}: {exc}")
 
-    def send_cancel(self, key: Tuple[str, str], sid: str, rec: Mapping[str, Any]) -> None:
-        """Tear one session down now (once); the cancel playbook confirms it whatever happens here."""
-        self.send_cancels(key, {sid: rec})
-
     def claim_cancels(self, sessions: Mapping[str, Mapping[str, Any]]) -> Dict[str, Mapping[str, Any]]:
         """Those of ``sessions`` whose cancel nobody has sent yet, now marked as sent and under way (``in_flight``)
         until :meth:`send_claimed` is done with them."""
@@ -677,7 +684,8 @@ class Watcher:
         return todo
 
     def send_cancels(self, key: Tuple[str, str], sessions: Mapping[str, Mapping[str, Any]]) -> None:
-        """Tear these sessions of one resource down now, together (each once); see :meth:`send_cancel`."""
+        """Tear these sessions of one resource down now, together (each once); the cancel playbook confirms it whatever
+        happens here."""
         self.send_claimed(key, self.claim_cancels(sessions))
 
     def send_claimed(self, key: Tuple[str, str], todo: Mapping[str, Mapping[str, Any]]) -> None:
@@ -794,17 +802,13 @@ class Watcher:
         quiet = self._quiet.get(sid)
         rec_st: Optional[os.stat_result] = None
         doc_st: Optional[os.stat_result] = None
-        if quiet is not None and info is not None and reachable and quiet.info == info and quiet.gen == gen \
-                and watched and quiet.watched:
-            return  # inotify reported no change of either file since the memo: not even a stat
-        if not watched:
+        if not watched:  # with inotify, a session whose files did not change costs not even a stat
             try:
                 rec_st, doc_st = os.stat(paths.state), os.stat(service_json)
             except OSError:
                 rec_st = doc_st = None
-            if quiet is not None and rec_st and doc_st and info is not None and reachable and quiet.info == info \
-                    and _dirwatch.unchanged(rec_st, quiet.state) and _dirwatch.unchanged(doc_st, quiet.service):
-                return
+        if quiet is not None and info is not None and reachable and quiet.holds(info, gen, watched, rec_st, doc_st):
+            return
         try:  # the record as it is now, after the query: a cancel's tombstone set meanwhile must count
             rec = self.read_cached(paths.state, self.st.read_record, rec_st) or rec
         except (ValueError, OSError):
@@ -917,9 +921,9 @@ class Watcher:
                 for sid, rec in sessions.items()}
 
     def apply_listener(self, sid: str, rec: Mapping[str, Any], owner: Any) -> None:
-        directory = self.root / sid
+        service_json = self.paths_of(sid).service
         try:
-            current = (self.sf.read_service_file(str(directory / "service.json")) or {}).get("JOB_STATUS")
+            current = (self.sf.read_service_file(service_json) or {}).get("JOB_STATUS")
         except ValueError:
             return
         d = decide_listener(rec, current, owner)
@@ -928,10 +932,10 @@ class Watcher:
         try:
             if d.terminal:
                 self.st.update_state(self.root_str, sid, expect_step="running", step="failed", error=d.message)
-                self.sf.update_service_file(str(directory / "service.json"), job_status=d.status,
+                self.sf.update_service_file(service_json, job_status=d.status,
                                             error_message=d.message)
             else:  # the step stays running: only what the platform should do with the port changes
-                self.sf.update_service_file(str(directory / "service.json"), job_status=d.status,
+                self.sf.update_service_file(service_json, job_status=d.status,
                                             error_message=d.message, expect_status=current)
         except ValueError as exc:
             self.log(f"{sid}: not updated: {exc}")
@@ -941,17 +945,7 @@ class Watcher:
             self.absent.pop(sid, None)
             # the whole teardown (the job too: its tunnel's end is no longer its own); another user's listener is
             # never signalled, the teardown only stops this user's processes
-            self.pool.submit(self._safe_cancel, group_key(rec), sid, rec)
-
-    def _safe_cancel(self, key: Tuple[str, str], sid: str, rec: Mapping[str, Any]) -> None:
-        try:
-            self.send_cancel(key, sid, rec)
-        except Exception as exc:  # noqa: BLE001 - the job still ends by itself (its tunnel cannot come back)
-            self.log(f"{sid}: cancel failed: {type(exc).__name__}: {exc}")
-        finally:  # the session has ended already: no end-of-job clean-up will read what was undone
-            if sid not in self.lingering:
-                self.undone.pop(sid, None)
-            self.cancel_sent.pop(sid, None)
+            self.pool.submit(self._safe_send, group_key(rec), self.claim_cancels({sid: rec}), (sid,))
 
     def tick(self) -> int:
         """One round; returns how many live sessions there are."""
@@ -974,16 +968,24 @@ class Watcher:
                 asked = self.claim_cancels({sid: rec for sid, rec in sessions.items()
                                             if rec.get("cancel_requested")})
                 if asked:
-                    self.pool.submit(self._safe_send, key, asked)
+                    self.pool.submit(self._safe_send, key, asked, ())
                 continue
             self.busy[key] = self.pool.submit(self._safe_poll, key, sessions)
         return len(live) + len(self.lingering)
 
-    def _safe_send(self, key: Tuple[str, str], todo: Mapping[str, Mapping[str, Any]]) -> None:
+    def _safe_send(self, key: Tuple[str, str], todo: Mapping[str, Mapping[str, Any]], ended: Sequence[str]) -> None:
+        """:meth:`send_claimed` on the pool, its failure logged (the cancel playbook confirms every step whatever
+        happens here; a job whose tunnel is gone ends by itself). ``ended``: sessions whose end is recorded already,
+        so no poll's end-of-job clean-up will read what was undone: their bookkeeping goes here."""
         try:
             self.send_claimed(key, todo)
-        except Exception as exc:  # noqa: BLE001 - the cancel playbook confirms every step whatever happens here
+        except Exception as exc:  # noqa: BLE001 - see above
             self.log(f"{', '.join(todo)}: cancel failed: {type(exc).__name__}: {exc}")
+        finally:
+            for sid in ended:
+                if sid not in self.lingering:
+                    self.undone.pop(sid, None)
+                self.cancel_sent.pop(sid, None)
 
     def _safe_poll(self, key: Tuple[str, str], sessions: Dict[str, Dict[str, Any]]) -> None:
         try:
