@@ -29,7 +29,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import secrets
 import stat
 import time
 from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
@@ -245,7 +244,13 @@ def _check_dir(path: str) -> None:
         raise StateError("%s belongs to uid %d, not to you" % (path, st.st_uid), "root")
 
 
-def make_secret(path: str, gen: Callable[[], str] = lambda: secrets.token_urlsafe(32)) -> bool:
+def _token() -> str:
+    import secrets  # noqa: PLC0415 - its hashlib/OpenSSL import is paid only where a session is made, not per cancel
+
+    return secrets.token_urlsafe(32)
+
+
+def make_secret(path: str, gen: Callable[[], str] = _token) -> bool:
     """Create the 0600 secret file with exclusive create; False when it already exists (kept as is)."""
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
