@@ -173,6 +173,10 @@ def activate(col: Optional[Collection] = None, plugins: bool = True) -> Collecti
     if _active is not None:
         return _active
     col = col or find_collection()
+    if not plugins and "ansible.utils.collection_loader" not in sys.modules and _install_plain(col):
+        # no collection finder can be installed without that module: the plain package is all (not even its import)
+        _active = col
+        return col
     from ansible.utils.collection_loader import AnsibleCollectionConfig  # noqa: PLC0415
 
     if AnsibleCollectionConfig.collection_finder is None:
@@ -196,7 +200,8 @@ def _install_plain(col: Collection) -> bool:
     collection's module_utils (``activate(plugins=False)``); False when ``ansible_collections`` is imported already.
 
     Python's own import system then loads ``ansible_collections.hpc.interactive.plugins.module_utils._x`` from that
-    copy (and caches its bytecode where the copy is writable). ansible-core's collection finder does the same for
+    copy, with its bytecode in the copy or, where the copy has none and is not writable, in the user's cache
+    (:func:`bytecode_prefix`). ansible-core's collection finder does the same for
     these imports, but it is ~15 ms of CPU more per command: its import, the YAML parser it loads to read the
     collection's ``meta/runtime.yml`` (plugin routing, which no module_util import uses), and a compile of every
     module from source at every run. Twenty cancels at once pay that on the cores the sessions run on.
@@ -209,7 +214,29 @@ def _install_plain(col: Collection) -> bool:
     spec = importlib.machinery.ModuleSpec("ansible_collections", None, is_package=True)
     spec.submodule_search_locations = [str(col.root / "ansible_collections")]
     sys.modules["ansible_collections"] = importlib.util.module_from_spec(spec)
+    prefix = bytecode_prefix(col.path / "plugins" / "module_utils")
+    if prefix:
+        sys.pycache_prefix = prefix
     return True
+
+
+def bytecode_prefix(module_utils: Path, env: Optional[Mapping[str, str]] = None) -> Optional[str]:
+    """Where this process should keep compiled modules (``sys.pycache_prefix``) so that the copy's module_utils are
+    not compiled from source at every command: ``${XDG_CACHE_HOME:-~/.cache}/isession/pycache`` when the copy has no
+    ``__pycache__`` and the user cannot write one (a system-wide ``ansible-galaxy collection install``, which does not
+    compile); None when Python caches them there itself (a copy of the user's, a pip install, which compiles), when
+    writing bytecode is turned off, or when a prefix is set already (``$PYTHONPYCACHEPREFIX``).
+
+    The prefix applies to every module the process imports from then on: those are compiled into it once, then read
+    from it.
+    """
+    env = os.environ if env is None else env
+    if sys.pycache_prefix is not None or sys.dont_write_bytecode or (module_utils / "__pycache__").is_dir() \
+            or os.access(module_utils, os.W_OK) or not module_utils.is_dir():
+        return None
+    home = Path(env.get("HOME") or Path.home())
+    cache = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else home / ".cache"
+    return str(cache / "isession" / "pycache")
 
 
 def recorded_copy(record: Mapping[str, object], env: Optional[Mapping[str, str]] = None) -> Optional[Collection]:

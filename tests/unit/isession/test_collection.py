@@ -154,3 +154,56 @@ def test_commands_without_the_collection_exit_3_naming_real_commands(tmp_path):
     # --help, --version and config still work
     assert _run({"ISESSION_COLLECTIONS": str(tmp_path / "nothing")}, "--help").returncode == 0
     assert _run({"ISESSION_COLLECTIONS": str(tmp_path / "nothing"), "HOME": str(tmp_path)}, "config").returncode == 0
+
+
+BYTECODE_REPORT = """
+import sys
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from isession.collection import Collection, activate
+activate(Collection(root=Path(sys.argv[2]), version="1.0.0", source="test"), plugins=False)
+from ansible_collections.hpc.interactive.plugins.module_utils import _vocabulary
+print(sys.pycache_prefix)
+print(_vocabulary.__spec__.cached)
+"""
+
+
+def test_a_copy_the_user_cannot_compile_into_is_compiled_once_into_the_users_cache():
+    """A system-wide ``ansible-galaxy collection install`` has no bytecode and the user cannot write any there: each
+    command would compile the module_utils it imports from source (a cost twenty cancels at once pay on shared cores).
+    They are compiled once into ``~/.cache/isession/pycache`` and read from there by the next command."""
+    import shutil  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    top = Path(tempfile.mkdtemp(prefix="isession-bytecode-"))
+    try:
+        top.chmod(0o755)
+        shutil.copytree(REPO / "src" / "isession", top / "src" / "isession",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+        mu = _install(top / "copy", "1.0.0") / "plugins" / "module_utils"
+        shutil.copytree(REPO / "plugins" / "module_utils", mu, ignore=shutil.ignore_patterns("__pycache__"))
+        home = top / "home"
+        home.mkdir()
+        os.chown(home, 65534, 65534)
+        for path in [top, *top.rglob("*")]:
+            if path != home:
+                path.chmod(0o755 if path.is_dir() else 0o644)  # root's copy: readable, not writable, by the user
+
+        def run() -> list:
+            cp = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-I",
+                                 "-c", BYTECODE_REPORT, str(top / "src"), str(top / "copy")],
+                                capture_output=True, text=True, timeout=60, check=False,
+                                env={"HOME": str(home), "PATH": os.environ.get("PATH", "")})
+            assert cp.returncode == 0, cp.stderr
+            return cp.stdout.split()
+
+        prefix, cached = run()
+        assert prefix == str(home / ".cache" / "isession" / "pycache")
+        assert cached.startswith(prefix + str(mu)) and Path(cached).is_file()
+        stamp = Path(cached).stat().st_mtime_ns
+        assert run() == [prefix, cached] and Path(cached).stat().st_mtime_ns == stamp  # read, not compiled again
+        assert not (mu / "__pycache__").exists()
+        (mu / "__pycache__").mkdir()  # a copy that was compiled when installed (pip does): its own bytecode is used
+        assert run()[0] == "None"
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
