@@ -15,7 +15,7 @@ import argparse
 import importlib
 import os
 import sys
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 from . import __version__, completion
 from .config import TARGETS, UsageError
@@ -66,7 +66,16 @@ def _epilog() -> str:
             "Shell completion: eval \"$(register-python-argcomplete isession)\"")
 
 
-def build_parser() -> argparse.ArgumentParser:
+class _NotBuilt:
+    """Stands in for the parser of a command that was not asked for (see :func:`build_parser`)."""
+
+    def add_argument(self, *_args: Any, **_kwargs: Any) -> _NotBuilt:
+        return self  # the caller may set ``.completer`` on it
+
+
+def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
+    """The whole command line; with ``only`` (a command of :data:`HANDLERS`), the top level and that command's parser
+    alone: each subparser costs a millisecond to build, and twenty cancels at once pay it on the sessions' cores."""
     parser = argparse.ArgumentParser(prog="isession", description="Interactive sessions on HPC resources.",
                                      epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action=VersionAction,
@@ -75,7 +84,9 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--json", action="store_true", help="print the result as one JSON document")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
-    def add(name: str, help_text: str, inventory: bool = False) -> argparse.ArgumentParser:
+    def add(name: str, help_text: str, inventory: bool = False) -> Any:
+        if only is not None and name != only:
+            return _NotBuilt()
         p = sub.add_parser(name, help=help_text, description=help_text, parents=[common])
         if inventory:
             p.add_argument("-i", "--inventory", help="Ansible inventory of the resources (default "
@@ -132,10 +143,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-s", "--service", help="the settings and inputs a start of this service would use"
                    ).completer = completion.services
     add("collection", "show which hpc.interactive collection isession uses, and every copy found")
-    from .gateway import add_parser as add_gateway_parser  # noqa: PLC0415 - argparse only; aiohttp loads when it runs
+    if only in (None, "gateway"):
+        from .gateway import add_parser as add_gateway_parser  # noqa: PLC0415 - argparse only; aiohttp when it runs
 
-    add_gateway_parser(sub)
+        add_gateway_parser(sub)
     return parser
+
+
+def command_asked(argv: Sequence[str], env: Mapping[str, str]) -> Optional[str]:
+    """The command ``argv`` names first, when that is all the parser needs to know (:func:`build_parser`'s ``only``);
+    None for anything else: no command, an option first (``--version``, ``-h``), or shell completion, which offers
+    every command."""
+    if "_ARGCOMPLETE" in env or not argv or argv[0] not in HANDLERS:
+        return None
+    return argv[0]
 
 
 def _err(msg: str) -> None:
@@ -162,10 +183,27 @@ def _light_copy(args: argparse.Namespace) -> Any:
     return recorded_copy(config.cli_record(config.session_root() / args.id))
 
 
+def _fast_cancel(args: argparse.Namespace) -> Optional[bool]:
+    """``isession cancel ID``: the tombstone set and the watcher woken (``watchfiles.request_fast_cancel``) before the
+    command's own imports. In twenty cancels at once, each command's start-up shares the cores with the others, and
+    the watcher can only begin once the tombstones are there. None when not done here (no such session, a malformed
+    id): the command checks and reports it."""
+    from . import config  # noqa: PLC0415
+    from .watchfiles import request_fast_cancel  # noqa: PLC0415 - after activate: it imports the collection's _state
+
+    try:
+        config.check_session_id(args.id)
+    except UsageError:
+        return None
+    root = config.session_root()
+    return request_fast_cancel(root, args.id) if (root / args.id).is_dir() else None
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     # SIGPIPE stays ignored (Python's default): with its default action, a write to a connection's ssh that has just
     # died (the watcher sending its payload to an unreachable controller) would kill the process instead of raising
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(only=command_asked(argv, os.environ))
     completion.autocomplete(parser)
     args = parser.parse_args(argv)
     if args.command not in HANDLERS:
@@ -181,6 +219,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             if args.command not in NO_COLLECTION_NEEDED:
                 _err(str(exc))
                 return EXIT_NO_COLLECTION
+        else:
+            if args.command == "cancel":
+                args.woke = _fast_cancel(args)
         return handler(args.command)(args)
     except BrokenPipeError:
         # `isession list | head`: the reader left; end quietly like other Unix tools (128 + SIGPIPE)

@@ -26,7 +26,7 @@ from .cli import EXIT_FAIL, EXIT_INTERRUPTED, EXIT_OK
 from .collection import active, find_collection
 from .config import UsageError
 from .progress import QUEUE_FILE, Progress, read_queue_file
-from .watchfiles import lock_pidfile, note_pending, read_teardown, running_pid, write_pid
+from .watchfiles import lock_pidfile, note_pending, read_teardown, request_fast_cancel, running_pid, write_pid
 
 
 class Output:
@@ -154,25 +154,6 @@ WATCHER_CANCEL_WAIT = 15.0  # seconds a cancel waits for the watcher's teardown 
 NOTE_AFTER_END = 2.0  # seconds after a cancelled session's end within which the watcher's note is still to come
 
 
-def request_fast_cancel(root: Path, session_id: str) -> bool:
-    """Set the cancel tombstone now and wake the user's watcher, which cancels the job over the connection it holds.
-
-    The tombstone is the cancel playbook's first step (``session_state`` op cancel, the same ``_state`` call), done
-    here ~1 s earlier than ansible-playbook could. True when a running watcher was woken (then
-    :func:`watcher_cancelled` tells whether it undid everything). Any trouble here only means the playbook does all
-    the work.
-    """
-    try:
-        _state.run_op("cancel", str(root), session_id, {})
-        pid = running_pid(root)
-        if pid and pid > 0:
-            os.kill(pid, signal.SIGUSR1)
-            return True
-    except (OSError, ValueError):
-        pass
-    return False
-
-
 def watcher_cancelled(root: Path, session_id: str, timeout: float = WATCHER_CANCEL_WAIT) -> bool:
     """Wait until the user's watcher, woken by :func:`request_fast_cancel`, has ended the session and undone it all.
 
@@ -232,12 +213,15 @@ def watcher_cancelled(root: Path, session_id: str, timeout: float = WATCHER_CANC
 
 
 def run_cancel(root: Path, session_id: str, inventory: Optional[Path], emit: Callable[[str], None],
-               out: Optional[Output] = None) -> int:
+               out: Optional[Output] = None, *, woke: Optional[bool] = None) -> int:
+    """Cancel the session: the tombstone and the watcher's teardown, else the cancel playbook. ``woke``: what
+    :func:`request_fast_cancel` returned when the command line did it already (None: it is done here)."""
+    if woke is None:
+        woke = request_fast_cancel(root, session_id)
     from .play import run_playbook, stop_runs_in_progress  # noqa: PLC0415
 
     col = _collection()
     session_dir = root / session_id
-    woke = request_fast_cancel(root, session_id)
     stopped = stop_runs_in_progress(session_dir)
     if stopped:
         emit(f"  stopped the start in progress (pids {', '.join(map(str, stopped))})")
@@ -373,7 +357,7 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     inventory = _recorded_inventory(session_dir, args.inventory)
     out = Output(args.json)
     out.say(f"Cancelling session {args.id}")
-    rc = run_cancel(root, args.id, inventory, out.say, out)
+    rc = run_cancel(root, args.id, inventory, out.say, out, woke=getattr(args, "woke", None))
     sess = sessions.load(root, args.id)
     out.result(sess.as_dict() if sess else {"id": args.id}, sessions.format_status(sess) if sess else None)
     return rc

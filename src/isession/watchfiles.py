@@ -9,10 +9,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any, Dict, Optional
 
 # under the session root; flock'ed by the one watcher of the user
+from ansible_collections.hpc.interactive.plugins.module_utils import _state
 from ansible_collections.hpc.interactive.plugins.module_utils._watcher_pid import PIDFILE, watcher_pid
 
 # what the watcher's teardown of an ended session came to, in its directory; `isession cancel` reads it
@@ -59,3 +61,23 @@ def note_pending(note: Optional[Dict[str, Any]], watcher_pid: Optional[int]) -> 
     if not note or not note.get(UNDER_WAY):
         return None
     return note.get(UNDER_WAY) == watcher_pid
+
+
+def request_fast_cancel(root: Path, session_id: str) -> bool:
+    """Set the cancel tombstone now and wake the user's watcher, which cancels the job over the connection it holds.
+
+    The tombstone is the cancel playbook's first step (``session_state`` op cancel, the same ``_state`` call), done
+    here ~1 s earlier than ansible-playbook could, and by ``isession cancel`` before it imports the rest of its
+    code (:func:`isession.cli.main`). True when a running watcher was woken (then
+    :func:`isession.commands.watcher_cancelled` tells whether it undid everything). Any trouble here only means the
+    playbook does all the work.
+    """
+    try:
+        _state.run_op("cancel", str(root), session_id, {})
+        pid = running_pid(root)
+        if pid and pid > 0:
+            os.kill(pid, signal.SIGUSR1)
+            return True
+    except (OSError, ValueError):
+        pass
+    return False

@@ -211,6 +211,44 @@ sys.exit(rc)
 """
 
 
+CANCEL_TOMBSTONE_ORDER = """
+import json, sys
+from pathlib import Path
+
+class Spy:
+    def find_spec(self, name, path=None, target=None):
+        if name == "isession.commands" and "SEEN" not in globals():
+            globals()["SEEN"] = json.loads(Path(sys.argv[2], "state.json").read_text()).get("cancel_requested")
+        return None
+
+sys.meta_path.insert(0, Spy())
+from isession import cli
+rc = cli.main(["cancel", sys.argv[1]])
+print("TOMBSTONE_BEFORE_COMMANDS=" + str(bool(SEEN)))
+heavy = sorted(m for m in ("ansible.utils.collection_loader", "secrets") if m in sys.modules)
+print("HEAVY=" + ",".join(heavy))
+sys.exit(rc)
+"""
+
+
+def test_a_cancel_sets_its_tombstone_before_it_imports_the_commands_code(cli_env):
+    """The watcher can only begin a cancel once its tombstone is there: the command line sets it (and wakes the
+    watcher) right after the collection is importable, before the commands' own imports; and neither ansible-core's
+    collection loader nor ``secrets`` (hashlib, OpenSSL) is imported by a cancel at all."""
+    root = Path(cli_env["ISESSION_ROOT"])
+    assert run_cli(cli_env, "start", "fake", "--id", "fake-t").returncode == 0
+    env = {k: v for k, v in {**os.environ, **cli_env}.items() if k != "ISESSION_COLLECTIONS"}
+    try:
+        cp = subprocess.run([sys.executable, "-c", CANCEL_TOMBSTONE_ORDER, "fake-t", str(root / "fake-t")],
+                            capture_output=True, text=True, env=env, timeout=120, check=False)
+        assert cp.returncode == 0, cp.stdout + cp.stderr
+        assert "status    Cancelled" in cp.stdout
+        assert "TOMBSTONE_BEFORE_COMMANDS=True\n" in cp.stdout, cp.stdout
+        assert "HEAVY=\n" in cp.stdout, cp.stdout
+    finally:
+        _stop_watcher(root)
+
+
 def test_cancel_runs_the_copy_its_start_ran_without_loading_ansibles_configuration(cli_env, tmp_path):
     """Twenty cancels at once pay each command's start-up on the same cores: a cancel finds the collection its start
     recorded (cli.json) and imports its module_utils as a plain namespace package: neither Ansible's configuration
