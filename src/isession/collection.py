@@ -225,7 +225,8 @@ def bytecode_prefix(module_utils: Path, env: Optional[Mapping[str, str]] = None)
     not compiled from source at every command: ``${XDG_CACHE_HOME:-~/.cache}/isession/pycache`` when the copy has no
     ``__pycache__`` and the user cannot write one (a system-wide ``ansible-galaxy collection install``, which does not
     compile); None when Python caches them there itself (a copy of the user's, a pip install, which compiles), when
-    writing bytecode is turned off, or when a prefix is set already (``$PYTHONPYCACHEPREFIX``).
+    writing bytecode is turned off, when a prefix is set already (``$PYTHONPYCACHEPREFIX``), or when that cache cannot
+    be written (the modules imported later would then be compiled too, instead of read from their own bytecode).
 
     The prefix applies to every module the process imports from then on: those are compiled into it once, then read
     from it.
@@ -235,8 +236,12 @@ def bytecode_prefix(module_utils: Path, env: Optional[Mapping[str, str]] = None)
             or os.access(module_utils, os.W_OK) or not module_utils.is_dir():
         return None
     home = Path(env.get("HOME") or Path.home())
-    cache = Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else home / ".cache"
-    return str(cache / "isession" / "pycache")
+    prefix = (Path(env["XDG_CACHE_HOME"]) if env.get("XDG_CACHE_HOME") else home / ".cache") / "isession" / "pycache"
+    try:  # a cache that cannot be written would only cost more: the modules imported later have bytecode of their own
+        prefix.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return str(prefix) if os.access(prefix, os.W_OK) else None
 
 
 def recorded_copy(record: Mapping[str, object], env: Optional[Mapping[str, str]] = None) -> Optional[Collection]:

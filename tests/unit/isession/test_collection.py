@@ -203,7 +203,11 @@ def test_a_copy_the_user_cannot_compile_into_is_compiled_once_into_the_users_cac
         stamp = Path(cached).stat().st_mtime_ns
         assert run() == [prefix, cached] and Path(cached).stat().st_mtime_ns == stamp  # read, not compiled again
         assert not (mu / "__pycache__").exists()
+        shutil.rmtree(home / ".cache")
+        (home / ".cache").mkdir(mode=0o755)  # a cache the user cannot write: no prefix (later imports keep theirs)
+        assert run()[0] == "None"
         (mu / "__pycache__").mkdir()  # a copy that was compiled when installed (pip does): its own bytecode is used
+        (home / ".cache").rmdir()
         assert run()[0] == "None"
     finally:
         shutil.rmtree(top, ignore_errors=True)
