@@ -440,7 +440,8 @@ def cmd_watch(args: argparse.Namespace) -> int:
     write_pid(fd)
 
     def log(msg: str) -> None:
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%S")
+        now = time.time()  # milliseconds: the lines of a burst of cancels or starts must show their order and gaps
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(now)) + f".{int(now * 1000) % 1000:03d}"
         line = json.dumps({"time": stamp, "message": msg}) if args.json else f"{stamp} {msg}"
         print(line, flush=True)
 

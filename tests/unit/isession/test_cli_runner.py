@@ -179,6 +179,12 @@ def test_watch_daemon_is_one_per_user(cli_env):
     assert second.returncode == 0 and "already runs" in second.stdout
     pid = int((root / ".watcher.pid").read_text())
     assert f"pid {pid}" in second.stdout
+    for _attempt in range(50):  # its log's lines carry milliseconds (the order and gaps of a burst show)
+        lines = (root / ".watcher.log").read_text().splitlines() if (root / ".watcher.log").exists() else []
+        if lines:
+            break
+        time.sleep(0.1)
+    assert re.match(rf"\d{{4}}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{{3}} watcher pid {pid} on ", lines[0]), lines
     _stop_watcher(root)
 
 
