@@ -708,6 +708,34 @@ class Watcher:
                 self.log(f"{sid}: cancel requested: stopped {said or 'nothing (already ended)'}"
                          + (f"; not carried out: {'; '.join(problems)}" if problems else "")
                          + f" ({took:.2f}s{together})")
+            if not problems and todo[sid].get("cancel_requested"):
+                self.record_cancelled(sid)
+
+    def record_cancelled(self, sid: str) -> None:
+        """Record the end of a session whose cancel's teardown has just undone everything: ``Cancelled`` now, and the
+        final note (``teardown.json`` complete), as the cancel playbook records it after the same teardown.
+
+        Without this the end waited for the resource's next poll to see the job gone (0.1-0.4 s in a burst of
+        cancels), then a second teardown that found nothing left. A session with something left for later
+        (``lingering``), or one that ended otherwise meanwhile (the record refuses: already ended), is left to the
+        poll, which records its end as always.
+        """
+        if sid in self.lingering:
+            return
+        service_json = self.paths_of(sid).service
+        try:
+            current = (self.sf.read_service_file(service_json) or {}).get("JOB_STATUS")
+            self.st.update_state(self.root_str, sid, step=STEP_OF["Cancelled"], error=None)
+            self.sf.update_service_file(service_json, job_status="Cancelled", error_message="")
+        except ValueError as exc:
+            if "already ended" not in str(exc):
+                self.log(f"{sid}: not updated: {exc}")
+            return
+        with self._lock:
+            self.absent.pop(sid, None)
+            self.undone.pop(sid, None)
+        self.note_teardown(sid, [])
+        self.log(f"{sid}: {current or '-'} -> Cancelled (its teardown is complete)")
 
     def poll_group(self, key: Tuple[str, str], sessions: Dict[str, Dict[str, Any]]) -> None:
         asked = {sid: rec for sid, rec in sessions.items()

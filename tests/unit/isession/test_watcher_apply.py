@@ -191,25 +191,54 @@ CANCELLED = {"jobs": {"42": {"state": "cancelled", "raw_state": "CANCELLED", "fo
              "reachable": True, "error": ""}
 
 
-def test_a_tombstone_makes_the_watcher_cancel_the_job_once_then_record_cancelled(tmp_path):
+def test_a_tombstone_makes_the_watcher_cancel_the_job_once_and_record_cancelled_when_all_is_undone(tmp_path):
+    """The end is recorded as soon as the cancel's one teardown has undone everything (as the cancel playbook records
+    it after the same teardown), not at the next poll that sees the job gone."""
     root = tmp_path / "s"
     make_session(root, "a", ports={"workspace": 21999})
     make_session(root, "b", job_id="43")  # another live session of the resource: left alone
     _state.run_op("cancel", str(root), "a", {})
     srv = FakeServer(lambda req: undid(("job", ["job 42"])))
-    watch = FastCancel(root, [RUNNING, RUNNING, CANCELLED], srv)
+    watch = FastCancel(root, [RUNNING, CANCELLED, CANCELLED], srv)  # at the first tick, the job still runs
     run_ticks(watch, 1)
-    assert watch.cancelling
     assert srv.requests == [{"op": "teardown", "holding": holding("a", workspace_port=21999), "skip": [],
                              "timeout": w.QUERY_TIMEOUT}]
-    assert service(root, "a")["JOB_STATUS"] == "Running"  # scancel sent, the end not seen yet
-    run_ticks(watch, 2)
-    assert len(srv.requests) == 1  # once, not at every tick
     assert service(root, "a")["JOB_STATUS"] == "Cancelled"
     assert _state.read_record(str(root / "a" / "state.json"))["step"] == "cancelled"
+    note = wf.read_teardown(root / "a")
+    assert note["complete"] is True and wf.UNDER_WAY not in note, note
+    run_ticks(watch, 2)
+    assert len(srv.requests) == 1  # once: the ended session is neither cancelled nor torn down again
     assert service(root, "b")["JOB_STATUS"] == "Running"
     assert any("a: cancel requested: stopped job 42" in line for line in watch.lines), watch.lines
+    assert any("a: Running -> Cancelled (its teardown is complete)" in line for line in watch.lines), watch.lines
     watch.close()
+
+
+def test_a_cancel_whose_teardown_left_something_is_ended_by_the_poll(tmp_path):
+    """Not everything undone (here the agent's stop request could not be written): the end waits for the scheduler,
+    and the teardown after it tries again what is left."""
+    root = tmp_path / "s"
+    make_session(root, "a", remote_dir="/tmp/x")
+    _state.run_op("cancel", str(root), "a", {})
+
+    def answer(req):
+        if req["skip"]:
+            return undid(("agent", ["agent stop request"]))
+        return {"outcomes": [{"kind": "job", "side": "resource", "undone": ["job 42"], "error": ""},
+                             {"kind": "agent", "side": "resource", "undone": [], "error": "agent.stop: EIO"}],
+                "error": ""}
+
+    srv = FakeServer(answer)
+    watch = FastCancel(root, [RUNNING, RUNNING, CANCELLED], srv)
+    run_ticks(watch, 1)
+    assert service(root, "a")["JOB_STATUS"] == "Running"  # the job was cancelled, the agent not asked: not yet
+    assert wf.read_teardown(root / "a") is None
+    _cancelled_by(watch, 2)
+    assert service(root, "a")["JOB_STATUS"] == "Cancelled"
+    assert len(srv.requests) == 2 and srv.requests[0]["skip"] == []
+    assert "job" in srv.requests[1]["skip"] and "agent" not in srv.requests[1]["skip"]  # what is left is tried again
+    assert wf.read_teardown(root / "a")["complete"] is True
 
 
 def test_cancels_that_arrive_together_go_to_the_resource_in_one_request(tmp_path):
@@ -622,16 +651,19 @@ def _cancelled_by(watch: w.Watcher, ticks: int = 3) -> None:
     watch.close()
 
 
+COMPLETED = {"jobs": {"42": {"state": "completed", "raw_state": "COMPLETED", "found": True}, "43": JOB_RUNNING},
+             "reachable": True, "error": ""}
+
+
 def test_the_watcher_notes_a_complete_teardown_after_the_end_it_recorded(tmp_path):
     root = tmp_path / "s"
     make_session(root, "a", ports={"workspace": 21999})
-    _state.run_op("cancel", str(root), "a", {})
-    srv = FakeServer(lambda req: undid(("job", ["job 42"])) if not req["skip"] else undid())
-    watch = FastCancel(root, [RUNNING, CANCELLED], srv)
+    srv = FakeServer(lambda req: undid())
+    watch = FastCancel(root, [RUNNING, COMPLETED], srv)  # the job ends by itself
     run_ticks(watch, 1)
-    assert wf.read_teardown(root / "a") is None  # the job was signalled, its end not seen: nothing to say yet
+    assert wf.read_teardown(root / "a") is None  # running: nothing to say
     _cancelled_by(watch, 1)
-    assert service(root, "a")["JOB_STATUS"] == "Cancelled"
+    assert service(root, "a")["JOB_STATUS"] == "Completed"
     note = wf.read_teardown(root / "a")
     assert note["complete"] is True and note["problems"] == [] and note["pending"] is False
     assert oct((root / "a" / wf.TEARDOWN_FILE).stat().st_mode & 0o777) == "0o600"
@@ -732,11 +764,10 @@ def test_the_watcher_says_its_teardown_is_under_way_from_the_moment_it_records_t
     that the note is to come (and from which watcher)."""
     root = tmp_path / "s"
     make_session(root, "a", ports={"workspace": 21999})
-    _state.run_op("cancel", str(root), "a", {})
     seen = []
-    watch = FastCancel(root, [RUNNING, CANCELLED], FakeServer(lambda req: undid(("job", ["job 42"]))))
+    watch = FastCancel(root, [RUNNING, COMPLETED], FakeServer(lambda req: undid()))  # the job ends by itself
     run_ticks(watch, 1)
-    assert wf.read_teardown(root / "a") is None  # the job was signalled, its end not seen: nothing to say yet
+    assert wf.read_teardown(root / "a") is None  # running: nothing to say yet
     teardown = watch.teardown
 
     def looked_at(*args, **kw):  # the teardown after the end: the end is recorded, the final note not written yet
@@ -745,7 +776,7 @@ def test_the_watcher_says_its_teardown_is_under_way_from_the_moment_it_records_t
 
     watch.teardown = looked_at
     _cancelled_by(watch, 1)
-    assert [(step, note[wf.UNDER_WAY], note["complete"]) for step, note in seen] == [("cancelled", os.getpid(), False)]
+    assert [(step, note[wf.UNDER_WAY], note["complete"]) for step, note in seen] == [("completed", os.getpid(), False)]
     final = wf.read_teardown(root / "a")
     assert final["complete"] is True and wf.UNDER_WAY not in final, final
 
@@ -753,8 +784,7 @@ def test_the_watcher_says_its_teardown_is_under_way_from_the_moment_it_records_t
 def test_a_teardown_that_raises_still_gets_a_final_note(tmp_path):
     root = tmp_path / "s"
     make_session(root, "a", ports={"workspace": 21999})
-    _state.run_op("cancel", str(root), "a", {})
-    watch = FastCancel(root, [RUNNING, CANCELLED], FakeServer(lambda req: undid(("job", ["job 42"]))))
+    watch = FastCancel(root, [RUNNING, COMPLETED], FakeServer(lambda req: undid()))  # the job ends by itself
     run_ticks(watch, 1)
 
     def broken(*_args, **_kw):
