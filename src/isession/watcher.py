@@ -731,9 +731,10 @@ class Watcher:
             if "already ended" not in str(exc):
                 self.log(f"{sid}: not updated: {exc}")
             return
-        with self._lock:
+        with self._lock:  # the bookkeeping of an end, as in apply: this session is never polled or cancelled again
             self.absent.pop(sid, None)
             self.undone.pop(sid, None)
+            self.cancel_sent.pop(sid, None)
         self.note_teardown(sid, [])
         self.log(f"{sid}: {current or '-'} -> Cancelled (its teardown is complete)")
 

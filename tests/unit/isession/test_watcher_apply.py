@@ -207,6 +207,7 @@ def test_a_tombstone_makes_the_watcher_cancel_the_job_once_and_record_cancelled_
     assert _state.read_record(str(root / "a" / "state.json"))["step"] == "cancelled"
     note = wf.read_teardown(root / "a")
     assert note["complete"] is True and wf.UNDER_WAY not in note, note
+    assert "a" not in watch.cancel_sent and "a" not in watch.undone  # an end's bookkeeping, as after a poll's end
     run_ticks(watch, 2)
     assert len(srv.requests) == 1  # once: the ended session is neither cancelled nor torn down again
     assert service(root, "b")["JOB_STATUS"] == "Running"
@@ -410,10 +411,13 @@ def test_fast_polling_stops_when_a_sent_cancel_never_ends(tmp_path):
     root = tmp_path / "s"
     make_session(root, "a")
     _state.run_op("cancel", str(root), "a", {})
-    srv = FakeServer(lambda req: undid(("job", ["job 42"])))
+    # the job's cancel went out, but the teardown left something: the end waits for the scheduler, which never says it
+    srv = FakeServer(lambda req: {"outcomes": [
+        {"kind": "job", "side": "resource", "undone": ["job 42"], "error": ""},
+        {"kind": "agent", "side": "resource", "undone": [], "error": "agent.stop: EIO"}], "error": ""})
     watch = FastCancel(root, [RUNNING, RUNNING], srv)
     run_ticks(watch, 1)
-    assert watch.cancelling
+    assert watch.cancelling and service(root, "a")["JOB_STATUS"] == "Running"
     watch.cancel_sent["a"] -= w.CANCEL_FAST_FOR + 1  # the job still runs long after the cancel was sent
     run_ticks(watch, 1)
     assert not watch.cancelling and len(srv.requests) == 1
