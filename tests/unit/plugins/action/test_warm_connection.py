@@ -23,7 +23,8 @@ import os, sys, time
 from pathlib import Path
 out = Path({out!r})
 out.joinpath("argv").write_text("\\0".join(sys.argv))
-out.joinpath("sid").write_text("%d %d" % (os.getsid(0), os.getppid()))
+out.joinpath("sid.part").write_text("%d %d" % (os.getsid(0), os.getppid()))
+os.replace(out / "sid.part", out / "sid")  # whole, or not there: the test polls for it
 # until the test's word, or its directory is gone, or a minute: a stand-in must never outlive its test
 started = time.monotonic()
 while not out.joinpath("go").exists() and out.is_dir() and time.monotonic() - started < 60:
