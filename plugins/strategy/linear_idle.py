@@ -13,9 +13,10 @@ description:
   - Only the wait for a running task's result differs. ansible-core checks for results every
     C(internal_poll_interval) seconds (0.001 by default), however long the task runs, which costs about 2% of a
     core per C(ansible-playbook) process while a task waits. This strategy sleeps until ansible-core's results
-    thread hands a result over, so a result is taken as soon as it arrives and a task that runs for hours costs
-    nothing while it runs (a check for dead workers or a stopped run every 30 seconds; a signal to
-    C(ansible-playbook) acts at once, as with C(linear)).
+    thread hands a result over or a worker process exits, so a result is taken as soon as it arrives, a worker that
+    dies is found at once, and a task that runs for hours costs nothing while it runs (a last look every
+    10 minutes, should a change come some other way; a signal to C(ansible-playbook) acts at once, as with
+    C(linear), since ansible-core passes it to the workers and their exit wakes the wait).
   - An C(isession start) waiting for its queued job keeps one C(ansible-playbook) process waiting for as long as
     the job waits, so C(isession) runs its plays with this strategy unless the user chose one in E(ANSIBLE_STRATEGY).
 notes:
@@ -35,47 +36,95 @@ EXAMPLES = r"""
     - role: hpc.interactive.jupyterlab
 """
 
+import multiprocessing.connection
+import os
 from collections import deque
 
 from ansible.errors import AnsibleError
 from ansible.plugins.strategy.linear import StrategyModule as LinearStrategyModule
 
-# seconds between checks for dead workers and a stopped run while no result comes: each check wakes a process that
-# may wait for hours (a start whose job is queued), and fifty may wait at once; a worker that dies is rare, and a
-# Ctrl-C or SIGTERM reaches ansible-playbook's handlers without this check
-CHECK_EVERY = 30.0
+# seconds between looks while no result comes and no worker exits: only a last resort (a stopped run, a worker whose
+# exit its sentinel cannot tell), since each look wakes a process that may wait for hours (a start whose job is
+# queued), and fifty may wait at once
+CHECK_EVERY = 600.0
+REAP_WAIT = 1.0  # seconds at most for an exiting worker to become reapable (milliseconds in practice)
 
 
 class _WakingDeque(deque):
     """The strategy's result queue, waking the waiting strategy on every result.
 
-    ansible-core's results thread appends each task result while it holds the strategy's ``_results_lock`` (a
-    ``threading.Condition``); notifying that condition here wakes :meth:`StrategyModule._wait_on_pending_results`.
+    ansible-core's results thread appends each task result (under the strategy's ``_results_lock``); each append
+    writes a byte into a pipe that :meth:`StrategyModule._wait_on_pending_results` sleeps on. A pipe, not a
+    condition: the wait can then sleep on the workers' exits too, and a result that comes between the wait's look
+    and its sleep is a byte already there, so the sleep ends at once.
     """
 
-    def __init__(self, items, condition):
+    def __init__(self, items, wake_fd: int):
         super().__init__(items)
-        self._condition = condition
+        self._wake_fd = wake_fd
 
     def append(self, x):
         super().append(x)
         try:
-            self._condition.notify_all()
-        except RuntimeError:  # appended without the lock: the waiter sees it at its next check instead
+            os.write(self._wake_fd, b"!")
+        except OSError:  # the pipe is full (a wake-up is pending already) or closed (the play ended)
             pass
 
 
+def live_sentinels(workers) -> dict:
+    """{sentinel: worker} of the worker processes that have not exited yet (a sentinel is readable once it exits)."""
+    out = {}
+    for worker in workers or ():
+        try:
+            if worker is not None and worker.exitcode is None:
+                out[worker.sentinel] = worker
+        except (ValueError, AttributeError):  # not started yet, or closed
+            continue
+    return out
+
+
+def reap(worker) -> None:
+    """Wait for the exit a worker's sentinel announced: its files are closed before it can be reaped, and until
+    then its exit code reads as still running (a wait on it would return at once, again and again)."""
+    try:
+        worker.join(REAP_WAIT)
+    except (AssertionError, ValueError):  # not this process's child, or closed: ansible-core's own check decides
+        pass
+
+
+def drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except OSError:  # empty (EAGAIN) or closed
+        pass
+
+
 class StrategyModule(LinearStrategyModule):
-    """``linear`` whose wait for pending results sleeps until a result arrives."""
+    """``linear`` whose wait for pending results sleeps until a result arrives or a worker exits."""
 
     def __init__(self, tqm):
         super().__init__(tqm)
+        self._wake_r, self._wake_w = os.pipe()
+        for fd in (self._wake_r, self._wake_w):
+            os.set_blocking(fd, False)
+            os.set_inheritable(fd, False)
         with self._results_lock:
-            self._results = _WakingDeque(self._results, self._results_lock)
+            self._results = _WakingDeque(self._results, self._wake_w)
+
+    def cleanup(self):
+        try:
+            super().cleanup()  # joins the results thread: nothing appends after it
+        finally:
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
     def _wait_on_pending_results(self, iterator):
-        # ansible-core's loop (StrategyBase._wait_on_pending_results) with its 1 ms sleep replaced by a wait on the
-        # condition the results thread notifies
+        # ansible-core's loop (StrategyBase._wait_on_pending_results) with its 1 ms sleep replaced by a sleep until a
+        # result is appended or a running worker exits (its exit code is then looked at by has_dead_workers)
         ret_results = []
         while self._pending_results > 0 and not self._tqm._terminated:
             if self._tqm.has_dead_workers():
@@ -83,7 +132,10 @@ class StrategyModule(LinearStrategyModule):
             results = self._process_pending_results(iterator)
             ret_results.extend(results)
             if self._pending_results > 0 and not results:
-                with self._results_lock:
-                    if not self._results:
-                        self._results_lock.wait(CHECK_EVERY)
+                workers = live_sentinels(self._tqm._workers)
+                for ready in multiprocessing.connection.wait([self._wake_r, *workers], timeout=CHECK_EVERY):
+                    if ready == self._wake_r:
+                        drain(self._wake_r)
+                    else:
+                        reap(workers[ready])
         return ret_results

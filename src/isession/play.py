@@ -28,7 +28,7 @@ STRATEGY = "hpc.interactive.linear_idle"
 # how often ansible-runner's loop wakes while ansible-playbook is silent (a start waiting in the queue). A cancel does
 # not wait for it: the cancel event wakes a thread that stops the play at once (stop_play_on_cancel); the loop then
 # only sees the play gone. So the wake can be rare: each one costs a waiting start CPU, and fifty starts may wait.
-RUNNER_WAKE = 60.0  # seconds
+RUNNER_WAKE = 600.0  # seconds
 CANCEL_FIND_FOR = 5.0  # seconds a cancel looks for an ansible-playbook spawned just after it (0.05 s apart)
 STOP_GRACE = 3.0  # seconds between SIGTERM and SIGKILL for a cancelled play
 

@@ -1,14 +1,16 @@
 """The linear_idle strategy: linear's plays, with a wait for results that sleeps until a result arrives.
 
-The wait loop is driven with a stand-in task queue manager and a thread that hands results over as ansible-core's
-results thread does;
+The wait loop is driven with a stand-in task queue manager (real forked worker processes, ansible-core's own
+dead-worker check) and a thread that hands results over as ansible-core's results thread does;
 real plays run through ansible-playbook with the strategy selected the way ``isession`` selects it (the
 environment), and must give linear's results: every host through each task, a failed host dropped, a rescue run.
 """
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
+import select
 import shutil
 import subprocess
 import sys
@@ -20,8 +22,9 @@ from pathlib import Path
 import pytest
 
 from ansible.errors import AnsibleError
+from ansible.executor.task_queue_manager import TaskQueueManager
 from ansible_collections.hpc.interactive.plugins.strategy import linear_idle
-from ansible_collections.hpc.interactive.plugins.strategy.linear_idle import CHECK_EVERY, StrategyModule, _WakingDeque
+from ansible_collections.hpc.interactive.plugins.strategy.linear_idle import StrategyModule, _WakingDeque
 
 REPO = Path(__file__).resolve().parents[4]
 COLLECTIONS = REPO / ".cache" / "collections"  # tests/conftest.py links the checkout there
@@ -29,12 +32,15 @@ sys.path.insert(0, str(REPO / "src"))
 from isession.play import STRATEGY, runner_env  # noqa: E402
 
 
-def _strategy(tqm, deliver):
-    """A strategy whose results come from ``deliver(strategy)``, run in a thread like ansible-core's results thread."""
+def _strategy(tqm):
+    """A strategy whose results come from a thread appending as ansible-core's results thread does."""
     strategy = StrategyModule.__new__(StrategyModule)  # no task queue manager of ansible's: only the wait is driven
     strategy._tqm = tqm
     strategy._results_lock = threading.Condition(threading.Lock())
-    strategy._results = _WakingDeque([], strategy._results_lock)
+    strategy._wake_r, strategy._wake_w = os.pipe()
+    for fd in (strategy._wake_r, strategy._wake_w):
+        os.set_blocking(fd, False)
+    strategy._results = _WakingDeque([], strategy._wake_w)
     strategy._pending_results = 0
     checks = {"n": 0}
 
@@ -52,14 +58,13 @@ def _strategy(tqm, deliver):
 
 
 class _Tqm:
-    def __init__(self, dead_after=None):
-        self._terminated = False
-        self.calls = 0
-        self.dead_after = dead_after
+    """The task queue manager as the wait sees it: its workers, ansible-core's own dead-worker check, the stop flag."""
 
-    def has_dead_workers(self):
-        self.calls += 1
-        return self.dead_after is not None and self.calls > self.dead_after
+    def __init__(self, workers=()):
+        self._terminated = False
+        self._workers = list(workers)
+
+    has_dead_workers = TaskQueueManager.has_dead_workers
 
 
 def _results_thread(strategy, results, pause):
@@ -74,64 +79,99 @@ def _results_thread(strategy, results, pause):
     return thread
 
 
+def _worker(seconds, code):
+    """A worker process as ansible-core's are (multiprocessing, forked) that exits with ``code`` after ``seconds``."""
+    proc = multiprocessing.get_context("fork").Process(target=_exit_after, args=(seconds, code), daemon=True)
+    proc.start()
+    return proc
+
+
+def _exit_after(seconds, code):
+    time.sleep(seconds)
+    os._exit(code)
+
+
 def test_a_result_appended_by_the_results_thread_wakes_the_waiter():
-    cond = threading.Condition(threading.Lock())
-    results = _WakingDeque([], cond)
-    woke = {}
-
-    def waiter():
-        with cond:
-            woke["notified"] = cond.wait(timeout=60)  # False only if it timed out
-
-    thread = threading.Thread(target=waiter)
-    with cond:
-        thread.start()
-    time.sleep(0.05)  # the waiter is in wait() once it got the lock back
-    with cond:
-        results.append("r")
-    thread.join(timeout=60)
-    assert woke == {"notified": True}
-    results.append("without the lock")  # no waiter to wake, and no error either
-    assert list(results) == ["r", "without the lock"]
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(read_fd, False)
+    results = _WakingDeque([], write_fd)
+    assert not select.select([read_fd], [], [], 0)[0]
+    results.append("r")
+    assert select.select([read_fd], [], [], 0)[0]
+    linear_idle.drain(read_fd)
+    assert not select.select([read_fd], [], [], 0)[0]
+    os.close(write_fd)
+    results.append("after the play")  # the pipe is closed: no error either
+    assert list(results) == ["r", "after the play"]
+    os.close(read_fd)
 
 
 def test_the_wait_takes_each_result_as_it_comes_without_polling_in_between():
-    strategy, checks = _strategy(_Tqm(), None)
+    strategy, checks = _strategy(_Tqm())
     strategy._pending_results = 3
+    t0 = time.monotonic()
     _results_thread(strategy, ["a", "b", "c"], pause=0.4)
     assert strategy._wait_on_pending_results(iterator=None) == ["a", "b", "c"]
+    assert time.monotonic() - t0 < 0.4 * 3 + 5  # each result ended the sleep: no wait for CHECK_EVERY (600 s)
     # 1.2 s of waiting: linear checks about 1,200 times; here each result costs two checks (the one that finds the
-    # deque empty before it sleeps, the one its wake-up runs), plus one check per CHECK_EVERY at most while nothing
-    # comes (for dead workers and a stopped run)
-    assert checks["n"] <= 2 * 3 + int(1.2 / CHECK_EVERY), checks
+    # deque empty before it sleeps, the one its wake-up runs)
+    assert checks["n"] <= 2 * 3, checks
 
 
-def test_the_wait_still_checks_for_dead_workers_and_a_stopped_run_while_nothing_comes(monkeypatch):
-    # the check comes every CHECK_EVERY s while no result comes; a short one here, so that the two silent checks
-    # before the worker is found dead take a fraction of a second instead of a minute
-    monkeypatch.setattr(linear_idle, "CHECK_EVERY", 0.2)
-    strategy, checks = _strategy(_Tqm(dead_after=2), None)
-    strategy._pending_results = 1
-    with pytest.raises(AnsibleError, match="dead state"):
-        strategy._wait_on_pending_results(iterator=None)
-    assert checks["n"] == 2
+def test_a_worker_that_dies_wakes_the_wait_at_once():
+    worker = _worker(0.3, 9)  # as if killed: ansible-core's check calls every exit code but 0 dead
+    try:
+        strategy, checks = _strategy(_Tqm([None, worker]))
+        strategy._pending_results = 1
+        t0 = time.monotonic()
+        with pytest.raises(AnsibleError, match="dead state"):
+            strategy._wait_on_pending_results(iterator=None)
+        assert time.monotonic() - t0 < 30  # its exit woke the wait, long before the last-resort look (600 s)
+        assert checks["n"] == 1  # one look before the sleep; the wake-up found the worker dead
+    finally:
+        worker.join(timeout=30)
+
+
+def test_a_worker_that_ended_well_does_not_make_the_wait_spin():
+    done = _worker(0.0, 0)
+    done.join(timeout=30)
+    running = _worker(0.2, 0)  # ends while the wait sleeps; its result comes later
+    try:
+        strategy, checks = _strategy(_Tqm([done, running]))
+        strategy._pending_results = 1
+        _results_thread(strategy, ["late"], pause=1.0)
+        assert strategy._wait_on_pending_results(iterator=None) == ["late"]
+        # a look before the sleep, one when the running worker exited, one for the result: no spinning on the exits
+        assert checks["n"] <= 3, checks
+    finally:
+        running.join(timeout=30)
+
+
+def test_a_stopped_run_waits_for_nothing():
     tqm = _Tqm()
     tqm._terminated = True
-    strategy, checks = _strategy(tqm, None)
+    strategy, checks = _strategy(tqm)
     strategy._pending_results = 1
     assert strategy._wait_on_pending_results(iterator=None) == []
     assert checks["n"] == 0
 
 
-def test_the_strategy_puts_its_waking_queue_in_place_of_ansibles(monkeypatch):
+def test_the_strategy_puts_its_waking_queue_in_place_of_ansibles_and_closes_its_pipe(monkeypatch):
     def linear_init(self, tqm):
         self._results_lock = threading.Condition(threading.Lock())
         self._results = deque(["already there"])
 
     monkeypatch.setattr(linear_idle.LinearStrategyModule, "__init__", linear_init)
+    monkeypatch.setattr(linear_idle.LinearStrategyModule, "cleanup", lambda self: None)
     strategy = StrategyModule(tqm=None)
     assert isinstance(strategy._results, _WakingDeque)
     assert list(strategy._results) == ["already there"]
+    fds = (strategy._wake_r, strategy._wake_w)
+    assert all(not os.get_inheritable(fd) for fd in fds)  # no module's command inherits it
+    strategy.cleanup()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
 
 
 def test_isession_runs_its_plays_with_it_unless_the_user_chose_a_strategy():
