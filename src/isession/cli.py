@@ -191,12 +191,12 @@ def _fast_cancel(args: argparse.Namespace) -> Optional[bool]:
     from . import config  # noqa: PLC0415
     from .watchfiles import request_fast_cancel  # noqa: PLC0415 - after activate: it imports the collection's _state
 
+    root = config.session_root()
     try:
-        config.check_session_id(args.id)
+        config.existing_session_dir(root, args.id)
     except UsageError:
         return None
-    root = config.session_root()
-    return request_fast_cancel(root, args.id) if (root / args.id).is_dir() else None
+    return request_fast_cancel(root, args.id)
 
 
 def main(argv: Optional[List[str]] = None) -> int:

@@ -350,10 +350,7 @@ def wait_for_end(root: Path, sid: str, inventory: Optional[Path], emit: Callable
 
 def cmd_cancel(args: argparse.Namespace) -> int:
     root = config.session_root()
-    config.check_session_id(args.id)
-    session_dir = root / args.id
-    if not session_dir.is_dir():
-        raise UsageError(f"no session {args.id!r} under {root}")
+    session_dir = config.existing_session_dir(root, args.id)
     inventory = _recorded_inventory(session_dir, args.inventory)
     out = Output(args.json)
     out.say(f"Cancelling session {args.id}")

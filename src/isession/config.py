@@ -257,6 +257,16 @@ def check_session_id(value: str) -> str:
     return value
 
 
+def existing_session_dir(root: Path, session_id: str) -> Path:
+    """The directory of session ``session_id`` under ``root``; a UsageError naming the id when it is not a session id
+    or no such session exists there."""
+    check_session_id(session_id)
+    directory = root / session_id
+    if not directory.is_dir():
+        raise UsageError(f"no session {session_id!r} under {root}")
+    return directory
+
+
 def parse_value(text: str) -> Any:
     """A ``-e`` value: JSON when it looks like a list/object/quoted string, else the text itself.
 

@@ -711,6 +711,15 @@ class Watcher:
             if not problems and todo[sid].get("cancel_requested"):
                 self.record_cancelled(sid)
 
+    def forget_ended(self, sid: str, *, undone: bool) -> None:
+        """The bookkeeping of a session's end, wherever it is recorded: it is never polled or cancelled again;
+        ``undone`` also drops what its teardown undid (kept while something is left for later)."""
+        with self._lock:
+            self.absent.pop(sid, None)
+            self.cancel_sent.pop(sid, None)
+            if undone:
+                self.undone.pop(sid, None)
+
     def record_cancelled(self, sid: str) -> None:
         """Record the end of a session whose cancel's teardown has just undone everything: ``Cancelled`` now, and the
         final note (``teardown.json`` complete), as the cancel playbook records it after the same teardown.
@@ -731,10 +740,7 @@ class Watcher:
             if "already ended" not in str(exc):
                 self.log(f"{sid}: not updated: {exc}")
             return
-        with self._lock:  # the bookkeeping of an end, as in apply: this session is never polled or cancelled again
-            self.absent.pop(sid, None)
-            self.undone.pop(sid, None)
-            self.cancel_sent.pop(sid, None)
+        self.forget_ended(sid, undone=True)
         self.note_teardown(sid, [])
         self.log(f"{sid}: {current or '-'} -> Cancelled (its teardown is complete)")
 
@@ -885,8 +891,7 @@ class Watcher:
             self.note_under_way(sid)
         self.log(f"{sid}: {current or '-'} -> {d.status}" + (f" ({d.message})" if d.message else ""))
         if d.terminal:
-            self.absent.pop(sid, None)
-            self.cancel_sent.pop(sid, None)
+            self.forget_ended(sid, undone=False)  # what the teardown below leaves for later is still to be undone
             # the scheduler says the job ended: what it left behind goes, on both sides (the same table as a cancel)
             try:
                 said, problems = self.teardown(group_key(rec), sid, rec, skip=("job",))
@@ -1012,9 +1017,7 @@ class Watcher:
             self.log(f"{', '.join(todo)}: cancel failed: {type(exc).__name__}: {exc}")
         finally:
             for sid in ended:
-                if sid not in self.lingering:
-                    self.undone.pop(sid, None)
-                self.cancel_sent.pop(sid, None)
+                self.forget_ended(sid, undone=sid not in self.lingering)
 
     def _safe_poll(self, key: Tuple[str, str], sessions: Dict[str, Dict[str, Any]]) -> None:
         try:

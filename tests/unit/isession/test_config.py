@@ -244,3 +244,14 @@ def test_every_command_takes_json():
     assert set(sub.choices) == set(cli.HANDLERS)
     for name, p in sub.choices.items():
         assert any("--json" in a.option_strings for a in p._actions), name  # noqa: SLF001
+
+
+def test_an_existing_session_dir_is_named_and_a_missing_or_malformed_one_is_refused_by_its_id(tmp_path):
+    (tmp_path / "s1").mkdir()
+    (tmp_path / "plain").write_text("not a session")
+    assert config.existing_session_dir(tmp_path, "s1") == tmp_path / "s1"
+    for missing in ("s2", "plain"):
+        with pytest.raises(UsageError, match=f"no session '{missing}' under {re.escape(str(tmp_path))}"):
+            config.existing_session_dir(tmp_path, missing)
+    with pytest.raises(UsageError, match="--id: '../s1' is not a session id"):
+        config.existing_session_dir(tmp_path, "../s1")
