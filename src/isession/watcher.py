@@ -326,6 +326,9 @@ class Watcher:
         self.stop = threading.Event()
         self.wake = threading.Event()  # set by nudge(): tick now (a cancel was requested)
         self.cancel_sent: Dict[str, float] = {}  # session -> when the watcher sent its cancel
+        # sessions whose end this watcher recorded: a tick or listener that read them live just before never sends
+        # their cancel again (their cancel_sent entry is gone with the rest of the end's bookkeeping)
+        self.ended: set = set()
         # sessions whose cancel's teardown runs now, beside a poll of their resource: that poll leaves them alone
         self.in_flight: set = set()
         self.undone: Dict[str, set] = {}  # session -> kinds this watcher's teardown already undid
@@ -677,7 +680,7 @@ class Watcher:
         """Those of ``sessions`` whose cancel nobody has sent yet, now marked as sent and under way (``in_flight``)
         until :meth:`send_claimed` is done with them."""
         with self._lock:
-            todo = {sid: rec for sid, rec in sessions.items() if sid not in self.cancel_sent}
+            todo = {sid: rec for sid, rec in sessions.items() if sid not in self.cancel_sent and sid not in self.ended}
             now = time.monotonic()
             self.cancel_sent.update({sid: now for sid in todo})
             self.in_flight.update(todo)
@@ -715,6 +718,7 @@ class Watcher:
         """The bookkeeping of a session's end, wherever it is recorded: it is never polled or cancelled again;
         ``undone`` also drops what its teardown undid (kept while something is left for later)."""
         with self._lock:
+            self.ended.add(sid)
             self.absent.pop(sid, None)
             self.cancel_sent.pop(sid, None)
             if undone:
@@ -742,7 +746,9 @@ class Watcher:
             return
         self.forget_ended(sid, undone=True)
         self.note_teardown(sid, [])
-        self.log(f"{sid}: {current or '-'} -> Cancelled (its teardown is complete)")
+        # the cancel playbook may have recorded it first (its own teardown found this one's work done)
+        moved = "Cancelled already" if current == "Cancelled" else f"{current or '-'} -> Cancelled"
+        self.log(f"{sid}: {moved} (its teardown is complete)")
 
     def poll_group(self, key: Tuple[str, str], sessions: Dict[str, Dict[str, Any]]) -> None:
         asked = {sid: rec for sid, rec in sessions.items()
