@@ -47,6 +47,17 @@ options:
   script_file:
     description: "Path of a file on the target holding the body of the batch script."
     type: path
+  return_script:
+    description:
+      - Whether the result carries the rendered script (RV(script)) and O(script) itself (in C(invocation), the
+        arguments ansible-core reports back with every result). When false, C(invocation) has the length of
+        O(script) in its place.
+      - A long script costs every run its way back from the host, in the result and in every callback that records
+        it (a session's agent script, which ships the collection's helpers inside it, is about 100 KB, and it came
+        back twice). Set it to false when only the job matters; the diff mode still shows the script.
+    type: bool
+    default: true
+    version_added: 0.2.0
   script_path:
     description:
       - "Where the rendered script is written (mode 0700)."
@@ -202,7 +213,8 @@ script_path: {description: Where the rendered script was (or would be) written.,
               sample: /home/alice/isession/abc123/isession-abc123.sh}
 workdir: {description: "O(workdir) with C(~) expanded on the host that runs the job, when given.",
           returned: state=present and O(workdir) given, type: str, sample: /home/alice/isession/abc123}
-script: {description: The rendered script., returned: state=present, type: str, sample: "#!/bin/bash\n#SBATCH ..."}
+script: {description: The rendered script., returned: state=present and O(return_script), type: str,
+         sample: "#!/bin/bash\n#SBATCH ..."}
 removed_directives: {description: User directives dropped because the site enforces that option.,
                      returned: state=present, type: list, elements: str, sample: ["--comment=mine"]}
 cancelled: {description: The job ids cancelled (or that would be cancelled in check mode).,
@@ -245,6 +257,7 @@ ARGUMENT_SPEC = dict(
     directives=dict(type="list", elements="str", default=[]), input_names=dict(type="dict", default={}),
     pbs_flavor=dict(type="str", default="torque", choices=["torque", "pro"]),
     wait_for=dict(type="str", choices=["queued", "running"]), wait_timeout=dict(type="int", default=60),
+    return_script=dict(type="bool", default=True),
     submit_timeout=dict(type="int", default=30), query_timeout=dict(type="int", default=10),
     scheduler_path=dict(type="list", elements="str", default=[]), scheduler_env=dict(type="dict", default={}),
 )
@@ -262,23 +275,41 @@ def make_private_dirs(directory: str) -> None:
             raise
 
 
+def short_invocation(params: dict) -> dict:
+    """The result's ``invocation`` (the arguments ansible-core reports back) with O(script) replaced by its length."""
+    args = dict(params)
+    if isinstance(args.get("script"), str):
+        args["script"] = "(%d characters, not returned: return_script is false)" % len(args["script"])
+    return {"module_args": args}
+
+
 class SchedulerSubmit:
     def __init__(self, module: AnsibleModule):
         self.module = module
         self.p = module.params
+        self.script_path = ""  # set once the rendered script is written, reported with any later failure
+        # every result (AnsibleModule adds the arguments as `invocation` unless given one) without the script: a long
+        # script would otherwise come back twice, which every callback of the run then records
+        self.invocation = None if self.p["return_script"] else short_invocation(self.p)
         self.user = pwd.getpwuid(os.getuid()).pw_name
         self.backend = get_backend(self.p["scheduler"], pbs_flavor=self.p["pbs_flavor"])
         try:
             path, env = scheduler_setup(self.p["scheduler_path"], self.p["scheduler_env"])
         except ValueError as exc:
-            module.fail_json(msg=str(exc))
+            self.fail(str(exc))
         self.runner = make_runner(module.get_bin_path, path, env)
         self.local = self.p["scheduler"] == "local"
-        self.script_path = ""  # set once the rendered script is written, reported with any later failure
+
+    def exit(self, **kw):
+        if self.invocation is not None:
+            kw.setdefault("invocation", self.invocation)
+        self.module.exit_json(**kw)
 
     def fail(self, msg: str, **kw):
         if self.script_path:
             kw.setdefault("script_path", self.script_path)
+        if self.invocation is not None:
+            kw.setdefault("invocation", self.invocation)
         self.module.fail_json(msg=msg, **kw)
 
     def query_one(self, job_id: str):
@@ -313,15 +344,17 @@ class SchedulerSubmit:
 
     def present(self):
         opts, script_path, rendered = self.render()
-        result = dict(changed=False, script_path=script_path, script=rendered.text,
-                      removed_directives=rendered.removed, state="undetermined", nodes=[])
+        result = dict(changed=False, script_path=script_path, removed_directives=rendered.removed,
+                      state="undetermined", nodes=[])
+        if self.p["return_script"]:
+            result["script"] = rendered.text
         if opts.workdir:
             result["workdir"] = opts.workdir
         alive = self.find_alive()
         if alive:
             info = sorted(alive.values(), key=lambda i: i.job_id)[0]
             result.update(job_id=info.job_id, state=info.state, nodes=info.nodes)
-            self.module.exit_json(**result)
+            self.exit(**result)
         before = read_text(script_path)
         if self.module._diff and before != rendered.text:
             result["diff"] = dict(before=before or "", after=rendered.text, before_header=script_path,
@@ -329,7 +362,7 @@ class SchedulerSubmit:
         result["changed"] = True
         self.check_private_workdir(opts)
         if self.module.check_mode:
-            self.module.exit_json(**result)
+            self.exit(**result)
         self.prepare_files(opts, script_path)
         try:
             write_atomic(script_path, rendered.text, 0o700)
@@ -349,7 +382,7 @@ class SchedulerSubmit:
             result.update(state=info.state, nodes=info.nodes,
                           reason="" if info.reason in (None, "None", "none") else info.reason)
         result["job_id"] = job_id
-        self.module.exit_json(**result)
+        self.exit(**result)
 
     def check_private_workdir(self, opts) -> None:
         """Refuse a session directory another user could have prepared (also in check mode); make it exclusively."""
@@ -430,8 +463,7 @@ class SchedulerSubmit:
             self.fail("scheduler did not answer (%s); cannot tell whether the job is alive" % res.error)
         if not jobs:
             info = res.jobs.get(p["job_id"] or "")
-            self.module.exit_json(changed=False, job_id=p["job_id"], state=info.state if info else "undetermined",
-                                  nodes=[])
+            self.exit(changed=False, job_id=p["job_id"], state=info.state if info else "undetermined", nodes=[])
         if not self.module.check_mode:
             for job_id in sorted(jobs):
                 if self.local:
@@ -440,8 +472,7 @@ class SchedulerSubmit:
                 out, failed = self.backend.cancel_checked(self.runner, job_id, p["submit_timeout"], p["query_timeout"])
                 if failed:
                     self.fail("cancel of job %s failed" % job_id, rc=out.rc, stdout=out.stdout, stderr=out.stderr)
-        self.module.exit_json(changed=True, job_id=",".join(sorted(jobs)), state="cancelled", nodes=[],
-                              cancelled=sorted(jobs))
+        self.exit(changed=True, job_id=",".join(sorted(jobs)), state="cancelled", nodes=[], cancelled=sorted(jobs))
 
 
 MODULE_OPTIONS = dict(

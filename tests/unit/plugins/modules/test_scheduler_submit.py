@@ -324,6 +324,39 @@ def test_output_and_error_are_paths_with_the_home_expanded(harness):
     assert res["workdir"] == "%s/isession-unit/%s" % (home, harness.names["name"])
 
 
+def test_return_script_false_submits_the_same_script_without_sending_it_back(harness):
+    harness.plan({"squeue": [{"json": []}, {"json": [{"job_id": 6, "state": "RUNNING"}]}],
+                  "sbatch": [{"stdout": "6;cluster\n"}]})
+    args = {"scheduler": "slurm", "job_name": "{name}", "workdir": "{tmp}/work", "script": "#!/bin/sh\necho hi\n",
+            "return_script": False}
+    res = harness.run_module("scheduler_submit", args)
+    assert res["changed"] is True and res["job_id"] == "6" and "script" not in res, res
+    sbatch = [c for c in harness.calls() if c["cmd"] == "sbatch"][0]
+    assert "echo hi" in sbatch["script"] and sbatch["script"] == Path(res["script_path"]).read_text()
+    # nor in the arguments reported back (ansible-core's `invocation`): its length in its place, the rest as given
+    reported = res["invocation"]["module_args"]
+    assert "echo hi" not in json.dumps(res) and reported["script"].startswith("(18 characters, not returned"), res
+    assert reported["job_name"] == harness.names["name"] and reported["return_script"] is False
+    # the diff still shows it
+    harness.plan({"squeue": [{"json": []}]})
+    res = harness.run_module("scheduler_submit", dict(args, job_name="{name}-2"), check=True, diff=True)
+    assert "script" not in res and "echo hi" in res["diff"]["after"], res
+    # a failure reports the arguments the same way, and a secret stays hidden as ever
+    harness.plan({"squeue": [{"json": []}], "sbatch": [{"rc": 1, "stderr": "sbatch: error: Invalid account\n"}]})
+    res = harness.run_module("scheduler_submit", dict(args, job_name="{name}-3", secret="s3cr3t-value",
+                                                      secret_path="{tmp}/work/secret"))
+    assert res["failed"] and "Invalid account" in res["msg"], res
+    assert "echo hi" not in json.dumps(res) and "s3cr3t-value" not in json.dumps(res), res
+    assert res["invocation"]["module_args"]["script"].startswith("(18 characters"), res
+
+
+def test_the_script_comes_back_in_the_invocation_by_default(harness):
+    harness.plan({"squeue": [{"json": []}]})
+    res = harness.run_module("scheduler_submit", {"scheduler": "slurm", "job_name": "{name}", "script": "echo hi"},
+                             check=True)
+    assert res["invocation"]["module_args"]["script"] == "echo hi" and "echo hi" in res["script"], res
+
+
 def test_no_workdir_in_the_result_without_workdir(harness):
     harness.plan({"squeue": [{"json": []}]})
     res = harness.run_module("scheduler_submit", {"scheduler": "slurm", "job_name": "{name}", "script": "true"},
