@@ -9,17 +9,29 @@ The command is the one the task's own ssh connection builds (``_build_command``:
 and ``ControlPath``), so the later tasks find exactly this master. Best effort: anything that makes the command
 unsafe or pointless to run detached (a password or a key to hand over, no ``ControlPersist``, another connection
 plugin) skips it, and a warm-up that fails costs nothing, since the next task connects by itself.
+
+With ``modules``, it also builds those modules' payloads ahead, in a process of its own: ansible-core builds a
+module's AnsiballZ payload (its module_utils found, zipped and encoded) the first time a run ships it to a host, about
+0.15-0.2 s for the submit, and keeps it in the run's cache (``ansiballz_cache`` in its local temporary directory) for
+every later task. The background process fills that cache with ansible-core's own build (``_configure_module``, the
+call a task makes), so the submit finds its payload built. Best effort too: a build that fails leaves the cache as it
+was, and the task that ships the module builds it as it always does.
 """
 
 from __future__ import annotations
 
 import os
+import re
+import signal
 import subprocess
 import typing as t
 
 from ansible.plugins.action import ActionBase
+from ansible.utils.display import Display
 
 SSH_TRANSPORTS = frozenset({"ssh", "ansible.builtin.ssh"})
+FQCN = re.compile(r"^[A-Za-z0-9_]+\.[A-Za-z0-9_]+\.[A-Za-z0-9_]+\Z")
+BUILD_LIMIT = 60  # seconds the payload builder may take before its alarm ends it: it must never linger
 
 
 def skip_reason(connection: t.Any) -> str:
@@ -46,17 +58,80 @@ def warm_command(connection: t.Any, remote_command: str = "true") -> list[bytes]
     return argv
 
 
+def check_modules(value: t.Any) -> list[str]:
+    """The ``modules`` option as a list of module names; ValueError naming the option for anything else."""
+    if value is None:
+        return []
+    if isinstance(value, (str, bytes)) or not isinstance(value, (list, tuple)):
+        raise ValueError("modules must be a list of fully qualified module names")
+    bad = [m for m in value if not isinstance(m, str) or not FQCN.match(m)]
+    if bad:
+        raise ValueError(f"modules must be fully qualified module names (namespace.collection.module), got {bad!r}")
+    return list(dict.fromkeys(value))
+
+
+def build_payloads(action: t.Any, modules: t.Sequence[str], task_vars: dict[str, t.Any]) -> list[str]:
+    """Build each module's payload for the task's host with ansible-core's own call; the names built.
+
+    The payload goes to the run's cache, where the task that ships the module finds it. No interpreter discovery: that
+    would run a command on the host, and the cache is filled before the interpreter is looked at, so the build names
+    one (the variable is set only in this copy of the host's variables).
+    """
+    host_vars = task_vars
+    if action._task.delegate_to:
+        host_vars = task_vars.setdefault("ansible_delegated_vars", {}).setdefault(action._task.delegate_to, {})
+    host_vars.setdefault("ansible_python_interpreter", "/usr/bin/python3")
+    built = []
+    for name in modules:
+        try:
+            action._configure_module(module_name=name, module_args={}, task_vars=task_vars)
+        except Exception:  # noqa: BLE001, S112 - best effort: the shipping task builds it as usual
+            continue
+        built.append(name)
+    return built
+
+
+def build_in_background(action: t.Any, modules: t.Sequence[str], task_vars: dict[str, t.Any]) -> int:
+    """Fork a process that runs :func:`build_payloads` and exits; its pid, or 0 when none could be forked.
+
+    The process never talks to the play: its output goes to /dev/null and its display no longer goes through the
+    worker's queue to the play (a message cut off by its exit could leave the queue's lock taken). It is not waited
+    for: the worker returns at once and the process, in a session of its own, ends by itself (``BUILD_LIMIT`` at most).
+    """
+    try:
+        pid = os.fork()
+    except OSError:
+        return 0
+    if pid:
+        return pid
+    code = 1
+    try:  # pragma: no cover - runs in the forked process, which ends with os._exit (its coverage is never written)
+        os.setsid()
+        signal.alarm(BUILD_LIMIT)
+        null = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(null, fd)
+        Display()._final_q = None
+        code = 0 if len(build_payloads(action, modules, task_vars)) == len(modules) else 1
+    finally:
+        os._exit(code)
+
+
 class ActionModule(ActionBase):
     TRANSFERS_FILES = False
-    _VALID_ARGS = frozenset()
+    _VALID_ARGS = frozenset({"modules"})
 
     def run(self, tmp: t.Any = None, task_vars: t.Optional[dict[str, t.Any]] = None) -> dict[str, t.Any]:
-        result = super().run(tmp, task_vars)
-        result.update(changed=False, started=False)
-        if self._task.args:
-            return dict(result, failed=True, msg=f"warm_connection takes no options, got {sorted(self._task.args)}")
+        result = super().run(tmp, task_vars)  # refuses an unknown option by name (_VALID_ARGS)
+        result.update(changed=False, started=False, prepared=[])
+        try:
+            modules = check_modules(self._task.args.get("modules"))
+        except ValueError as exc:
+            return dict(result, failed=True, msg=str(exc))
         if self._task.check_mode:
             return dict(result, msg="check mode: no connection opened")
+        if modules and build_in_background(self, modules, dict(task_vars or {})):
+            result["prepared"] = modules
         why = skip_reason(self._connection)
         if why:
             return dict(result, msg=f"nothing to warm: {why}")

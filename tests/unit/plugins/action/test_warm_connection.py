@@ -6,6 +6,7 @@ see that the action returned while "ssh" was still running, in a session of its 
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
@@ -13,10 +14,19 @@ from types import SimpleNamespace
 
 import pytest
 
+from ansible.errors import AnsibleActionFail
 from ansible.playbook.play_context import PlayContext
 from ansible.plugins.loader import connection_loader
+from ansible.utils.display import Display
 from ansible_collections.hpc.interactive.plugins.action import warm_connection
-from ansible_collections.hpc.interactive.plugins.action.warm_connection import ActionModule, skip_reason, warm_command
+from ansible_collections.hpc.interactive.plugins.action.warm_connection import (
+    ActionModule,
+    build_in_background,
+    build_payloads,
+    check_modules,
+    skip_reason,
+    warm_command,
+)
 
 FAKE_SSH = """#!{python}
 import os, sys, time
@@ -105,8 +115,20 @@ def test_check_mode_and_skips_run_nothing(tmp_path):
 
 
 def test_options_are_refused_by_name():
-    res = _action(ssh_connection(), args={"host": "x"}).run(task_vars={})
-    assert res["failed"] and "host" in res["msg"] and res["started"] is False
+    with pytest.raises(AnsibleActionFail, match="Invalid options for hpc.interactive.warm_connection: host"):
+        _action(ssh_connection(), args={"host": "x", "modules": []}).run(task_vars={})
+
+
+@pytest.mark.parametrize("modules", ["hpc.interactive.scheduler_submit", ["scheduler_submit"], [3], {"a": 1},
+                                     ["hpc.interactive.x; rm -rf /"]])
+def test_modules_must_be_a_list_of_fqcns(modules):
+    res = _action(ssh_connection(), args={"modules": modules}).run(task_vars={})
+    assert res["failed"] and res["msg"].startswith("modules must be") and res["started"] is False, res
+    assert res["prepared"] == []
+
+
+def test_modules_are_deduplicated_in_order():
+    assert check_modules(["a.b.c", "a.b.d", "a.b.c"]) == ["a.b.c", "a.b.d"] and check_modules(None) == []
 
 
 def test_a_command_that_cannot_be_built_skips(monkeypatch):
@@ -117,3 +139,72 @@ def test_a_command_that_cannot_be_built_skips(monkeypatch):
     res = _action(conn).run(task_vars={})
     assert res["started"] is False and "no ssh here" in res["msg"] and not res.get("failed")
     assert warm_connection.SSH_TRANSPORTS >= {"ssh", "ansible.builtin.ssh"}
+
+
+class _Builder:
+    """A stand-in for the action: ``_configure_module`` is ansible-core's build; this one records each call."""
+
+    def __init__(self, out, *, delegate_to=None, broken=(), wait_for=None):
+        self._task = SimpleNamespace(delegate_to=delegate_to)
+        self.out, self.broken, self.wait_for = out, set(broken), wait_for
+
+    def _configure_module(self, module_name, module_args, task_vars):
+        if self.wait_for is not None:  # until the test's word: the task must not have waited for the build
+            deadline = time.monotonic() + 30
+            while not self.wait_for.exists() and time.monotonic() < deadline:
+                time.sleep(0.02)
+        if module_name in self.broken:
+            raise RuntimeError("cannot build")
+        host = task_vars["ansible_delegated_vars"][self._task.delegate_to] if self._task.delegate_to else task_vars
+        line = json.dumps({"module": module_name, "args": module_args, "python": host.get("ansible_python_interpreter"),
+                           "sid": os.getsid(0), "pid": os.getpid(), "stdout": os.readlink("/proc/self/fd/1"),
+                           "final_q": Display()._final_q is None})
+        with open(self.out, "a") as fh:
+            fh.write(line + "\n")
+        print("the build's output goes nowhere")  # noqa: T201 - checks that stdout is /dev/null
+
+
+def _builds(path):
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def test_payloads_are_built_for_the_delegated_host_without_interpreter_discovery(tmp_path):
+    out = tmp_path / "built"
+    task_vars = {"ansible_delegated_vars": {"controller": {"ansible_host": "10.1.2.3"}}}
+    built = build_payloads(_Builder(out, delegate_to="controller", broken={"a.b.broken"}),
+                           ["a.b.one", "a.b.broken", "a.b.two"], task_vars)
+    assert built == ["a.b.one", "a.b.two"]  # a build that fails is skipped, the others still happen
+    assert [b["module"] for b in _builds(out)] == ["a.b.one", "a.b.two"]
+    assert all(b["python"] == "/usr/bin/python3" and b["args"] == {} for b in _builds(out))
+    kept = {"ansible_python_interpreter": "/opt/py/bin/python3"}
+    out.unlink()
+    build_payloads(_Builder(out), ["a.b.one"], kept)
+    assert _builds(out)[0]["python"] == "/opt/py/bin/python3"  # the host's own interpreter wins
+
+
+def test_the_build_runs_in_a_process_of_its_own_and_the_task_does_not_wait(tmp_path):
+    out, go = tmp_path / "built", tmp_path / "go"
+    pid = build_in_background(_Builder(out, wait_for=go), ["a.b.one", "a.b.two"], {})
+    try:
+        assert pid > 0 and not out.exists()  # returned while the build waits for the word
+    finally:
+        go.touch()
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and len(_builds(out)) < 2:
+        time.sleep(0.02)
+    os.waitpid(pid, 0)
+    builds = _builds(out)
+    assert [b["module"] for b in builds] == ["a.b.one", "a.b.two"]
+    assert {b["pid"] for b in builds} == {pid} and builds[0]["sid"] == pid != os.getsid(0)  # its own session
+    assert builds[0]["stdout"] == os.devnull and builds[0]["final_q"] is True  # silent, never on the play's queue
+
+
+def test_the_action_starts_the_build_and_says_so(tmp_path, monkeypatch):
+    started = []
+    monkeypatch.setattr(warm_connection, "build_in_background", lambda action, mods, tv: started.append(mods) or 4242)
+    res = _action(SimpleNamespace(transport="local"), args={"modules": ["a.b.c"]}).run(task_vars={})
+    assert res["prepared"] == ["a.b.c"] and started == [["a.b.c"]] and res["started"] is False, res
+    assert _action(SimpleNamespace(transport="local"), check=True, args={"modules": ["a.b.c"]}).run(
+        task_vars={})["prepared"] == [] and started == [["a.b.c"]]  # check mode builds nothing
+    monkeypatch.setattr(warm_connection, "build_in_background", lambda action, mods, tv: 0)
+    assert _action(SimpleNamespace(transport="local"), args={"modules": ["a.b.c"]}).run(task_vars={})["prepared"] == []
