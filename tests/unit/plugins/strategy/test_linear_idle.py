@@ -32,12 +32,26 @@ sys.path.insert(0, str(REPO / "src"))
 from isession.play import STRATEGY, runner_env  # noqa: E402
 
 
+_PIPES: list = []  # the pipes the stand-in strategies opened: closed after each test (cleanup() is not driven)
+
+
+@pytest.fixture(autouse=True)
+def _close_pipes():
+    yield
+    while _PIPES:
+        try:
+            os.close(_PIPES.pop())
+        except OSError:  # closed by the test itself (cleanup)
+            pass
+
+
 def _strategy(tqm):
     """A strategy whose results come from a thread appending as ansible-core's results thread does."""
     strategy = StrategyModule.__new__(StrategyModule)  # no task queue manager of ansible's: only the wait is driven
     strategy._tqm = tqm
     strategy._results_lock = threading.Condition(threading.Lock())
     strategy._wake_r, strategy._wake_w = os.pipe()
+    _PIPES.extend((strategy._wake_r, strategy._wake_w))
     for fd in (strategy._wake_r, strategy._wake_w):
         os.set_blocking(fd, False)
     strategy._results = _WakingDeque([], strategy._wake_w)
@@ -233,3 +247,69 @@ def test_a_real_play_under_the_strategy_gives_linears_results(tmp_path):
     long_task = cp.stdout.index("TASK [A task that runs long enough")
     assert cp.stdout.index("ok: [one]", long_task) < cp.stdout.index("TASK [One host fails]")
     assert cp.stdout.index("ok: [two]", long_task) < cp.stdout.index("TASK [One host fails]")
+
+
+TEMPLATING = """
+- name: Every task templates with ansible-core's filters and tests
+  hosts: localhost
+  gather_facts: false
+  tasks:
+""" + "".join(f"""
+    - name: Task {i}
+      ansible.builtin.set_fact:
+        fact_{i}: "{{{{ ['a', 'b'] | map('upper') | select('string') | list | to_json }}}}"
+      when: ('x' | length) is number
+""" for i in range(4))
+
+
+def _filter_loads(tmp_path, strategy):
+    """Run TEMPLATING under ``strategy`` with ansible-core's debug log: how often the filter plugins were loaded."""
+    (tmp_path / "play.yml").write_text(TEMPLATING)
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(COLLECTIONS), ANSIBLE_COLLECTIONS_SCAN_SYS_PATH="False",
+               ANSIBLE_NOCOLOR="1", ANSIBLE_STRATEGY=strategy, ANSIBLE_DEBUG="1", ANSIBLE_LOCALHOST_WARNING="False",
+               ANSIBLE_INVENTORY_UNPARSED_WARNING="False")
+    playbook_cmd = Path(sys.executable).with_name("ansible-playbook")
+    argv = [str(playbook_cmd)] if playbook_cmd.exists() else [shutil.which("ansible-playbook")]
+    cp = subprocess.run(argv + ["-i", "localhost,", "-c", "local", "play.yml"], capture_output=True, text=True,
+                        env=env, timeout=180, cwd=tmp_path, check=False)
+    assert cp.returncode == 0 and "ok=4" in cp.stdout, cp.stdout[-2000:] + cp.stderr[-2000:]
+    return len(re.findall(r": Loading FilterModule 'core' ", cp.stdout + cp.stderr))
+
+
+def test_the_filters_are_loaded_once_before_the_workers_fork(tmp_path):
+    # (a worker's debug lines go through ansible-playbook's display, so they carry its pid: count them instead)
+    assert _filter_loads(tmp_path, STRATEGY) == 1  # once, by ansible-playbook itself: no worker loads them again
+    assert _filter_loads(tmp_path, "ansible.builtin.linear") >= 4  # what it saves: one load in every worker
+
+
+def test_loading_the_jinja_plugins_is_best_effort():
+    class Broken:
+        def all(self):
+            raise RuntimeError("a broken plugin path")
+
+    class Two:
+        def all(self):
+            return iter(["f1", "f2"])
+
+    assert linear_idle.load_jinja_plugins((Broken(), Two())) == 2
+
+
+LAST_COLLECTION = """
+import atexit, gc, sys
+sys.path.insert(0, sys.argv[1])
+# registered before the strategy's handler, so it runs after it (last registered, first called)
+atexit.register(lambda: print("frozen at exit:", gc.get_freeze_count() > 0))
+from ansible_collections.hpc.interactive.plugins.strategy.linear_idle import skip_last_collection
+before = atexit._ncallbacks()
+skip_last_collection()
+skip_last_collection()
+print("handlers added:", atexit._ncallbacks() - before, "frozen now:", gc.get_freeze_count() > 0)
+"""
+
+
+def test_the_last_garbage_collection_is_skipped_at_exit_only():
+    cp = subprocess.run([sys.executable, "-c", LAST_COLLECTION, str(COLLECTIONS)], capture_output=True, text=True,
+                        timeout=60, check=False)
+    assert cp.returncode == 0, cp.stderr
+    # one handler however many plays made a strategy; nothing frozen while the run goes on, everything at its exit
+    assert cp.stdout.splitlines() == ["handlers added: 1 frozen now: False", "frozen at exit: True"], cp.stdout
