@@ -17,7 +17,7 @@ import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Optional, Sequence
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 BED_DIR = REPO / "tests" / "bed"
@@ -124,6 +124,12 @@ def slurm_waits(log_text: str, job_ids: Iterable[str]) -> Dict[str, float]:
     may wait for the next scheduling pass, anywhere from a few milliseconds to about 3 s. Two paths measured side by
     side draw that wait at random, so it is reported beside each path's time rather than hidden in it.
     """
+    return {j: round(allocated - submitted, 3) for j, (submitted, allocated) in slurm_times(log_text, job_ids).items()}
+
+
+def slurm_times(log_text: str, job_ids: Iterable[str]) -> Dict[str, Tuple[float, float]]:
+    """When slurmctld received each job's submission and when it allocated its nodes (epoch seconds, from its log's
+    millisecond time stamps); only jobs with both."""
     wanted, submitted, allocated = {str(j) for j in job_ids}, {}, {}
     for line in log_text.splitlines():
         m = SLURM_LOG_RE.match(line)
@@ -134,7 +140,7 @@ def slurm_waits(log_text: str, job_ids: Iterable[str]) -> Dict[str, float]:
             submitted[m.group(2)] = at
         else:
             allocated.setdefault(m.group(2), at)
-    return {j: round(allocated[j] - submitted[j], 3) for j in wanted if j in submitted and j in allocated}
+    return {j: (submitted[j], allocated[j]) for j in wanted if j in submitted and j in allocated}
 
 
 def slurm_log(bed: Bed) -> str:

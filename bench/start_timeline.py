@@ -1,0 +1,100 @@
+#!/usr/bin/env python3
+"""Benchmark (not a test): where the time of ``isession start SERVICE --target compute`` goes, Slurm's wait left out.
+
+``--runs`` starts (after one unmeasured) on the bed's Slurm compute nodes, each cancelled before the next. For each,
+from the command's own clock, the runner's job events and slurmctld's log (millisecond time stamps):
+  to sbatch          the command's start -> slurmctld receives the job (the CLI, ansible-playbook's start-up, the
+                     tasks before the submit and the submit's own part)
+  Slurm wait         slurmctld receives the job -> allocates its node (Slurm's scheduling pass, at random from a few
+                     milliseconds to ~3 s: ``batch_sched_delay``; a bare script draws it too)
+  allocation -> URL  the node is allocated -> the command exits with the URL (the job starts the server and the
+                     tunnel while the play records the job and waits for the app to answer)
+  after readiness    the readiness check's end -> the command's exit (the summary, ansible-playbook's exit, the CLI)
+  own time           the whole command minus Slurm's wait
+Writes ``--out`` (JSON) and the table beside it (``.txt``), and prints the table. The medians are what to compare
+between two commits: run it on each, in the same hour (``--reuse-collection`` skips installing this checkout).
+Run as root: see bench/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import socket
+import sys
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Dict, List
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import benchlib as bl  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+PARTS = ("to_sbatch_s", "slurm_wait_s", "allocation_to_url_s", "after_readiness_s", "own_time_s", "total_s")
+LABELS = {"to_sbatch_s": "command -> slurmctld has the job", "slurm_wait_s": "Slurm: job received -> allocated",
+          "allocation_to_url_s": "allocated -> command exits with the URL",
+          "after_readiness_s": "readiness check's end -> exit", "own_time_s": "isession's own time (total - Slurm)",
+          "total_s": "isession start (whole command)"}
+
+
+def one_start(bed: bl.Bed, cli: bl.Cli, service: str, sid: str) -> Dict[str, Any]:
+    run = cli.timed("start", service, "--target", "compute", "--resource", "controller", "--id", sid, "--json")
+    out: Dict[str, Any] = {"sid": sid, "rc": run["rc"], "total_s": run["seconds"]}
+    job = cli.read(sid, "state.json").get("job_id")
+    times = bl.slurm_times(bl.slurm_log(bed), [job]).get(str(job)) if job else None
+    tasks = bl.task_timeline(bl.load_events(cli.root / sid / "logs" / "runner" / "artifacts" / "start" /
+                                            "job_events"))["tasks"]
+    ready = [t for t in tasks if t["action"].endswith("session_ready") and t["span"] is not None]
+    if run["rc"] != 0 or times is None or not ready:
+        out["error"] = (run["stdout"] + run["stderr"])[-2000:] or "no job, Slurm times or readiness task"
+        return out
+    submitted, allocated = times
+    out.update(job_id=job, to_sbatch_s=round(submitted - run["t0"], 4), slurm_wait_s=round(allocated - submitted, 4),
+               allocation_to_url_s=round(run["t1"] - allocated, 4),
+               after_readiness_s=round(run["t1"] - (ready[0]["start"] + ready[0]["span"]), 4),
+               own_time_s=round(run["seconds"] - (allocated - submitted), 4))
+    return out
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--service", default="vnc")
+    ap.add_argument("--runs", type=int, default=7)
+    ap.add_argument("--reuse-collection", action="store_true")
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args()
+    bed = bl.Bed()
+    if not bed.status()[0]:
+        print("the test bed is not healthy: run `tests/bed/bed up` first", file=sys.stderr)
+        return 2
+    if not args.reuse_collection:
+        bed.install_collection()
+    stamp = datetime.now(timezone.utc)
+    tag = stamp.strftime("%H%M%S")
+    out_path = args.out or HERE / "results" / f"start_timeline-{stamp.strftime('%Y%m%dT%H%M%SZ')}.json"
+    tmp = bed.user_tmpdir(bl.WS_USER)
+    cli = bl.Cli(bed, tmp, "timeline-sessions", bl.cluster_inventory(bed, tmp))
+    starts: List[Dict[str, Any]] = []
+    for i in range(args.runs + 1):
+        res = one_start(bed, cli, args.service, f"bench-tl-{tag}-{i}")
+        res["warmup"] = i == 0
+        starts.append(res)
+        cli.run("cancel", res["sid"], timeout=300)
+        time.sleep(1)  # the node's teardown, so that the next job's allocation is not behind it
+    cli.stop_watcher()
+    measured = [s for s in starts if not s["warmup"] and "error" not in s]
+    summary = {part: bl.stats(s[part] for s in measured) for part in PARTS}
+    summary["failed_starts"] = [s["sid"] for s in starts if "error" in s]
+    results = {"meta": {"date": stamp.strftime("%Y-%m-%d %H:%M UTC"), "machine": bl.machine(),
+                        "commit": bl.git_commit(), "args": {k: str(v) for k, v in vars(args).items()},
+                        "hostname": socket.gethostname()},
+               "starts": starts, "summary": summary}
+    lines = [f"isession start {args.service} on Slurm compute {results['meta']['date']} - commit "
+             f"{results['meta']['commit']}", "", f"{'part':44} median (min-max, n)"]
+    lines += [f"{LABELS[part]:44} {bl.fmt_stats(summary[part])}" for part in PARTS]
+    lines += ["", f"failed starts: {', '.join(summary['failed_starts']) or 'none'}"]
+    bl.save_results(out_path, results, "\n".join(lines) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
