@@ -1,4 +1,3 @@
-#!/usr/bin/env python3
 """Benchmark (not a test): where the time of ``isession start SERVICE --target compute`` goes, Slurm's wait left out.
 
 ``--runs`` starts (after one unmeasured) on the bed's Slurm compute nodes, each cancelled before the next. For each,
