@@ -32,6 +32,18 @@ READY_CODES = re.compile(r"^(2\d\d|3\d\d|401|403)$")
 
 
 # ---------------------------------------------------------------------------------------------- statistics
+def ready_bed(reuse_collection: bool) -> Optional[Bed]:
+    """The bed a benchmark runs on, with this checkout's collection installed unless ``reuse_collection``; None (and
+    why, on stderr) when the bed is not healthy."""
+    bed = Bed()
+    if not bed.status()[0]:
+        print("the test bed is not healthy: run `tests/bed/bed up` first", file=sys.stderr)
+        return None
+    if not reuse_collection:
+        bed.install_collection()
+    return bed
+
+
 def stats(values: Iterable[float]) -> Dict[str, Any]:
     """n, median, min, max, mean, stdev and spread (max - min) of ``values``; empty -> n 0."""
     vals = sorted(float(v) for v in values)

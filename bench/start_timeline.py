@@ -61,12 +61,9 @@ def main() -> int:
     ap.add_argument("--reuse-collection", action="store_true")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    bed = bl.Bed()
-    if not bed.status()[0]:
-        print("the test bed is not healthy: run `tests/bed/bed up` first", file=sys.stderr)
+    bed = bl.ready_bed(args.reuse_collection)
+    if bed is None:
         return 2
-    if not args.reuse_collection:
-        bed.install_collection()
     stamp = datetime.now(timezone.utc)
     tag = stamp.strftime("%H%M%S")
     out_path = args.out or HERE / "results" / f"start_timeline-{stamp.strftime('%Y%m%dT%H%M%SZ')}.json"

@@ -390,12 +390,9 @@ def main() -> int:
     ap.add_argument("--out", type=Path, help="results JSON (default bench/results/start_to_url-<UTC time>.json)")
     args = ap.parse_args()
     parts = {p.strip() for p in args.parts.split(",") if p.strip()}
-    bed = bl.Bed()
-    if not bed.status()[0]:
-        print("the test bed is not healthy: run `tests/bed/bed up` first", file=sys.stderr)
+    bed = bl.ready_bed(args.reuse_collection)
+    if bed is None:
         return 2
-    if not args.reuse_collection:
-        bed.install_collection()
     stamp = datetime.now(timezone.utc)
     tag = stamp.strftime("%H%M%S")
     out = args.out or HERE / "results" / f"start_to_url-{stamp.strftime('%Y%m%dT%H%M%SZ')}.json"

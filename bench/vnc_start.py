@@ -134,12 +134,9 @@ def main() -> int:
     ap.add_argument("--reuse-collection", action="store_true")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
-    bed = bl.Bed()
-    if not bed.status()[0]:
-        print("the test bed is not healthy: run `tests/bed/bed up` first", file=sys.stderr)
+    bed = bl.ready_bed(args.reuse_collection)
+    if bed is None:
         return 2
-    if not args.reuse_collection:
-        bed.install_collection()
     res = bed.playbook_json(VNC_INSTALL, user="root", timeout=1800)
     if res.rc != 0:
         print(f"the vnc install entry point failed:\n{res.stdout[-3000:]}", file=sys.stderr)
