@@ -95,8 +95,10 @@ def build_in_background(action: t.Any, modules: t.Sequence[str], task_vars: dict
     """Fork a process that runs :func:`build_payloads` and exits; its pid, or 0 when none could be forked.
 
     The process never talks to the play: its output goes to /dev/null and its display no longer goes through the
-    worker's queue to the play (a message cut off by its exit could leave the queue's lock taken). It is not waited
-    for: the worker returns at once and the process, in a session of its own, ends by itself (``BUILD_LIMIT`` at most).
+    worker's queue to the play (a message cut off by its exit could leave the queue's lock taken). It keeps none of the
+    worker's other descriptors either, so the worker's exit is seen when the worker exits (its multiprocessing
+    sentinel, the play's terminal), not when the build ends. It is not waited for: the worker returns at once and the
+    process, in a session of its own, ends by itself (``BUILD_LIMIT`` at most).
     """
     try:
         pid = os.fork()
@@ -111,6 +113,7 @@ def build_in_background(action: t.Any, modules: t.Sequence[str], task_vars: dict
         null = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(null, fd)
+        os.closerange(3, os.sysconf("SC_OPEN_MAX"))
         Display()._final_q = None
         code = 0 if len(build_payloads(action, modules, task_vars)) == len(modules) else 1
     finally:

@@ -155,10 +155,11 @@ class _Builder:
                 time.sleep(0.02)
         if module_name in self.broken:
             raise RuntimeError("cannot build")
+        fds = sorted(int(fd) for fd in os.listdir("/proc/self/fd"))  # (listdir's own descriptor among them)
         host = task_vars["ansible_delegated_vars"][self._task.delegate_to] if self._task.delegate_to else task_vars
         line = json.dumps({"module": module_name, "args": module_args, "python": host.get("ansible_python_interpreter"),
                            "sid": os.getsid(0), "pid": os.getpid(), "stdout": os.readlink("/proc/self/fd/1"),
-                           "final_q": Display()._final_q is None})
+                           "final_q": Display()._final_q is None, "fds": fds})
         with open(self.out, "a") as fh:
             fh.write(line + "\n")
         print("the build's output goes nowhere")  # noqa: T201 - checks that stdout is /dev/null
@@ -197,6 +198,8 @@ def test_the_build_runs_in_a_process_of_its_own_and_the_task_does_not_wait(tmp_p
     assert [b["module"] for b in builds] == ["a.b.one", "a.b.two"]
     assert {b["pid"] for b in builds} == {pid} and builds[0]["sid"] == pid != os.getsid(0)  # its own session
     assert builds[0]["stdout"] == os.devnull and builds[0]["final_q"] is True  # silent, never on the play's queue
+    # none of the worker's descriptors (its sentinel, the play's terminal): only 0-2 and the one listing them
+    assert len(builds[0]["fds"]) == 4 and builds[0]["fds"][:3] == [0, 1, 2], builds[0]["fds"]
 
 
 def test_the_action_starts_the_build_and_says_so(tmp_path, monkeypatch):
