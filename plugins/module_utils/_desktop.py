@@ -362,12 +362,19 @@ def descendants(root: int, proc: str = "/proc") -> List[int]:
     return found
 
 
-class _Stop(Exception):
-    pass
-
-
-def _raise_stop(_signum: int, _frame: Any) -> None:
-    raise _Stop()
+def _collect(child: int) -> Optional[int]:
+    """Reap every exited process below this one (orphans re-parented here, too) -> ``child``'s exit status, if it
+    is among them (a signal's death as ``128 + signal``)."""
+    status = None
+    with contextlib.suppress(ChildProcessError):
+        while True:
+            pid, raw = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                break
+            if pid == child:
+                status = os.waitstatus_to_exitcode(raw)
+                status = 128 - status if status < 0 else status
+    return status
 
 
 def reap(argv: Sequence[str], grace: float = 2.0) -> int:
@@ -377,27 +384,26 @@ def reap(argv: Sequence[str], grace: float = 2.0) -> int:
     they leave the process group, and some make their ``/proc/PID/environ`` unreadable, but as orphans they are
     re-parented to the nearest subreaper, this process. When the command exits, or this process gets one of
     ``STOP_SIGNALS``, every process below it gets TERM, and KILL after ``grace`` s. Returns the command's exit status.
+
+    The stop signals and SIGCHLD stay blocked and are taken with ``sigwaitinfo``, never by a handler: a session's
+    cancel signals the job's process group and the agent then signals this process again, a few microseconds apart,
+    and a second signal must not interrupt the end below (a handler that raises would end this process there, and
+    leave the daemons running).
     """
     libc = ctypes.CDLL(None, use_errno=True)
     if libc.prctl(36, 1, 0, 0, 0) != 0:  # PR_SET_CHILD_SUBREAPER
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER) failed")
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, _raise_stop)
+    waited = {*STOP_SIGNALS, signal.SIGCHLD}
+    # with its default disposition, an unblocked SIGCHLD is discarded; a handler (never run) keeps it pending
+    signal.signal(signal.SIGCHLD, lambda _signum, _frame: None)
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, waited)
     rc = 143
-    try:
-        child = os.posix_spawnp(argv[0], list(argv), dict(os.environ))
-        while True:
-            pid, status = os.waitpid(-1, 0)
-            if pid == child:
-                rc = os.waitstatus_to_exitcode(status)
-                rc = 128 - rc if rc < 0 else rc
-                break
-    except _Stop:
-        pass
-    except ChildProcessError:
-        pass
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    child = os.posix_spawnp(argv[0], list(argv), dict(os.environ), setsigmask=before)
+    while signal.sigwaitinfo(waited).si_signo == signal.SIGCHLD:
+        status = _collect(child)
+        if status is not None:
+            rc = status
+            break
     _end_below(os.getpid(), grace)
     return rc
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import json
 import os
@@ -10,6 +11,7 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -348,3 +350,31 @@ def test_reap_ends_everything_below_it_on_a_stop_signal(tmp_path, sig):
     proc.send_signal(sig)
     assert proc.wait(10) == 143
     assert not _alive(tmp_path / "daemon") and not _alive(tmp_path / "command")
+
+
+def test_reap_ends_everything_below_it_when_a_second_stop_signal_follows_the_first():
+    """A cancel signals the job's process group, then the agent signals the reaper again, microseconds apart; a
+    second signal must not end the reaper before it ended what is below it (it did: ssh-agent outlived a session).
+    Rounds with gaps from 0 to 1 ms between the two signals: the old handler-based reaper lost the daemon in about
+    half of the rounds with a gap near 0.2 ms."""
+    escaped = []
+    for gap_us in [0, 20, 50, 100, 150, 200, 250, 300, 400, 600, 800, 1000] * 2:
+        with tempfile.TemporaryDirectory() as tmp:
+            tmp_path = Path(tmp)
+            proc = _reap(tmp_path, f"setsid sh -c 'echo $$ > {tmp_path}/daemon; exec sleep 60' &\n"
+                                   f"echo $$ > {tmp_path}/command\nsleep 60\n")
+            _wait_file(tmp_path / "daemon")
+            _wait_file(tmp_path / "command")
+            time.sleep(0.05)  # the reaper waits for signals by now
+            proc.send_signal(signal.SIGTERM)
+            until = time.perf_counter_ns() + gap_us * 1000
+            while time.perf_counter_ns() < until:
+                pass
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(10)
+            daemon = int((tmp_path / "daemon").read_text())
+            if _proc.alive(daemon):
+                escaped.append((gap_us, rc))
+                os.kill(daemon, signal.SIGKILL)
+    assert not escaped, f"daemons left running (gap in us, reaper's exit status): {escaped}"
