@@ -68,6 +68,10 @@ FULL_SCAN_EVERY = 30.0
 QUEUE_DETAILS_EVERY = 5.0  # the queue's position and estimated start (one more query per resource) at most this often
 QUEUEFILE = QUEUE_FILE  # where a queued session waits, for isession's progress view (progress.read_queue_file)
 LINGER_FOR = 600.0  # how long an ended session's workspace port is retried while a listener of the user stays on it
+# how long the watcher remembers that it recorded a session's end (Watcher.ended): far longer than any poll or listener
+# check that read the session live just before can still be under way (their queries time out in QUERY_TIMEOUT s), so
+# a long-lived watcher's memory stays bounded by the ends of the last hour
+ENDED_KEEP = 3600.0
 WATCHFILE = "watch.json"  # written by the start play (session_state, with the record: roles/session/tasks/start.yml)
 LOGFILE = ".watcher.log"
 _WORDS = _vocabulary  # steps, statuses and the table between them
@@ -326,9 +330,10 @@ class Watcher:
         self.stop = threading.Event()
         self.wake = threading.Event()  # set by nudge(): tick now (a cancel was requested)
         self.cancel_sent: Dict[str, float] = {}  # session -> when the watcher sent its cancel
-        # sessions whose end this watcher recorded: a tick or listener that read them live just before never sends
-        # their cancel again (their cancel_sent entry is gone with the rest of the end's bookkeeping)
-        self.ended: set = set()
+        # sessions whose end this watcher recorded -> when: a tick or listener that read them live just before never
+        # sends their cancel again (their cancel_sent entry is gone with the rest of the end's bookkeeping); forgotten
+        # after ENDED_KEEP s
+        self.ended: Dict[str, float] = {}
         # sessions whose cancel's teardown runs now, beside a poll of their resource: that poll leaves them alone
         self.in_flight: set = set()
         self.undone: Dict[str, set] = {}  # session -> kinds this watcher's teardown already undid
@@ -718,7 +723,7 @@ class Watcher:
         """The bookkeeping of a session's end, wherever it is recorded: it is never polled or cancelled again;
         ``undone`` also drops what its teardown undid (kept while something is left for later)."""
         with self._lock:
-            self.ended.add(sid)
+            self.ended[sid] = time.monotonic()
             self.absent.pop(sid, None)
             self.cancel_sent.pop(sid, None)
             if undone:
@@ -738,6 +743,7 @@ class Watcher:
         service_json = self.paths_of(sid).service
         try:
             current = (self.sf.read_service_file(service_json) or {}).get("JOB_STATUS")
+            # no write when the cancel playbook recorded it first: both leave an unchanged file as it is
             self.st.update_state(self.root_str, sid, step=STEP_OF["Cancelled"], error=None)
             self.sf.update_service_file(service_json, job_status="Cancelled", error_message="")
         except ValueError as exc:
@@ -987,8 +993,15 @@ class Watcher:
             # never signalled, the teardown only stops this user's processes
             self.pool.submit(self._safe_send, group_key(rec), self.claim_cancels({sid: rec}), (sid,))
 
+    def forget_old_ends(self, now: float) -> None:
+        """Drop the ends recorded more than ``ENDED_KEEP`` s ago from :attr:`ended`."""
+        with self._lock:
+            for sid in [sid for sid, at in self.ended.items() if now - at > ENDED_KEEP]:
+                del self.ended[sid]
+
     def tick(self) -> int:
         """One round; returns how many live sessions there are."""
+        self.forget_old_ends(time.monotonic())
         live = self.live_sessions()
         self.check_listeners(live)
         self.retry_lingering()

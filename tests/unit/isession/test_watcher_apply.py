@@ -222,6 +222,45 @@ def test_a_tombstone_makes_the_watcher_cancel_the_job_once_and_record_cancelled_
     watch.close()
 
 
+def test_a_cancel_the_playbook_recorded_first_is_not_written_again(tmp_path):
+    """The cancel playbook's own teardown found the watcher's work done and recorded Cancelled first: the watcher's
+    record_cancelled then leaves state.json and service.json as they are (no rewrite, no new mtime for a platform to
+    take as a change: both writers compare before they write), and still ends its bookkeeping."""
+    root = tmp_path / "s"
+    make_session(root, "a")
+    _state.run_op("cancel", str(root), "a", {})
+    _state.update_state(str(root), "a", step=w.STEP_OF["Cancelled"], error=None)  # as the cancel playbook does
+    _service_file.update_service_file(str(root / "a" / "service.json"), job_status="Cancelled", error_message="")
+    files = [root / "a" / "state.json", root / "a" / "service.json"]
+    before = [(f.stat().st_ino, f.stat().st_mtime_ns, f.read_bytes()) for f in files]
+    watch = FastCancel(root, [], FakeServer(lambda req: undid()))
+    watch.cancel_sent["a"] = time.monotonic()
+    watch.record_cancelled("a")
+    assert [(f.stat().st_ino, f.stat().st_mtime_ns, f.read_bytes()) for f in files] == before
+    assert "a" in watch.ended and "a" not in watch.cancel_sent
+    assert wf.read_teardown(root / "a")["complete"] is True
+    assert any("a: Cancelled already (its teardown is complete)" in line for line in watch.lines), watch.lines
+    watch.close()
+
+
+def test_the_ends_a_watcher_recorded_are_forgotten_after_an_hour(tmp_path):
+    """A watcher that lives for weeks must not keep one id per session it ever ended; an end stays remembered long
+    after any poll that read the session live before it could still send a cancel."""
+    root = tmp_path / "s"
+    root.mkdir()
+    watch = Scripted(root, [])
+    now = time.monotonic()
+    watch.forget_ended("a", undone=True)
+    watch.forget_old_ends(now + w.QUERY_TIMEOUT * 10)
+    assert "a" in watch.ended
+    assert watch.claim_cancels({"a": {"job_id": "42"}}) == {}  # still never cancelled again
+    watch.forget_ended("b", undone=True)
+    watch.ended["a"] = now - w.ENDED_KEEP - 1
+    watch.tick()  # each tick forgets the old ends
+    assert "a" not in watch.ended and "b" in watch.ended
+    watch.close()
+
+
 def test_a_cancel_whose_teardown_left_something_is_ended_by_the_poll(tmp_path):
     """Not everything undone (here the agent's stop request could not be written): the end waits for the scheduler,
     and the teardown after it tries again what is left."""
