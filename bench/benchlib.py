@@ -344,6 +344,16 @@ class Cli:
         pid = _watcher_pid().watcher_pid(str(self.root))
         return pid if pid and pid > 0 else None
 
+    def use_standby(self, seconds: float) -> None:
+        """Starts with ``ISESSION_STANDBY`` (isession.standby): each leaves the next start's play waiting."""
+        self.env["ISESSION_STANDBY"] = str(seconds)
+
+    def end_standbys(self) -> None:
+        """Ask the waiting standby of this root to end (only the user's own processes may)."""
+        code = "import sys; from pathlib import Path; from isession import standby; standby.retire(Path(sys.argv[1]))"
+        self.bed.run("workspace", [str(self.bed.venv / "bin" / "python"), "-c", code, str(self.root)], user=WS_USER,
+                     env=self.env, timeout=60)
+
     def stop_watcher(self) -> None:
         pid = self.watcher_pid()
         if pid:

@@ -59,6 +59,9 @@ def main() -> int:
     ap.add_argument("--service", default="vnc")
     ap.add_argument("--runs", type=int, default=7)
     ap.add_argument("--reuse-collection", action="store_true")
+    ap.add_argument("--standby", type=float, default=0.0, metavar="SECONDS",
+                    help="starts with ISESSION_STANDBY=SECONDS: each takes the play the one before left waiting "
+                    "(the first, unmeasured, start leaves the first one)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     bed = bl.ready_bed(args.reuse_collection)
@@ -69,6 +72,8 @@ def main() -> int:
     out_path = args.out or HERE / "results" / f"start_timeline-{stamp.strftime('%Y%m%dT%H%M%SZ')}.json"
     tmp = bed.user_tmpdir(bl.WS_USER)
     cli = bl.Cli(bed, tmp, "timeline-sessions", bl.cluster_inventory(bed, tmp))
+    if args.standby:
+        cli.use_standby(args.standby)
     starts: List[Dict[str, Any]] = []
     for i in range(args.runs + 1):
         res = one_start(bed, cli, args.service, f"bench-tl-{tag}-{i}")
@@ -76,6 +81,8 @@ def main() -> int:
         starts.append(res)
         cli.run("cancel", res["sid"], timeout=300)
         time.sleep(1)  # the node's teardown, so that the next job's allocation is not behind it
+    if args.standby:
+        cli.end_standbys()
     cli.stop_watcher()
     measured = [s for s in starts if not s["warmup"] and "error" not in s]
     summary = {part: bl.stats(s[part] for s in measured) for part in PARTS}
@@ -84,8 +91,9 @@ def main() -> int:
                         "commit": bl.git_commit(), "args": {k: str(v) for k, v in vars(args).items()},
                         "hostname": socket.gethostname()},
                "starts": starts, "summary": summary}
+    standby = f" - ISESSION_STANDBY={args.standby:g}" if args.standby else ""
     lines = [f"isession start {args.service} on Slurm compute {results['meta']['date']} - commit "
-             f"{results['meta']['commit']}", "", f"{'part':44} median (min-max, n)"]
+             f"{results['meta']['commit']}{standby}", "", f"{'part':44} median (min-max, n)"]
     lines += [f"{LABELS[part]:44} {bl.fmt_stats(summary[part])}" for part in PARTS]
     lines += ["", f"failed starts: {', '.join(summary['failed_starts']) or 'none'}"]
     bl.save_results(out_path, results, "\n".join(lines) + "\n")

@@ -132,6 +132,9 @@ def main() -> int:
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--idle", type=float, default=10.0, help="seconds idle before measuring memory (default 10)")
     ap.add_argument("--reuse-collection", action="store_true")
+    ap.add_argument("--standby", type=float, default=0.0, metavar="SECONDS",
+                    help="starts with ISESSION_STANDBY=SECONDS: each takes the play the one before left waiting "
+                    "(the first, unmeasured, start leaves the first one)")
     ap.add_argument("--out", type=Path)
     args = ap.parse_args()
     bed = bl.ready_bed(args.reuse_collection)
@@ -146,6 +149,8 @@ def main() -> int:
     out_path = args.out or HERE / "results" / f"vnc_start-{stamp.strftime('%Y%m%dT%H%M%SZ')}.json"
     tmp = bed.user_tmpdir(bl.WS_USER)
     cli = bl.Cli(bed, tmp, "vnc-sessions", bl.cluster_inventory(bed, tmp))
+    if args.standby:
+        cli.use_standby(args.standby)
     rounds = []
     for i in range(args.warmup + args.runs):
         sid = f"bench-vnc-{tag}-{i}"
@@ -165,6 +170,8 @@ def main() -> int:
             bl.add_slurm_waits(bed, rnd)
         rounds.append(rnd)
         print(json.dumps({k: rnd.get(k) for k in ("round", "warmup", "ratio", "ratio_url")}), flush=True)
+    if args.standby:
+        cli.end_standbys()
     cli.stop_watcher()
     measured = [r for r in rounds if not r["warmup"] and "ratio" in r]
     summary = {
@@ -188,7 +195,9 @@ def main() -> int:
                         "hostname": socket.gethostname(),
                         "loadavg_at_end": Path("/proc/loadavg").read_text().split()[:3]},
                "rounds": rounds, "summary": summary}
-    lines = [f"VNC desktop on Slurm compute {results['meta']['date']} - commit {results['meta']['commit']}", "",
+    standby = f" - isession with ISESSION_STANDBY={args.standby:g}" if args.standby else ""
+    lines = [f"VNC desktop on Slurm compute {results['meta']['date']} - commit {results['meta']['commit']}{standby}",
+             "",
              f"{'measure':46} {'median (min-max, n)':34} target",
              f"{'bare path: start -> noVNC page (script exit)':46} {bl.fmt_stats(summary['bare_s']):34} -",
              f"{'bare path: start -> page first answers':46} {bl.fmt_stats(summary['bare_url_s']):34} -",

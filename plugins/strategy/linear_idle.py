@@ -25,6 +25,11 @@ description:
     the end of every run.
   - An C(isession start) waiting for its queued job keeps one C(ansible-playbook) process waiting for as long as
     the job waits, so C(isession) runs its plays with this strategy unless the user chose one in E(ANSIBLE_STRATEGY).
+  - With E(ISESSION_STANDBY_SOCKET) set (C(isession)'s standby, see its documentation), the first play waits before
+    its first task, for at most E(ISESSION_STANDBY_FOR) seconds, for one request on that unix socket from a process of
+    the same user. The request's extra vars are loaded as a C(-e @FILE) would load them and join the run's extra
+    vars; then the play runs. Without a request in time, or with a request to end, the plays run no task. The
+    variable is removed from the environment once read, so nothing the play starts sees it.
 notes:
   - Select it with E(ANSIBLE_STRATEGY=hpc.interactive.linear_idle), the C(strategy) setting of C(ansible.cfg)
     or a play's C(strategy) keyword.
@@ -44,8 +49,12 @@ EXAMPLES = r"""
 
 import atexit
 import gc
+import json
 import multiprocessing.connection
 import os
+import socket
+import struct
+import time
 from collections import deque
 
 from ansible.errors import AnsibleError
@@ -57,6 +66,11 @@ from ansible.plugins.strategy.linear import StrategyModule as LinearStrategyModu
 # queued), and fifty may wait at once
 CHECK_EVERY = 600.0
 REAP_WAIT = 1.0  # seconds at most for an exiting worker to become reapable (milliseconds in practice)
+STANDBY_SOCKET = "ISESSION_STANDBY_SOCKET"
+STANDBY_FOR = "ISESSION_STANDBY_FOR"
+STANDBY_DEFAULT_FOR = 600.0
+REQUEST_MAX = 4 << 20  # bytes of one request, at most
+REQUEST_READ_FOR = 5.0  # seconds a connected client has to send its whole request
 
 
 class _WakingDeque(deque):
@@ -138,6 +152,95 @@ def skip_last_collection() -> None:
         skip_last_collection.registered = True  # type: ignore[attr-defined]
 
 
+def _peer_uid(conn: socket.socket) -> int:
+    """The uid of the process at the other end of a unix socket (SO_PEERCRED: pid, uid, gid)."""
+    creds = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", creds)[1]
+
+
+def _read_request(conn: socket.socket) -> dict:
+    """One JSON object, terminated by a newline or the client's shutdown of its side."""
+    conn.settimeout(REQUEST_READ_FOR)
+    data = b""
+    while not data.endswith(b"\n"):
+        chunk = conn.recv(65536)
+        if not chunk:
+            break
+        data += chunk
+        if len(data) > REQUEST_MAX:
+            raise ValueError("request larger than %d bytes" % REQUEST_MAX)
+    request = json.loads(data.decode("utf-8"))
+    if not isinstance(request, dict) or not (isinstance(request.get("extravars"), dict) or request.get("end") is True):
+        raise ValueError("a request is an object with the extra vars in 'extravars', or 'end': true")
+    return request
+
+
+def wait_for_start(path: str, seconds: float, clock=time.monotonic):
+    """Listen on the unix socket ``path`` (made here, 0600) for one request of this user: its open connection and its
+    extra vars, or ``None`` when ``seconds`` pass without one or the request says ``end``. Connections of other
+    users, and requests that are neither, are answered with the reason and closed; the wait goes on."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old_umask = os.umask(0o177)
+    try:
+        listener.bind(path)
+    finally:
+        os.umask(old_umask)
+    listener.listen(4)
+    deadline = clock() + seconds
+    try:
+        while True:
+            left = deadline - clock()
+            if left <= 0:
+                return None
+            listener.settimeout(left)
+            try:
+                conn, _addr = listener.accept()
+            except TimeoutError:
+                return None
+            try:
+                request = _read_request(conn)  # first: a client refused before it sent would get EPIPE, no answer
+                if _peer_uid(conn) != os.getuid():
+                    raise ValueError("not this user's process")
+            except (OSError, ValueError) as exc:
+                _answer(conn, {"taken": False, "error": str(exc)})
+                conn.close()
+                continue
+            if request.get("end") is True:  # the standby is not wanted any more
+                _answer(conn, {"taken": False, "ended": True})
+                conn.close()
+                return None
+            return conn, request["extravars"]
+    finally:
+        listener.close()
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+
+
+def _answer(conn: socket.socket, doc: dict) -> None:
+    try:
+        conn.sendall(json.dumps(doc).encode() + b"\n")
+    except OSError:
+        pass
+
+
+def load_extravars(loader, directory: str, extravars: dict) -> dict:
+    """``extravars`` as ``-e @FILE`` loads them (ansible-core 2.19 trusts such a file's strings as templates, like
+    the runner's own extra vars file): written to a 0600 file in ``directory`` and read back by ``loader``."""
+    path = os.path.join(directory, "extravars-%d.json" % os.getpid())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(extravars, handle)
+    try:
+        return loader.load_from_file(path, trusted_as_template=True)
+    except TypeError:  # ansible-core before 2.19: no data tags, no keyword
+        return loader.load_from_file(path)
+
+
+_STANDBY = {"expired": False}
+
+
 class StrategyModule(LinearStrategyModule):
     """``linear`` whose wait for pending results sleeps until a result arrives or a worker exits."""
 
@@ -151,6 +254,40 @@ class StrategyModule(LinearStrategyModule):
             self._results = _WakingDeque(self._results, self._wake_w)
         load_jinja_plugins()
         skip_last_collection()
+
+    def run(self, iterator, play_context):
+        if self._take_start():
+            return super().run(iterator, play_context)
+        return self._tqm.RUN_OK
+
+    def _take_start(self) -> bool:
+        """The standby's wait (see DOCUMENTATION): False when the plays are to run no task."""
+        if _STANDBY["expired"]:
+            return False
+        path = os.environ.pop(STANDBY_SOCKET, "")
+        if not path:
+            return True
+        try:
+            seconds = float(os.environ.pop(STANDBY_FOR, "") or STANDBY_DEFAULT_FOR)
+        except ValueError:
+            seconds = STANDBY_DEFAULT_FOR
+        taken = wait_for_start(path, seconds)
+        if taken is None:
+            _STANDBY["expired"] = True
+            return False
+        conn, extravars = taken
+        try:
+            loaded = load_extravars(self._loader, os.path.dirname(path), extravars)
+            # in place: ansible-core's load_extra_vars keeps this same dict for every later caller
+            self._variable_manager._extra_vars.update(loaded)
+        except Exception as exc:  # noqa: BLE001 - told to the client, which starts without the standby
+            _answer(conn, {"taken": False, "error": "%s: %s" % (type(exc).__name__, exc)})
+            conn.close()
+            _STANDBY["expired"] = True
+            return False
+        _answer(conn, {"taken": True, "pid": os.getpid()})
+        conn.close()
+        return True
 
     def cleanup(self):
         try:

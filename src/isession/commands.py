@@ -246,9 +246,11 @@ def _start_plan(args: argparse.Namespace, user_config: config.UserConfig, servic
 
 
 def cmd_start(args: argparse.Namespace) -> int:
+    from . import standby  # noqa: PLC0415
     from .describe import services  # noqa: PLC0415
-    from .play import run_playbook, runner_dir  # noqa: PLC0415
+    from .play import playbook_path, run_from_standby, run_playbook, runner_dir  # noqa: PLC0415
 
+    standby_for = standby.seconds_from(os.environ)
     col = _collection()
     service = config.check_service(args.service)
     if not (col.path / "playbooks" / f"start_{service}.yml").is_file():
@@ -287,8 +289,14 @@ def cmd_start(args: argparse.Namespace) -> int:
     # the wait) cancels the session, and none turns into a KeyboardInterrupt half-way
     with Interrupts() as intr:
         with out.live(progress, f"{service} session {sid}", verbose=args.verbose):
-            result = run_playbook(col, session_dir, f"start_{service}", extravars, inventory=inventory, ident="start",
-                                  progress=progress, emit=out.say if args.verbose else None, cancel=intr.event)
+            emit = out.say if args.verbose else None
+            # a standby (isession.standby), when one waits for this start; else the start's own play
+            result = run_from_standby(col, root, session_dir, f"start_{service}", service=service,
+                                      extravars=extravars, inventory=inventory, ident="start", progress=progress,
+                                      emit=emit, cancel=intr.event) if standby_for else None
+            if result is None:
+                result = run_playbook(col, session_dir, f"start_{service}", extravars, inventory=inventory,
+                                      ident="start", progress=progress, emit=emit, cancel=intr.event)
         if intr.signal is not None:
             if intr.signal == signal.SIGINT:
                 return cancel_after_interrupt(root, sid, inventory, out.say, signal.SIGINT)
@@ -311,6 +319,9 @@ def cmd_start(args: argparse.Namespace) -> int:
         if sess.status not in config.TERMINAL_STATUSES and (session_dir / "state.json").exists():
             lines.append(f"cancel    isession cancel {sid}")
         out.result(doc, "\n".join(lines))
+        if standby_for:  # the next start's play, started now that this one is done
+            standby.spawn(root, col.root, service, playbook_path(col, f"start_{service}"), inventory=inventory,
+                          seconds=standby_for)
         if not ok:
             return EXIT_FAIL
         if args.wait:

@@ -288,3 +288,58 @@ def _signal_group(pid: int, sig: int) -> None:
             os.kill(pid, sig)
     except OSError:
         pass
+
+
+def standby_run(col: Collection, pdd: Path, playbook: Path, inventory: Optional[Path], *, socket_path: Path,
+                seconds: float, ident: str = "start") -> PlayResult:
+    """A start play that waits before its first task for a start's extra vars (:mod:`isession.standby`): run by
+    ansible-runner as :func:`run_playbook` runs a start, in ``pdd``, with the strategy told where to listen."""
+    import ansible_runner  # noqa: PLC0415
+
+    _no_delay_after_close()
+    pdd.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if inventory is None:
+        inventory = pdd / "inventory.yml"
+        inventory.write_text(embedded_inventory())
+        inventory.chmod(0o600)
+    env = runner_env(col)
+    env.update({"ISESSION_STANDBY_SOCKET": str(socket_path), "ISESSION_STANDBY_FOR": str(seconds)})
+    runner = ansible_runner.run(
+        private_data_dir=str(pdd), project_dir="/", playbook=str(playbook), inventory=str(inventory), extravars={},
+        envvars=env, ident=ident, quiet=True,
+        settings={"suppress_ansible_output": True, "pexpect_timeout": RUNNER_WAKE})
+    return PlayResult(status=runner.status, rc=runner.rc, ident=ident, artifacts=pdd / "artifacts" / ident)
+
+
+def run_from_standby(col: Collection, root: Path, session_dir: Path, playbook: str, *, service: str,
+                     extravars: Mapping[str, Any], inventory: Optional[Path], ident: str, progress: Progress,
+                     emit: Optional[Callable[[str], None]], cancel: threading.Event) -> Optional[PlayResult]:
+    """:func:`run_playbook`'s result for a play a standby runs (:mod:`isession.standby`), or None when no standby
+    made for this start waits (the caller then runs the play itself). The events reach ``progress`` and ``emit`` as
+    they would from a play of this process; ``cancel`` stops the play as :func:`stop_play_on_cancel` does."""
+    from . import standby  # noqa: PLC0415
+
+    fp = standby.fingerprint(col.root, playbook_path(col, playbook), inventory, os.environ)
+    taken = standby.take(root, service, fp, extravars, session_dir)
+    if taken is None:
+        return None
+    pidfile = session_dir / RUNNER_DIR / f"{ident}.pid"
+    write_pidfile(pidfile, taken.playbook_pid)
+    # the inputs where ansible-runner keeps a cold start's (env/extravars), 0600
+    (session_dir / RUNNER_DIR / "env").mkdir(mode=0o700, exist_ok=True)
+    fd = os.open(session_dir / RUNNER_DIR / "env" / "extravars", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(dict(extravars), fh)
+
+    def on_event(event: Dict[str, Any]) -> None:
+        line = progress.line(event)
+        if line and emit is not None:
+            emit(line)
+
+    try:
+        status, rc = standby.follow(taken, on_event, cancel, lambda pid: _stop_groups([pid], STOP_GRACE))
+    finally:
+        pidfile.unlink(missing_ok=True)
+    status = "canceled" if cancel.is_set() and status in ("failed", "error") else status
+    return PlayResult(status=status, rc=rc, ident=ident, artifacts=session_dir / RUNNER_DIR / "artifacts" / ident,
+                      failures=list(progress.failed))

@@ -143,11 +143,11 @@ def local_logs(directory: Path) -> List[Path]:
         if not path.is_file() or path.name in NEVER_SHOWN or path.is_symlink():
             continue
         if rel[0] == "runner":
-            # the runner's own record: artifacts/<ident>/stdout (events are JSON; `logs --events` is not offered)
-            if len(rel) == 4 and rel[1] == "artifacts" and rel[3] == "stdout":
-                out.append(path)
             continue
         out.append(path)
+    # the runner's own record: artifacts/<ident>/stdout (events are JSON; `logs --events` is not offered); a start a
+    # standby ran has artifacts/ as a link to the standby's, which rglob does not follow
+    out = sorted(out + [p for p in (logs / "runner").glob("artifacts/*/stdout") if p.is_file()])
     for name in os.listdir(directory) if directory.is_dir() else []:
         path = directory / name
         if path.is_file() and name.endswith(LOG_SUFFIXES) and name not in NEVER_SHOWN:

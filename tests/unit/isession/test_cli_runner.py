@@ -391,3 +391,56 @@ def test_a_cancel_stops_the_play_at_once_not_at_the_runners_next_wake_up(
             time.sleep(0.1)
         assert not _holders(), "the running task's command outlived the cancel"
     assert not play.playbook_children()
+
+
+def _waiting_standbys(root: Path) -> list:
+    return [d for d in (root / ".standby").glob("*") if (d / "sock").exists() and not (d / "taken").exists()]
+
+
+def _wait_for(what, seconds: float = 60.0):
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        found = what()
+        if found:
+            return found
+        time.sleep(0.05)
+    raise AssertionError(f"not within {seconds} s")
+
+
+def test_a_start_takes_the_standby_the_previous_start_left_and_each_later_start_leaves_one(cli_env):
+    """ISESSION_STANDBY: the first start runs its own play, then leaves a waiting one; the second start's play is
+    that one (its artifacts are a link to the standby's), with the second start's inputs, and it works as always:
+    Running, the inputs where a cold start keeps them, the logs, the cancel."""
+    root = Path(cli_env["ISESSION_ROOT"])
+    env = dict(cli_env, ISESSION_STANDBY="120")
+    first = run_cli(env, "start", "fake", "--id", "sb-1")
+    assert first.returncode == 0, first.stdout + first.stderr
+    assert not (root / "sb-1" / "logs" / "runner" / "artifacts").is_symlink()  # nothing waited yet
+    waiting = _wait_for(lambda: _waiting_standbys(root))
+    assert len(waiting) == 1 and oct(waiting[0].stat().st_mode & 0o777) == "0o700"
+    second = run_cli(env, "start", "fake", "--id", "sb-2", "-e", "fake_sleep=0")
+    assert second.returncode == 0, second.stdout + second.stderr
+    assert "url       http://127.0.0.1:12345/me/12345/lab" in second.stdout
+    artifacts = root / "sb-2" / "logs" / "runner" / "artifacts"
+    assert artifacts.is_symlink() and artifacts.resolve() == (waiting[0] / "runner" / "artifacts").resolve()
+    assert (waiting[0] / "taken").read_text() == "sb-2\n"
+    assert (artifacts / "start" / "status").read_text() == "successful"
+    extravars = json.loads((root / "sb-2" / "logs" / "runner" / "env" / "extravars").read_text())
+    assert extravars["session_id"] == "sb-2" and extravars["fake_sleep"] == "0"
+    assert json.loads(run_cli(env, "status", "sb-2", "--json").stdout)["status"] == "Running"
+    assert "artifacts/start/stdout" in run_cli(env, "logs", "sb-2", "-n", "5").stdout
+    assert run_cli(env, "cancel", "sb-2").returncode == 0
+    # the second start left the next one; a start whose environment differs does not take it (it runs its own play)
+    nxt = _wait_for(lambda: _waiting_standbys(root))
+    third = run_cli(dict(env, ANSIBLE_FORCE_COLOR="0"), "start", "fake", "--id", "sb-3")
+    assert third.returncode == 0, third.stdout + third.stderr
+    assert not (root / "sb-3" / "logs" / "runner" / "artifacts").is_symlink()
+    # ... and the standby it leaves replaces the one that was not wanted: at most one waits, an untaken one is removed
+    _wait_for(lambda: not nxt[0].exists())
+    last = _wait_for(lambda: _waiting_standbys(root))
+    assert len(last) == 1
+    from isession import standby  # noqa: PLC0415
+
+    assert standby.retire(root) == 1
+    _wait_for(lambda: not last[0].exists())
+    _stop_watcher(root)

@@ -313,3 +313,124 @@ def test_the_last_garbage_collection_is_skipped_at_exit_only():
     assert cp.returncode == 0, cp.stderr
     # one handler however many plays made a strategy; nothing frozen while the run goes on, everything at its exit
     assert cp.stdout.splitlines() == ["handlers added: 1 frozen now: False", "frozen at exit: True"], cp.stdout
+
+
+# ---------------------------------------------------------------- the standby's wait (isession.standby)
+
+STANDBY_PLAY = """- hosts: localhost
+  gather_facts: false
+  vars:
+    greeting: from the play
+  tasks:
+    - name: Say
+      ansible.builtin.copy:
+        dest: "{{ out }}/said"
+        content: "{{ greeting }} / {{ other | default('none') }} / {{ sum | default('') }}"
+"""
+
+
+def _standby_play(tmp_path, seconds, sock_dir=None):
+    """ansible-playbook of STANDBY_PLAY under the strategy, told to wait on ``sock_dir/sock`` (``tmp_path/d``)."""
+    (tmp_path / "play.yml").write_text(STANDBY_PLAY)
+    if sock_dir is None:
+        sock_dir = tmp_path / "d"
+        sock_dir.mkdir(mode=0o700)
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(COLLECTIONS), ANSIBLE_COLLECTIONS_SCAN_SYS_PATH="False",
+               ANSIBLE_STRATEGY=STRATEGY, ISESSION_STANDBY_SOCKET=str(sock_dir / "sock"),
+               ISESSION_STANDBY_FOR=str(seconds))
+    playbook_cmd = Path(sys.executable).with_name("ansible-playbook")
+    argv = [str(playbook_cmd)] if playbook_cmd.exists() else [shutil.which("ansible-playbook")]
+    proc = subprocess.Popen(argv + ["-i", "localhost,", "-c", "local", "play.yml", "-e", "other=from-the-cli",
+                                    "-e", f"out={tmp_path}", "-e", f"ansible_python_interpreter={sys.executable}"],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    return proc, sock_dir / "sock"
+
+
+def _ask(sock, doc, wait=60.0):
+    import json  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+
+    deadline = time.monotonic() + wait
+    while not sock.exists():
+        assert time.monotonic() < deadline, "the standby never listened"
+        time.sleep(0.02)
+    with socket.socket(socket.AF_UNIX) as conn:
+        conn.settimeout(10)
+        conn.connect(str(sock))
+        conn.sendall(json.dumps(doc).encode() + b"\n")
+        return json.loads(conn.makefile().readline())
+
+
+def test_a_standby_play_runs_with_the_requests_extra_vars_as_if_given_with_e(tmp_path):
+    proc, sock = _standby_play(tmp_path, 120)
+    try:
+        assert not (tmp_path / "said").exists()  # waiting before the first task
+        # a malformed request is refused and the standby goes on waiting
+        assert _ask(sock, {"extravars": "greeting=x"})["taken"] is False
+        assert oct(sock.stat().st_mode & 0o777) == "0o600"
+        answer = _ask(sock, {"extravars": {"greeting": "from the request", "sum": "{{ 40 + 2 }}"}})
+        out, _err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert answer == {"taken": True, "pid": proc.pid}, answer
+    assert proc.returncode == 0, out
+    # above the play's vars like -e, beside the command line's own -e, templated like -e @FILE
+    assert (tmp_path / "said").read_text() == "from the request / from-the-cli / 42"
+    assert not sock.exists()
+
+
+@pytest.mark.parametrize("how", ["expires", "ended"])
+def test_a_standby_nobody_takes_runs_no_task(tmp_path, how):
+    proc, sock = _standby_play(tmp_path, 1.5 if how == "expires" else 120)
+    try:
+        if how == "ended":
+            assert _ask(sock, {"end": True}) == {"taken": False, "ended": True}
+        out, _err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, out
+    assert not (tmp_path / "said").exists() and "TASK [Say]" not in out
+    assert not sock.exists()
+
+
+def test_the_standby_answers_only_its_own_user(tmp_path):
+    """SO_PEERCRED: a process of another uid is refused (the socket is 0600 in a 0700 directory besides)."""
+    import json  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+
+    import tempfile  # noqa: PLC0415
+
+    if os.geteuid() != 0:
+        pytest.skip("needs root to connect as another uid")
+    open_dir = Path(tempfile.mkdtemp(prefix="standby-"))  # reachable by another uid, unlike pytest's 0700 tmp
+    proc, sock = _standby_play(tmp_path, 120, sock_dir=open_dir)
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        open_dir.chmod(0o755)
+        sock.chmod(0o666)
+        read, write = os.pipe()
+        child = os.fork()
+        if child == 0:  # pragma: no cover - the child
+            try:
+                os.setuid(65534)
+                with socket.socket(socket.AF_UNIX) as conn:
+                    conn.connect(str(sock))
+                    conn.sendall(json.dumps({"extravars": {"greeting": "intruder"}}).encode() + b"\n")
+                    os.write(write, conn.makefile().readline().encode())
+            finally:
+                os._exit(0)
+        os.close(write)
+        os.waitpid(child, 0)
+        with os.fdopen(read) as reader:
+            answer = json.loads(reader.read())
+        assert answer == {"taken": False, "error": "not this user's process"}
+        assert _ask(sock, {"end": True})["ended"] is True
+        out, _err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+        shutil.rmtree(open_dir, ignore_errors=True)
+    assert proc.returncode == 0 and not (tmp_path / "said").exists(), out
