@@ -28,8 +28,9 @@ description:
   - With E(ISESSION_STANDBY_SOCKET) set (C(isession)'s standby, see its documentation), the first play waits before
     its first task, for at most E(ISESSION_STANDBY_FOR) seconds, for one request on that unix socket from a process of
     the same user. The request's extra vars are loaded as a C(-e @FILE) would load them and join the run's extra
-    vars; then the play runs. Without a request in time, or with a request to end, the plays run no task. The
-    variable is removed from the environment once read, so nothing the play starts sees it.
+    vars; then the play runs. Without a request in time, with a request to end, or with a file C(end) beside the
+    socket once it listens, the plays run no task. The variable is removed from the environment once read, so
+    nothing the play starts sees it.
 notes:
   - Select it with E(ANSIBLE_STRATEGY=hpc.interactive.linear_idle), the C(strategy) setting of C(ansible.cfg)
     or a play's C(strategy) keyword.
@@ -69,6 +70,7 @@ REAP_WAIT = 1.0  # seconds at most for an exiting worker to become reapable (mil
 STANDBY_SOCKET = "ISESSION_STANDBY_SOCKET"
 STANDBY_FOR = "ISESSION_STANDBY_FOR"
 STANDBY_DEFAULT_FOR = 600.0
+STANDBY_END = "end"  # a file beside the socket: the standby is not wanted (made before it listened)
 REQUEST_MAX = 4 << 20  # bytes of one request, at most
 REQUEST_READ_FOR = 5.0  # seconds a connected client has to send its whole request
 
@@ -188,6 +190,8 @@ def wait_for_start(path: str, seconds: float, clock=time.monotonic):
     listener.listen(4)
     deadline = clock() + seconds
     try:
+        if os.path.exists(os.path.join(os.path.dirname(path), STANDBY_END)):
+            return None  # ended while it started (the asker looks for the socket after making the mark)
         while True:
             left = deadline - clock()
             if left <= 0:

@@ -10,8 +10,9 @@ a unix socket (0600, in a 0700 directory, the peer's uid checked) and follows it
 start runs its own play as always.
 
 Layout: ``ROOT/.standby/<token>/`` (0700) holds ``standby.json`` (what it is for), ``sock`` (while it waits),
-``runner/`` (ansible-runner's private data directory) and ``taken`` (the session that took it; made with O_EXCL,
-so two starts never take one standby). A standby that ends untaken removes its directory.
+``runner/`` (ansible-runner's private data directory), ``taken`` (the session that took it; made with O_EXCL,
+so two starts never take one standby) and ``end`` (it is not wanted any more). A standby that ends untaken removes
+its directory.
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ DIRNAME = ".standby"
 RECORD = "standby.json"
 SOCKET = "sock"
 TAKEN = "taken"
+END = "end"  # made by retire: a standby still starting ends as soon as it listens (linear_idle's STANDBY_END)
 ENV = "ISESSION_STANDBY"
 MAX_SECONDS = 86400.0
 CONNECT_TIMEOUT = 1.0  # seconds for the standby's answer to a request
@@ -123,10 +125,17 @@ def standbys(root: Path) -> List[Path]:
 
 
 def retire(root: Path) -> int:
-    """Ask every waiting standby of ``root`` to end without running its play; returns how many were asked."""
+    """Ask every untaken standby of ``root`` to end without running its play; returns how many were waiting.
+
+    One still starting finds the mark ``end`` once it listens (linear_idle looks for it then); one already waiting
+    gets the request. The mark comes first, the look for the socket after it, so neither misses the other."""
     asked = 0
     for directory in standbys(root):
-        if not (directory / TAKEN).exists() and (directory / SOCKET).exists():
+        if (directory / TAKEN).exists():
+            continue
+        with contextlib.suppress(OSError):
+            os.close(os.open(directory / END, os.O_WRONLY | os.O_CREAT, 0o600))
+        if (directory / SOCKET).exists():
             asked += _request(directory / SOCKET, {"end": True}) is not None
     return asked
 
@@ -191,7 +200,7 @@ def take(root: Path, service: str, fp: Mapping[str, Any], extravars: Mapping[str
         record = _read(directory / RECORD)
         if not record or record.get("service") != service or record.get("fingerprint") != dict(fp):
             continue
-        if not (directory / SOCKET).exists():
+        if not (directory / SOCKET).exists() or (directory / END).exists():
             continue  # still starting, or ended
         try:
             os.close(os.open(directory / TAKEN, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))

@@ -115,18 +115,29 @@ def test_no_standby_is_taken_for_another_fingerprint_or_when_it_refuses(tmp_path
         fake.close()
 
 
-def test_a_standby_without_a_socket_yet_is_left_alone(tmp_path):
-    make_standby(tmp_path, "vnc", {"env": "e"})
+def test_a_standby_without_a_socket_yet_is_not_taken_and_retire_marks_it_to_end(tmp_path):
+    starting = make_standby(tmp_path, "vnc", {"env": "e"})
     assert standby.take(tmp_path, "vnc", {"env": "e"}, {}, session(tmp_path, "a")) is None
-    assert standby.retire(tmp_path) == 0
+    assert standby.retire(tmp_path) == 0  # none waiting to ask ...
+    assert (starting / standby.END).exists()  # ... and the one starting ends once it listens (linear_idle)
+    # a standby marked to end is never taken, even when it listens already
+    fake = FakeStandby(starting, {"taken": True, "pid": 1})
+    try:
+        assert standby.take(tmp_path, "vnc", {"env": "e"}, {}, session(tmp_path, "b")) is None
+        assert fake.requests == []
+    finally:
+        fake.close()
 
 
 def test_retire_asks_each_waiting_standby_to_end(tmp_path):
     waiting = make_standby(tmp_path, "vnc", {})
     fake = FakeStandby(waiting, {"taken": False, "ended": True})
+    taken = make_standby(tmp_path, "nginx", {})
+    (taken / standby.TAKEN).write_text("s-1\n")
     try:
         assert standby.retire(tmp_path) == 1
         assert fake.requests == [{"end": True}]
+        assert not (taken / standby.END).exists()  # a taken one holds a session's artifacts: left alone
     finally:
         fake.close()
 

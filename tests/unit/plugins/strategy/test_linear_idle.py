@@ -434,3 +434,17 @@ def test_the_standby_answers_only_its_own_user(tmp_path):
         proc.kill()
         shutil.rmtree(open_dir, ignore_errors=True)
     assert proc.returncode == 0 and not (tmp_path / "said").exists(), out
+
+
+def test_a_standby_marked_to_end_before_it_listened_runs_no_task(tmp_path):
+    """isession's retire marks a standby that is still starting (no socket yet to ask): it ends once it listens."""
+    sock_dir = tmp_path / "d"
+    sock_dir.mkdir(mode=0o700)
+    (sock_dir / "end").touch()
+    proc, sock = _standby_play(tmp_path, 120, sock_dir=sock_dir)
+    try:
+        out, _err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "TASK [Say]" not in out, out
+    assert not (tmp_path / "said").exists() and not sock.exists()
