@@ -304,10 +304,19 @@ def standby_run(col: Collection, pdd: Path, playbook: Path, inventory: Optional[
         inventory.chmod(0o600)
     env = runner_env(col)
     env.update({"ISESSION_STANDBY_SOCKET": str(socket_path), "ISESSION_STANDBY_FOR": str(seconds)})
-    runner = ansible_runner.run(
-        private_data_dir=str(pdd), project_dir="/", playbook=str(playbook), inventory=str(inventory), extravars={},
-        envvars=env, ident=ident, quiet=True,
-        settings={"suppress_ansible_output": True, "pexpect_timeout": RUNNER_WAKE})
+    # SIGTERM or SIGINT ends the standby at once (its play, waiting or taken, with it), not at the runner's next wake
+    cancel, done = threading.Event(), threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda _signum, _frame: cancel.set())
+    stop_play_on_cancel(cancel, done, lambda: None)
+    try:
+        thread, runner = ansible_runner.run_async(
+            private_data_dir=str(pdd), project_dir="/", playbook=str(playbook), inventory=str(inventory),
+            extravars={}, envvars=env, ident=ident, quiet=True, cancel_callback=cancel.is_set,
+            settings={"suppress_ansible_output": True, "pexpect_timeout": RUNNER_WAKE})
+        thread.join()
+    finally:
+        done.set()
     return PlayResult(status=runner.status, rc=runner.rc, ident=ident, artifacts=pdd / "artifacts" / ident)
 
 
