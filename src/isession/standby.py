@@ -23,7 +23,6 @@ import os
 import secrets
 import shutil
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -155,9 +154,12 @@ def spawn(root: Path, collection_root: Path, service: str, playbook: Path, *, in
     fd = os.open(directory / RECORD, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "w") as handle:
         json.dump(record, handle)
-    subprocess.Popen([sys.executable, "-m", "isession", "_standby", str(directory)],  # noqa: S603
-                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                     start_new_session=True, close_fds=True, env={**env, "ISESSION_COLLECTIONS": str(collection_root)})
+    # posix_spawn (vfork): the start's own exit does not wait for a fork of its whole process; a session of its
+    # own, /dev/null for its stdio, no other descriptor (Python opens them close-on-exec); not waited for, so it
+    # is reaped by init when this command has exited
+    devnull = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
+    os.posix_spawn(sys.executable, [sys.executable, "-m", "isession", "_standby", str(directory)],
+                   {**env, "ISESSION_COLLECTIONS": str(collection_root)}, file_actions=devnull, setsid=True)
     return directory
 
 
