@@ -155,6 +155,23 @@ def slurm_times(log_text: str, job_ids: Iterable[str]) -> Dict[str, Tuple[float,
     return {j: (submitted[j], allocated[j]) for j in wanted if j in submitted and j in allocated}
 
 
+def wait_slurm_idle(bed: Bed, timeout: float = 60.0) -> float:
+    """Wait until Slurm's queue is empty and every node is idle -> seconds waited.
+
+    A cancelled job's node stays COMPLETING until the job's last process is gone (a desktop takes seconds to end), and
+    a job submitted meanwhile waits for it: a benchmark that starts the next job at once measures the last job's end,
+    not the new job's scheduling. Raises after ``timeout`` s."""
+    started = time.monotonic()
+    while True:
+        queue = bed.slurm(["squeue", "-h", "-o", "%i"], check=False).stdout.strip()
+        states = bed.slurm(["sinfo", "-h", "-N", "-o", "%T"], check=False).stdout.split()
+        if not queue and states and all(state == "idle" for state in states):
+            return round(time.monotonic() - started, 3)
+        if time.monotonic() - started > timeout:
+            raise RuntimeError(f"Slurm not idle after {timeout:.0f} s: queue {queue!r}, nodes {states}")
+        time.sleep(0.1)
+
+
 def slurm_log(bed: Bed) -> str:
     try:
         return (bed.root / "slurm" / "slurmctld.log").read_text(errors="replace")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import socket
 import sys
-import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List
@@ -80,7 +79,7 @@ def main() -> int:
         res["warmup"] = i == 0
         starts.append(res)
         cli.run("cancel", res["sid"], timeout=300)
-        time.sleep(1)  # the node's teardown, so that the next job's allocation is not behind it
+        bl.wait_slurm_idle(bed)  # the node's teardown, so that the next job's allocation is not behind it
     if args.standby:
         cli.end_standbys()
     cli.stop_watcher()

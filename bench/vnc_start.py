@@ -157,6 +157,7 @@ def main() -> int:
         order = ("bare", "isession") if i % 2 == 0 else ("isession", "bare")
         rnd: Dict[str, Any] = {"round": i, "warmup": i < args.warmup, "order": order}
         for which in order:
+            bl.wait_slurm_idle(bed)  # the last job's node free again: its end is not the next job's wait
             if which == "bare":
                 rnd["bare"] = bare_round(bed, f"{tag}-{i}")
             else:
