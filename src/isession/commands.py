@@ -319,9 +319,10 @@ def cmd_start(args: argparse.Namespace) -> int:
         if sess.status not in config.TERMINAL_STATUSES and (session_dir / "state.json").exists():
             lines.append(f"cancel    isession cancel {sid}")
         out.result(doc, "\n".join(lines))
-        if standby_for:  # the next start's play, started now that this one is done
-            standby.spawn(root, col.root, service, playbook_path(col, f"start_{service}"), inventory=inventory,
-                          seconds=standby_for)
+        if standby_for:  # the next start's play, started now that this one is done (best effort: it only saves time)
+            with contextlib.suppress(OSError):
+                standby.spawn(root, col.root, service, playbook_path(col, f"start_{service}"), inventory=inventory,
+                              seconds=standby_for)
         if not ok:
             return EXIT_FAIL
         if args.wait:
