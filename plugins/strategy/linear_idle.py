@@ -183,9 +183,13 @@ def wait_for_start(path: str, seconds: float, clock=time.monotonic):
     users, and requests that are neither, are answered with the reason and closed; the wait goes on."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
+    # a unix socket's address holds at most 107 bytes, and a session root can be deeper: bound through the
+    # directory's descriptor (the socket is made in that directory all the same)
+    dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
     try:
-        listener.bind(path)
+        listener.bind("/proc/self/fd/%d/%s" % (dir_fd, os.path.basename(path)))
     finally:
+        os.close(dir_fd)
         os.umask(old_umask)
     listener.listen(4)
     deadline = clock() + seconds

@@ -106,7 +106,13 @@ def _request(path: Path, doc: Mapping[str, Any], timeout: float = CONNECT_TIMEOU
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
             conn.settimeout(timeout)
-            conn.connect(str(path))
+            # a unix socket's address holds at most 107 bytes: a deep session root is reached through its directory's
+            # descriptor (/proc/self/fd/N/sock), as linear_idle binds it
+            fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                conn.connect(f"/proc/self/fd/{fd}/{path.name}")
+            finally:
+                os.close(fd)
             conn.sendall(json.dumps(doc).encode() + b"\n")
             with conn.makefile("rb") as reader:
                 answer = json.loads(reader.readline().decode() or "null")
@@ -173,6 +179,8 @@ def serve(directory: Path) -> int:
     col = active()
     try:
         if record is None or col is None:
+            print(f"isession _standby: {'no ' + RECORD if record is None else 'no collection'} in {directory}",
+                  file=sys.stderr)
             return 2
         inventory = Path(record["inventory"]) if record.get("inventory") else None
         standby_run(col, directory / "runner", Path(record["playbook"]), inventory,

@@ -448,3 +448,25 @@ def test_a_standby_marked_to_end_before_it_listened_runs_no_task(tmp_path):
         proc.kill()
     assert proc.returncode == 0 and "TASK [Say]" not in out, out
     assert not (tmp_path / "said").exists() and not sock.exists()
+
+
+def test_a_standby_in_a_directory_deeper_than_a_unix_socket_address_is_reached(tmp_path):
+    """A unix socket's address holds 107 bytes: the strategy binds, and isession connects, through the directory."""
+    from isession import standby  # noqa: PLC0415
+
+    deep = tmp_path / ("d" * 60) / ("e" * 60)
+    deep.mkdir(parents=True, mode=0o700)
+    assert len(str(deep / "sock")) > 108
+    proc, sock = _standby_play(tmp_path, 120, sock_dir=deep)
+    try:
+        deadline = time.monotonic() + 60
+        while not sock.exists():
+            assert time.monotonic() < deadline, "the standby never listened"
+            time.sleep(0.02)
+        answer = standby._request(sock, {"extravars": {"greeting": "deep"}}, timeout=10)
+        out, _err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert answer == {"taken": True, "pid": proc.pid}, answer
+    assert proc.returncode == 0, out
+    assert (tmp_path / "said").read_text().startswith("deep / ")
