@@ -188,7 +188,9 @@ def decide(record: Mapping[str, Any], current: Optional[str], info: Optional[Map
         reason = "" if reason in ("None", "none") else reason
         return Decision("Queued", reason, 0)
     if state == "running":
-        if current in (None, "Submitting", "Queued"):
+        # a record already at running was marked so by the readiness check, which writes service.json Running
+        # right after: Starting now would move state.json back (the listener check judges a running session)
+        if current in (None, "Submitting", "Queued") and record.get("step") != "running":
             return Decision("Starting", "", 0)
         return Decision(absent=0, reason="running")
     if record.get("cancel_requested") and state in ("completed", "timeout", "cancelled", "failed"):

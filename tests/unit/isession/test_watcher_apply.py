@@ -1096,3 +1096,17 @@ def test_a_record_rewritten_moments_ago_is_read_again_even_with_the_same_stamp(t
     assert (after.st_mtime_ns, after.st_size, after.st_ino) == (before.st_mtime_ns, before.st_size, before.st_ino)
     assert watch.live_sessions()["a"]["cancel_requested"] is True
     watch.close()
+
+
+def test_a_record_the_readiness_check_marked_running_is_never_moved_back_to_starting(tmp_path):
+    # session_ready writes step running, then JOB_STATUS Running: a tick between the two read Queued beside
+    # step running, and wrote step starting over running (CI: state.json 'starting' under service.json 'Running')
+    root = tmp_path / "s"
+    make_session(root, "a", step="queued", status="Queued")
+    _state.run_op("update", str(root), "a", {"step": "running"})
+    watch = Scripted(root, [{"jobs": {"42": {"state": "running", "found": True}}, "reachable": True}])
+    run_ticks(watch, 1)
+    assert _state.read_record(str(root / "a" / "state.json"))["step"] == "running"
+    _service_file.update_service_file(str(root / "a" / "service.json"), job_status="Running")
+    assert service(root, "a")["JOB_STATUS"] == "Running"
+    watch.close()
