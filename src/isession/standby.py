@@ -214,8 +214,8 @@ def take(root: Path, service: str, fp: Mapping[str, Any], extravars: Mapping[str
             continue  # still starting, or ended
         try:
             os.close(os.open(directory / TAKEN, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        except FileExistsError:
-            continue  # another start took it
+        except OSError:
+            continue  # another start took it, or it just ended and its directory is gone
         answer = _request(directory / SOCKET, {"extravars": dict(extravars)})
         if not answer or not answer.get("taken") or not isinstance(answer.get("pid"), int):
             with contextlib.suppress(OSError):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import threading
 import time
@@ -125,6 +126,25 @@ def test_a_standby_without_a_socket_yet_is_not_taken_and_retire_marks_it_to_end(
     try:
         assert standby.take(tmp_path, "vnc", {"env": "e"}, {}, session(tmp_path, "b")) is None
         assert fake.requests == []
+    finally:
+        fake.close()
+
+
+def test_a_standby_whose_directory_goes_as_it_is_claimed_is_not_taken(tmp_path, monkeypatch):
+    ending = make_standby(tmp_path, "vnc", {"env": "e"})
+    fake = FakeStandby(ending, {"taken": True, "pid": 1})
+    real_open = os.open
+
+    def open_after_its_end(path, *args, **kwargs):
+        if Path(path).name == standby.TAKEN:  # its untaken end removes the directory between the checks and claim
+            shutil.rmtree(ending)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(standby.os, "open", open_after_its_end)
+    try:
+        sdir = session(tmp_path, "a")
+        assert standby.take(tmp_path, "vnc", {"env": "e"}, {}, sdir) is None  # the start runs its own play
+        assert fake.requests == [] and not (sdir / "logs" / "runner" / "artifacts").exists()
     finally:
         fake.close()
 
