@@ -151,6 +151,20 @@ def write_pidfile(path: Path, playbook_pid: Optional[int]) -> None:
     os.replace(tmp, path)
 
 
+# ansible-runner's settings for every play isession runs: no output of its own, and its loop's wake
+RUNNER_SETTINGS: Mapping[str, Any] = {"suppress_ansible_output": True, "pexpect_timeout": RUNNER_WAKE}
+
+
+def _inventory_or_embedded(inventory: Optional[Path], pdd: Path) -> Path:
+    """``inventory``, or (None) the embedded one written to ``pdd/inventory.yml`` (0600): a run in the workspace."""
+    if inventory is not None:
+        return inventory
+    inv_file = pdd / "inventory.yml"
+    inv_file.write_text(embedded_inventory())
+    inv_file.chmod(0o600)
+    return inv_file
+
+
 def run_playbook(col: Collection, session_dir: Path, playbook: str, extravars: Mapping[str, Any], *,
                  inventory: Optional[Path], ident: str, progress: Optional[Progress] = None,
                  emit: Optional[Callable[[str], None]] = None, cancel: Optional[threading.Event] = None) -> PlayResult:
@@ -164,11 +178,7 @@ def run_playbook(col: Collection, session_dir: Path, playbook: str, extravars: M
 
     _no_delay_after_close()
     pdd = runner_dir(session_dir)
-    if inventory is None:
-        inv_file = pdd / "inventory.yml"
-        inv_file.write_text(embedded_inventory())
-        inv_file.chmod(0o600)
-        inventory = inv_file
+    inventory = _inventory_or_embedded(inventory, pdd)
     pidfile = pdd / f"{ident}.pid"
     progress = progress if progress is not None else Progress()
     watch_cancel = cancel is not None
@@ -201,7 +211,7 @@ def run_playbook(col: Collection, session_dir: Path, playbook: str, extravars: M
             quiet=True,
             event_handler=on_event,
             cancel_callback=cancel.is_set,
-            settings={"suppress_ansible_output": True, "pexpect_timeout": RUNNER_WAKE},
+            settings=dict(RUNNER_SETTINGS),
         )
         thread.join()
     finally:
@@ -298,10 +308,7 @@ def standby_run(col: Collection, pdd: Path, playbook: Path, inventory: Optional[
 
     _no_delay_after_close()
     pdd.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if inventory is None:
-        inventory = pdd / "inventory.yml"
-        inventory.write_text(embedded_inventory())
-        inventory.chmod(0o600)
+    inventory = _inventory_or_embedded(inventory, pdd)
     env = runner_env(col)
     env.update({"ISESSION_STANDBY_SOCKET": str(socket_path), "ISESSION_STANDBY_FOR": str(seconds)})
     # SIGTERM or SIGINT ends the standby at once (its play, waiting or taken, with it), not at the runner's next wake
@@ -313,7 +320,7 @@ def standby_run(col: Collection, pdd: Path, playbook: Path, inventory: Optional[
         thread, runner = ansible_runner.run_async(
             private_data_dir=str(pdd), project_dir="/", playbook=str(playbook), inventory=str(inventory),
             extravars={}, envvars=env, ident=ident, quiet=True, cancel_callback=cancel.is_set,
-            settings={"suppress_ansible_output": True, "pexpect_timeout": RUNNER_WAKE})
+            settings=dict(RUNNER_SETTINGS))
         thread.join()
     finally:
         done.set()
