@@ -347,14 +347,18 @@ def _standby_play(tmp_path, seconds, sock_dir=None):
     return proc, sock_dir / "sock"
 
 
-def _ask(sock, doc, wait=60.0):
-    import json  # noqa: PLC0415
-    import socket  # noqa: PLC0415
-
+def _wait_listening(sock, wait=60.0):
     deadline = time.monotonic() + wait
     while not sock.exists():
         assert time.monotonic() < deadline, "the standby never listened"
         time.sleep(0.02)
+
+
+def _ask(sock, doc, wait=60.0):
+    import json  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+
+    _wait_listening(sock, wait)
     with socket.socket(socket.AF_UNIX) as conn:
         conn.settimeout(10)
         conn.connect(str(sock))
@@ -406,10 +410,7 @@ def test_the_standby_answers_only_its_own_user(tmp_path):
     open_dir = Path(tempfile.mkdtemp(prefix="standby-"))  # reachable by another uid, unlike pytest's 0700 tmp
     proc, sock = _standby_play(tmp_path, 120, sock_dir=open_dir)
     try:
-        deadline = time.monotonic() + 60
-        while not sock.exists():
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        _wait_listening(sock)
         open_dir.chmod(0o755)
         sock.chmod(0o666)
         read, write = os.pipe()
@@ -459,10 +460,7 @@ def test_a_standby_in_a_directory_deeper_than_a_unix_socket_address_is_reached(t
     assert len(str(deep / "sock")) > 108
     proc, sock = _standby_play(tmp_path, 120, sock_dir=deep)
     try:
-        deadline = time.monotonic() + 60
-        while not sock.exists():
-            assert time.monotonic() < deadline, "the standby never listened"
-            time.sleep(0.02)
+        _wait_listening(sock)
         answer = standby._request(sock, {"extravars": {"greeting": "deep"}}, timeout=10)
         out, _err = proc.communicate(timeout=120)
     finally:
