@@ -213,6 +213,22 @@ def decide(record: Mapping[str, Any], current: Optional[str], info: Optional[Map
     return Decision("Failed", f"{what}{_where(info)} ({_detail(job_id, info)})", 0)
 
 
+def predates(record: Mapping[str, Any], status: Optional[str], asked_at: Optional[float]) -> bool:
+    """Whether an answer the scheduler gave when asked at ``asked_at`` (``time.time()``) is older than the record's
+    step and would move it back (``status`` non-terminal, of an earlier step): e.g. "pending" asked just before the
+    job ran, applied once the readiness check had marked the session running. Such an answer is left for the next
+    poll, whose answer is newer than the step; a requeue seen after the step was entered still moves it back."""
+    step, new = record.get("step"), STEP_OF.get(status or "")
+    if asked_at is None or new is None or new in TERMINAL_STEPS or step not in _WORDS.STEPS:
+        return False
+    if _WORDS.STEPS.index(new) >= _WORDS.STEPS.index(step):
+        return False
+    history = record.get("history") or []
+    last = history[-1] if history and isinstance(history[-1], dict) else {}
+    entered = last.get("at") if last.get("step") == step else record.get("updated")
+    return isinstance(entered, (int, float)) and entered >= asked_at
+
+
 def decide_listener(record: Mapping[str, Any], current: Optional[str], owner: Any) -> Optional[Decision]:
     """What the listener on a running session's workspace port means for it; None when nothing changes.
 
@@ -764,7 +780,7 @@ class Watcher:
         if asked:
             self.send_cancels(key, asked)
         ids = sorted({str(r["job_id"]) for r in sessions.values()})
-        started = time.monotonic()
+        started, asked_at = time.monotonic(), time.time()
         try:
             answer = self.query(key, ids, self.inventory_for(next(iter(sessions))))
         except (RemoteError, LookupError, OSError) as exc:
@@ -777,7 +793,7 @@ class Watcher:
         jobs, reachable = answer.get("jobs", {}), bool(answer.get("reachable"))
 
         def apply_one(item: Tuple[str, Dict[str, Any]]) -> None:
-            self.apply(item[0], item[1], jobs.get(str(item[1]["job_id"])), reachable)
+            self.apply(item[0], item[1], jobs.get(str(item[1]["job_id"])), reachable, asked_at)
 
         if sum(bool(rec.get("cancel_requested")) for rec in sessions.values()) > 1:
             # a burst of cancels: each end is written (fsync'ed records) and torn down side by side
@@ -838,7 +854,9 @@ class Watcher:
                     continue
                 self.queue_files[sid] = doc
 
-    def apply(self, sid: str, rec: Dict[str, Any], info: Optional[Dict[str, Any]], reachable: bool) -> None:
+    def apply(self, sid: str, rec: Dict[str, Any], info: Optional[Dict[str, Any]], reachable: bool,
+              asked_at: Optional[float] = None) -> None:
+        """Record what the scheduler said of session ``sid`` (asked at ``asked_at``, ``time.time()``)."""
         if sid in self.in_flight:  # its cancel's teardown runs beside this poll: the next poll records the end
             return
         # every tick, for every polled session: paths joined once, and nothing decided again when neither file
@@ -874,6 +892,10 @@ class Watcher:
         d = decide(rec, current, info, reachable, absent=self.absent.get(sid, 0), confirm=self.confirm)
         with self._lock:
             self.absent[sid] = d.absent
+        if predates(rec, d.status, asked_at):
+            self.log(f"{sid}: {d.status} not recorded: the scheduler was asked before the session reached "
+                     f"{rec.get('step')}")
+            return
         if d.status == "Failed" and d.status != current:
             words = with_agent_words(self.agent_error(sid, rec), str(rec.get("job_id") or ""), info)
             if words:  # the agent's own explanation wins over the scheduler's generic one

@@ -1110,3 +1110,45 @@ def test_a_record_the_readiness_check_marked_running_is_never_moved_back_to_star
     _service_file.update_service_file(str(root / "a" / "service.json"), job_status="Running")
     assert service(root, "a")["JOB_STATUS"] == "Running"
     watch.close()
+
+
+class MarkedDuringTheQuery(Scripted):
+    """The readiness check marks the session running while the scheduler's answer (asked before) is on its way."""
+
+    def query(self, key, job_ids, inventory):
+        answer = super().query(key, job_ids, inventory)
+        _state.run_op("update", str(self.root), "a", {"step": "running"})
+        _service_file.update_service_file(str(self.root / "a" / "service.json"), job_status="Running")
+        return answer
+
+
+def test_an_answer_asked_before_the_session_ran_never_moves_it_back(tmp_path):
+    root = tmp_path / "s"
+    make_session(root, "a", step="starting", status="Starting")
+    pending = {"jobs": {"42": {"state": "queued", "reason": "Priority", "found": True}}, "reachable": True}
+    watch = MarkedDuringTheQuery(root, [pending])
+    run_ticks(watch, 1)
+    assert _state.read_record(str(root / "a" / "state.json"))["step"] == "running"
+    assert service(root, "a")["JOB_STATUS"] == "Running"
+    watch.close()
+    # a requeue the scheduler reports after the session reached running still shows (Slurm --requeue by a site)
+    watch = Scripted(root, [pending])
+    run_ticks(watch, 1)
+    assert service(root, "a")["JOB_STATUS"] == "Queued"
+    assert _state.read_record(str(root / "a" / "state.json"))["step"] == "queued"
+    watch.close()
+
+
+@pytest.mark.parametrize(("step", "status", "asked", "held_back"), [
+    ("running", "Queued", -1.0, True),     # asked before the step was entered: older than it
+    ("running", "Queued", +1.0, False),    # asked after: a requeue
+    ("running", "Starting", -1.0, True),
+    ("starting", "Queued", -1.0, True),
+    ("queued", "Starting", -1.0, False),   # forward: whenever it was asked
+    ("running", "Failed", -1.0, False),    # an end is an end
+    ("running", None, -1.0, False),        # nothing to record
+])
+def test_predates_holds_back_only_an_older_answer_that_moves_the_step_back(step, status, asked, held_back):
+    rec = {"step": step, "updated": 1000.0, "history": [{"step": "created", "at": 990.0}, {"step": step, "at": 1000.0}]}
+    assert w.predates(rec, status, 1000.0 + asked) is held_back
+    assert w.predates(rec, status, None) is False  # no time of asking (a direct call): as before
