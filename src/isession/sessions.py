@@ -138,13 +138,13 @@ def local_logs(directory: Path) -> List[Path]:
     """Log files of a session on the workspace: ``logs/**`` and the runner's stdout per run."""
     out: List[Path] = []
     logs = directory / "logs"
-    for path in sorted(logs.rglob("*")) if logs.is_dir() else []:
-        rel = path.relative_to(logs).parts
-        if not path.is_file() or path.name in NEVER_SHOWN or path.is_symlink():
-            continue
-        if rel[0] == "runner":
-            continue
-        out.append(path)
+    for base, dirs, files in os.walk(logs):  # links to directories are not followed
+        if base == str(logs):
+            dirs[:] = [d for d in dirs if d != "runner"]  # its thousands of event files are never shown
+        for name in files:
+            path = Path(base, name)
+            if name not in NEVER_SHOWN and not path.is_symlink() and path.is_file():
+                out.append(path)
     # the runner's own record: artifacts/<ident>/stdout (events are JSON; `logs --events` is not offered); a start a
     # standby ran has artifacts/ as a link to the standby's, which rglob does not follow
     out = sorted(out + [p for p in (logs / "runner").glob("artifacts/*/stdout") if p.is_file()])
