@@ -146,7 +146,7 @@ def local_logs(directory: Path) -> List[Path]:
             if name not in NEVER_SHOWN and not path.is_symlink() and path.is_file():
                 out.append(path)
     # the runner's own record: artifacts/<ident>/stdout (events are JSON; `logs --events` is not offered); a start a
-    # standby ran has artifacts/ as a link to the standby's, which rglob does not follow
+    # standby ran has artifacts/ as a link to the standby's, read here: the walk above skips logs/runner
     out = sorted(out + [p for p in (logs / "runner").glob("artifacts/*/stdout") if p.is_file()])
     for name in os.listdir(directory) if directory.is_dir() else []:
         path = directory / name
