@@ -42,6 +42,7 @@ def one_start(bed: bl.Bed, cli: bl.Cli, service: str, sid: str) -> Dict[str, Any
     tasks = bl.task_timeline(bl.load_events(cli.root / sid / "logs" / "runner" / "artifacts" / "start" /
                                             "job_events"))["tasks"]
     ready = [t for t in tasks if t["action"].endswith("session_ready") and t["span"] is not None]
+    out["tasks"] = [{"name": t["name"], "span": t["span"]} for t in tasks if t["span"] is not None]
     if run["rc"] != 0 or times is None or not ready:
         out["error"] = (run["stdout"] + run["stderr"])[-2000:] or "no job, Slurm times or readiness task"
         return out
@@ -51,6 +52,18 @@ def one_start(bed: bl.Bed, cli: bl.Cli, service: str, sid: str) -> Dict[str, Any
                after_readiness_s=round(run["t1"] - (ready[0]["start"] + ready[0]["span"]), 4),
                own_time_s=round(run["seconds"] - (allocated - submitted), 4))
     return out
+
+
+def task_spans(starts: List[Dict[str, Any]]) -> List[Any]:
+    """Each task's span over the starts (summed when a task runs more than once in a start), in play order."""
+    spans: Dict[str, List[float]] = {}
+    for start in starts:
+        mine: Dict[str, float] = {}
+        for task in start.get("tasks", []):
+            mine[task["name"]] = mine.get(task["name"], 0.0) + task["span"]
+        for name, span in mine.items():
+            spans.setdefault(name, []).append(span)
+    return [(name, bl.stats(values)) for name, values in spans.items()]
 
 
 def main() -> int:
@@ -86,6 +99,7 @@ def main() -> int:
     measured = [s for s in starts if not s["warmup"] and "error" not in s]
     summary = {part: bl.stats(s[part] for s in measured) for part in PARTS}
     summary["failed_starts"] = [s["sid"] for s in starts if "error" in s]
+    summary["tasks"] = task_spans(measured)
     results = {"meta": {"date": stamp.strftime("%Y-%m-%d %H:%M UTC"), "machine": bl.machine(),
                         "commit": bl.git_commit(), "args": {k: str(v) for k, v in vars(args).items()},
                         "hostname": socket.gethostname()},
@@ -94,7 +108,9 @@ def main() -> int:
     lines = [f"isession start {args.service} on Slurm compute {results['meta']['date']} - commit "
              f"{results['meta']['commit']}{standby}", "", f"{'part':44} median (min-max, n)"]
     lines += [f"{LABELS[part]:44} {bl.fmt_stats(summary[part])}" for part in PARTS]
-    lines += ["", f"failed starts: {', '.join(summary['failed_starts']) or 'none'}"]
+    lines += ["", f"failed starts: {', '.join(summary['failed_starts']) or 'none'}", "",
+              f"{'task of the start play (span: its start to the next one)':72} median (min-max, n)"]
+    lines += [f"{name[:72]:72} {bl.fmt_stats(st)}" for name, st in summary["tasks"]]
     bl.save_results(out_path, results, "\n".join(lines) + "\n")
     return 0
 
