@@ -184,14 +184,18 @@ def wait_for_start(path: str, seconds: float, clock=time.monotonic):
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     old_umask = os.umask(0o177)
     # a unix socket's address holds at most 107 bytes, and a session root can be deeper: bound through the
-    # directory's descriptor (the socket is made in that directory all the same)
+    # directory's descriptor (the socket is made in that directory all the same). Bound under another name and
+    # renamed once it listens: a client that finds the socket's name can connect (between bind and listen it would
+    # be refused, and the start would run its own play).
     dir_fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    name = os.path.basename(path)
     try:
-        listener.bind("/proc/self/fd/%d/%s" % (dir_fd, os.path.basename(path)))
+        listener.bind("/proc/self/fd/%d/%s.new" % (dir_fd, name))
+        listener.listen(4)
+        os.rename(name + ".new", name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     finally:
         os.close(dir_fd)
         os.umask(old_umask)
-    listener.listen(4)
     deadline = clock() + seconds
     try:
         if os.path.exists(os.path.join(os.path.dirname(path), STANDBY_END)):

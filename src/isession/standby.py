@@ -34,12 +34,18 @@ from .config import UsageError
 
 DIRNAME = ".standby"
 RECORD = "standby.json"
+PID = "pid"  # the standby process's pid, written by spawn
 SOCKET = "sock"
 TAKEN = "taken"
 END = "end"  # made by retire: a standby still starting ends as soon as it listens (linear_idle's STANDBY_END)
 ENV = "ISESSION_STANDBY"
 MAX_SECONDS = 86400.0
 CONNECT_TIMEOUT = 1.0  # seconds for the standby's answer to a request
+# seconds a start waits for a standby made for it that is still starting (its ansible-playbook not yet listening)
+# before it runs its own play: a standby started earlier is ahead of a new play, which would also share the CPU
+# with it; one that started STARTING_AT_MOST ago and still does not listen is not waited for
+STARTING_WAIT = 3.0
+STARTING_AT_MOST = 30.0
 FOLLOW_EVERY = 0.02  # seconds between looks at the standby's events
 RUNNER_GONE_AFTER = 5.0  # seconds after the play's exit within which its runner records how the run ended
 # what a play's behaviour depends on besides its inputs: a standby started under other values is not used
@@ -164,8 +170,13 @@ def spawn(root: Path, collection_root: Path, service: str, playbook: Path, *, in
     # own, /dev/null for its stdio, no other descriptor (Python opens them close-on-exec); not waited for, so it
     # is reaped by init when this command has exited
     devnull = [(os.POSIX_SPAWN_OPEN, fd, os.devnull, os.O_RDWR, 0) for fd in (0, 1, 2)]
-    os.posix_spawn(sys.executable, [sys.executable, "-m", "isession", "_standby", str(directory)],
-                   {**env, "ISESSION_COLLECTIONS": str(collection_root)}, file_actions=devnull, setsid=True)
+    pid = os.posix_spawn(sys.executable, [sys.executable, "-m", "isession", "_standby", str(directory)],
+                         {**env, "ISESSION_COLLECTIONS": str(collection_root)}, file_actions=devnull, setsid=True)
+    # how a start tells a standby still starting from a dead one (take); gone already if the standby ended at once
+    with contextlib.suppress(OSError):
+        fd = os.open(directory / PID, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(f"{pid}\n")
     return directory
 
 
@@ -201,30 +212,57 @@ class Taken:
         return self.directory / "runner"
 
 
+def _starting(directory: Path, record: Mapping[str, Any], now: float) -> bool:
+    """Whether a standby that does not listen yet is still on its way: its process lives (its pid file; a standby
+    whose pid is not written yet is only just spawned) and it was made less than STARTING_AT_MOST ago."""
+    created = record.get("created")
+    if not isinstance(created, (int, float)) or not 0 <= now - created < STARTING_AT_MOST:
+        return False
+    try:
+        pid = int((directory / PID).read_text())
+    except FileNotFoundError:
+        return now - created < STARTING_WAIT
+    except (OSError, ValueError):
+        return False
+    return _alive(pid)
+
+
 def take(root: Path, service: str, fp: Mapping[str, Any], extravars: Mapping[str, Any],
          session_dir: Path) -> Optional[Taken]:
     """Hand ``extravars`` to a waiting standby made for this start (same service and fingerprint) and link the
     session's ``logs/runner/artifacts`` to its artifacts; None when there is none (the start then runs its own
-    play)."""
-    for directory in standbys(root):
-        record = _read(directory / RECORD)
-        if not record or record.get("service") != service or record.get("fingerprint") != dict(fp):
-            continue
-        if not (directory / SOCKET).exists() or (directory / END).exists():
-            continue  # still starting, or ended
-        try:
-            os.close(os.open(directory / TAKEN, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
-        except OSError:
-            continue  # another start took it, or it just ended and its directory is gone
-        answer = _request(directory / SOCKET, {"extravars": dict(extravars)})
-        if not answer or not answer.get("taken") or not isinstance(answer.get("pid"), int):
-            with contextlib.suppress(OSError):
-                os.unlink(directory / TAKEN)
-            continue
-        (directory / TAKEN).write_text(session_dir.name + "\n")
-        os.symlink(directory / "runner" / "artifacts", session_dir / "logs" / "runner" / "artifacts")
-        return Taken(directory, answer["pid"])
-    return None
+    play). One made for it that is still starting is waited for, up to STARTING_WAIT seconds."""
+    tried: set = set()
+    deadline: Optional[float] = None
+    while True:
+        starting = False
+        for directory in standbys(root):
+            record = _read(directory / RECORD)
+            if not record or record.get("service") != service or record.get("fingerprint") != dict(fp):
+                continue
+            if directory in tried or (directory / END).exists():
+                continue  # it refused this start already, or it is ended
+            if not (directory / SOCKET).exists():
+                starting = starting or _starting(directory, record, time.time())
+                continue
+            tried.add(directory)
+            try:
+                os.close(os.open(directory / TAKEN, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            except OSError:
+                continue  # another start took it, or it just ended and its directory is gone
+            answer = _request(directory / SOCKET, {"extravars": dict(extravars)})
+            if not answer or not answer.get("taken") or not isinstance(answer.get("pid"), int):
+                with contextlib.suppress(OSError):
+                    os.unlink(directory / TAKEN)
+                continue
+            (directory / TAKEN).write_text(session_dir.name + "\n")
+            os.symlink(directory / "runner" / "artifacts", session_dir / "logs" / "runner" / "artifacts")
+            return Taken(directory, answer["pid"])
+        now = time.monotonic()
+        deadline = now + STARTING_WAIT if deadline is None else deadline
+        if not starting or now >= deadline:
+            return None
+        time.sleep(FOLLOW_EVERY)
 
 
 def follow(taken: Taken, on_event: Callable[[Dict[str, Any]], Any], cancel: threading.Event,

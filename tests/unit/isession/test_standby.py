@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -147,6 +148,75 @@ def test_a_standby_whose_directory_goes_as_it_is_claimed_is_not_taken(tmp_path, 
         assert fake.requests == [] and not (sdir / "logs" / "runner" / "artifacts").exists()
     finally:
         fake.close()
+
+
+def starting_standby(root: Path, fp: dict, *, age: float = 0.0, pid: object = None) -> Path:
+    """A standby made for a vnc start ``age`` seconds ago that does not listen yet (``pid``: its pid file)."""
+    directory = make_standby(root, "vnc", fp)
+    record = {"service": "vnc", "fingerprint": fp, "created": time.time() - age}
+    (directory / standby.RECORD).write_text(json.dumps(record))
+    if pid is not None:
+        (directory / standby.PID).write_text(f"{pid}\n")
+    return directory
+
+
+@pytest.mark.parametrize("pid", ["own", None])
+def test_a_start_waits_for_the_standby_made_for_it_that_is_still_starting(tmp_path, pid):
+    """Found before its play listens (it was spawned as the last start ended): waited for, not run beside."""
+    fp = {"env": "e"}
+    directory = starting_standby(tmp_path, fp, pid=os.getpid() if pid == "own" else None)
+    fakes = []
+    later = threading.Timer(0.4, lambda: fakes.append(FakeStandby(directory, {"taken": True, "pid": 77})))
+    later.start()
+    try:
+        t0 = time.monotonic()
+        taken = standby.take(tmp_path, "vnc", fp, {"session_id": "a"}, session(tmp_path, "a"))
+        waited = time.monotonic() - t0
+    finally:
+        later.join()
+        for fake in fakes:
+            fake.close()
+    assert taken == standby.Taken(directory, 77)
+    assert 0.35 < waited < standby.STARTING_WAIT
+    assert fakes[0].requests == [{"extravars": {"session_id": "a"}}]
+
+
+@pytest.mark.parametrize("case", ["its process is gone", "made long ago", "no pid after the first seconds",
+                                  "made for another start"])
+def test_a_standby_that_will_not_listen_is_not_waited_for(tmp_path, case):
+    fp = {"env": "e"}
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    if case == "its process is gone":
+        starting_standby(tmp_path, fp, pid=dead.pid)
+    elif case == "made long ago":
+        starting_standby(tmp_path, fp, age=standby.STARTING_AT_MOST + 1, pid=os.getpid())
+    elif case == "no pid after the first seconds":
+        starting_standby(tmp_path, fp, age=standby.STARTING_WAIT + 1)
+    else:
+        starting_standby(tmp_path, {"env": "other"}, pid=os.getpid())
+    t0 = time.monotonic()
+    assert standby.take(tmp_path, "vnc", fp, {}, session(tmp_path, "a")) is None
+    assert time.monotonic() - t0 < 0.3  # the start runs its own play at once
+
+
+def test_the_wait_for_a_starting_standby_ends_after_starting_wait(tmp_path, monkeypatch):
+    monkeypatch.setattr(standby, "STARTING_WAIT", 0.3)
+    starting_standby(tmp_path, {"env": "e"}, pid=os.getpid())  # alive, but never listens
+    t0 = time.monotonic()
+    assert standby.take(tmp_path, "vnc", {"env": "e"}, {}, session(tmp_path, "a")) is None
+    assert 0.25 < time.monotonic() - t0 < 1.5
+
+
+def test_spawn_writes_the_standbys_pid(tmp_path, monkeypatch):
+    spawned = []
+    monkeypatch.setattr(standby.os, "posix_spawn", lambda *args, **kwargs: spawned.append(args) or 4321)
+    playbook = tmp_path / "start_vnc.yml"
+    playbook.write_text("- hosts: localhost\n")
+    directory = standby.spawn(tmp_path / "root", tmp_path, "vnc", playbook, inventory=None, seconds=60, env={})
+    assert (directory / standby.PID).read_text() == "4321\n"
+    assert oct((directory / standby.PID).stat().st_mode & 0o777) == "0o600"
+    assert spawned[0][1][-2:] == ["_standby", str(directory)]
 
 
 def test_retire_asks_each_waiting_standby_to_end(tmp_path):

@@ -468,3 +468,37 @@ def test_a_standby_in_a_directory_deeper_than_a_unix_socket_address_is_reached(t
     assert answer == {"taken": True, "pid": proc.pid}, answer
     assert proc.returncode == 0, out
     assert (tmp_path / "said").read_text().startswith("deep / ")
+
+
+def test_the_standby_socket_has_its_name_only_once_it_listens(tmp_path, monkeypatch):
+    """A client that finds the socket's name connects: bound under another name, renamed after listen() (a start
+    that found the name between bind and listen was refused and ran its own play)."""
+    import json  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+
+    sock = tmp_path / "sock"
+    named_at_listen = []
+
+    class Spy(socket.socket):
+        def listen(self, *args):
+            named_at_listen.append(sock.exists())
+            return super().listen(*args)
+
+    monkeypatch.setattr(linear_idle.socket, "socket", Spy)
+    answers = []
+
+    def ask_as_soon_as_named():
+        while not sock.exists():
+            time.sleep(0.001)
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.connect(str(sock))
+            conn.sendall(json.dumps({"end": True}).encode() + b"\n")
+            answers.append(json.loads(conn.makefile().readline()))
+
+    asker = threading.Thread(target=ask_as_soon_as_named, daemon=True)
+    asker.start()
+    assert linear_idle.wait_for_start(str(sock), 30) is None
+    asker.join(10)
+    assert named_at_listen == [False]
+    assert answers == [{"taken": False, "ended": True}]
+    assert sorted(p.name for p in tmp_path.iterdir()) == []  # neither name is left
