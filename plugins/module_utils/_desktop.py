@@ -62,6 +62,7 @@ PASSWORD_CONTEXT = b"hpc.interactive vnc password\n"
 # kill (jobs submitted with -notify), which reaches every process of the job
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR2)
 VNC_PASSWORD_LEN = 8
+PASSWORD_FAILED = 3  # exit status of `reserve --password-from` when the display was reserved but no password written
 KILL_WAIT = 2.0  # s: how long stop_marked waits for what it KILLed to be gone
 
 
@@ -431,6 +432,19 @@ def _end_below(root: int, grace: float) -> None:
 # ---------------------------------------------------------------- the script
 
 
+def write_password(secret_file: str, out: str) -> str:
+    """Write the VNC password derived from ``secret_file``'s first line to ``out`` (made anew, 0600, never through
+    a link); returns ``out``."""
+    with open(secret_file, encoding="utf-8") as handle:
+        password = vnc_password(handle.readline())
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(out)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as handle:
+        handle.write(password + "\n")
+    return out
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="_desktop.py", description="X displays and VNC passwords of sessions.")
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -441,6 +455,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     res_p.add_argument("--display", type=int)
     res_p.add_argument("--lease", type=int, default=_ports.DEFAULT_LEASE)
     res_p.add_argument("--dir", default=DISPLAYS_DIR)
+    # the session's VNC password written in the same process (one interpreter start less on the job's way to Running)
+    res_p.add_argument("--password-from", metavar="SECRET_FILE", help="also write the VNC password (as `password`)")
+    res_p.add_argument("--password-out", metavar="FILE")
     rel_p = sub.add_parser("release", help="release the owner's displays and a dead server's files")
     rel_p.add_argument("--owner", required=True)
     rel_p.add_argument("--dir", default=DISPLAYS_DIR)
@@ -456,12 +473,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     pw_p.add_argument("--secret-file", required=True)
     pw_p.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if args.cmd == "reserve" and bool(args.password_from) != bool(args.password_out):
+        parser.error("--password-from and --password-out go together")
     try:
         if args.cmd == "reserve":
             rdir = DisplayDir(args.dir)
             display, removed = rdir.reserve_display(args.owner, args.pid, args.display_range, args.display,
                                                     args.lease)
             out: Dict[str, Any] = {"display": display, "reclaimed": removed, "reservation_dir": rdir.path}
+            if args.password_from:
+                try:
+                    out["password_written"] = write_password(args.password_from, args.password_out)
+                except OSError as exc:  # the display stays reserved: the caller's end releases it (stop)
+                    sys.stderr.write(json.dumps({"error": f"{exc.filename}: {exc.strerror}", "field": "password",
+                                                 "display": display}) + "\n")
+                    return PASSWORD_FAILED
         elif args.cmd == "release":
             _ports.validate_owner(args.owner)
             out = release_displays(args.owner, args.dir)
@@ -476,14 +502,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             stopped = stop_marked(args.marker, args.grace)
             out = dict(release_displays(args.owner, args.dir), stopped=stopped)
         else:
-            with open(args.secret_file, encoding="utf-8") as handle:
-                password = vnc_password(handle.readline())
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(args.out)
-            fd = os.open(args.out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "w", encoding="ascii") as handle:
-                handle.write(password + "\n")
-            out = {"written": args.out}
+            out = {"written": write_password(args.secret_file, args.out)}
     except _ports.PortError as exc:
         sys.stderr.write(json.dumps({"error": str(exc), "field": exc.field}) + "\n")
         return 1

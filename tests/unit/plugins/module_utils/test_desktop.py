@@ -310,6 +310,31 @@ def test_reserve_command_prints_the_display_and_errors_as_json(tmp_path):
     assert json.loads(rel.stdout)["released"] == [display]
 
 
+def test_reserve_also_writes_the_password_in_the_same_process(tmp_path):
+    """One interpreter start on the job's way to Running: the display, then the 0600 password file."""
+    res_dir, secret, out = tmp_path / "res", tmp_path / "secret", tmp_path / "password"
+    secret.write_text("abc\n")
+    out.write_text("an old one\n")  # made anew
+    cmd = [sys.executable, str(SCRIPT), "reserve", "--owner", "cli-pw", "--pid", str(os.getpid()), "--range",
+           "906-910", "--dir", str(res_dir)]
+    cp = subprocess.run(cmd + ["--password-from", str(secret), "--password-out", str(out)], capture_output=True,
+                        text=True, check=True)
+    doc = json.loads(cp.stdout)
+    assert 906 <= doc["display"] <= 910 and doc["password_written"] == str(out)
+    assert out.read_text() == vnc_password("abc") + "\n" and stat.S_IMODE(out.stat().st_mode) == 0o600
+    assert vnc_password("abc") not in cp.stdout + cp.stderr
+    # no password to derive: exit 3, the display named so that the caller's end releases it
+    bad = subprocess.run(cmd + ["--password-from", str(tmp_path / "none"), "--password-out", str(out)],
+                         capture_output=True, text=True, check=False)
+    assert bad.returncode == 3 and json.loads(bad.stderr) == {
+        "error": f"{tmp_path / 'none'}: No such file or directory", "field": "password", "display": doc["display"]}
+    # the two options go together
+    half = subprocess.run(cmd + ["--password-from", str(secret)], capture_output=True, text=True, check=False)
+    assert half.returncode == 2 and "--password-from and --password-out go together" in half.stderr
+    subprocess.run([sys.executable, str(SCRIPT), "release", "--owner", "cli-pw", "--dir", str(res_dir)], check=True,
+                   capture_output=True)
+
+
 # ---------------------------------------------------------------- the subreaper
 
 
