@@ -53,12 +53,18 @@ def playbook_path(col: Collection, name: str) -> Path:
     return col.path / "playbooks" / f"{name}.yml"
 
 
+# the tag of the start's steps only a play run without isession needs (the watcher's start, the play's own summary):
+# isession ensures the watcher and prints the result itself, so its plays skip them (added to the user's own skips)
+CLI_SKIP_TAG = "session_without_cli"
+
+
 def runner_env(col: Collection, base: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
     """Environment for ansible-playbook: our collection first, the venv's binaries on PATH."""
     base = os.environ if base is None else base
     venv_bin = str(Path(sys.executable).parent)
     path = base.get("PATH", "/usr/bin:/bin")
     return {
+        "ANSIBLE_SKIP_TAGS": ",".join(t for t in (base.get("ANSIBLE_SKIP_TAGS", "").strip(" ,"), CLI_SKIP_TAG) if t),
         # linear, minus its 1000 checks a second for a result while a task runs: a start waiting in the queue keeps
         # its ansible-playbook waiting for as long as the job does (see plugins/strategy/linear_idle.py)
         "ANSIBLE_STRATEGY": base.get("ANSIBLE_STRATEGY") or STRATEGY,

@@ -2,6 +2,7 @@
 Running -> status/list -> cancel -> Cancelled; the secret is nowhere in extravars/artifacts/events."""
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -48,6 +49,12 @@ def test_start_nginx_on_the_workspace_then_cancel(bed):
         assert len(secret) >= 16
         runner = cli.root / "nginx-cli-1" / "logs" / "runner"
         assert (runner / "artifacts" / "start" / "job_events").is_dir()
+        # the steps only a play without isession needs (tag session_without_cli) are not in the play at all: the
+        # CLI ensured the watcher and printed the result itself
+        names = {json.loads(p.read_text()).get("event_data", {}).get("task", "")
+                 for p in (runner / "artifacts" / "start" / "job_events").glob("*.json")}
+        assert "Wait until the app answers through the session's port, then record it as running" in names
+        assert not [n for n in names if n.startswith(("Ensure the user's watcher", "Say how to reach"))], names
         assert files_containing(runner, secret) == []
         ps = bed.run("workspace", ["ps", "-eo", "args"]).stdout
         assert secret not in ps

@@ -54,7 +54,13 @@ def test_every_start_playbook_ends_with_the_shared_summary():
         last = tasks[-1]["ansible.builtin.import_role"]
         assert last == {"name": "hpc.interactive.session", "tasks_from": "start"}, play.name
     start = yaml.safe_load((REPO / "roles" / "session" / "tasks" / "start.yml").read_text())
-    assert start[-1] == {"name": TASK, "ansible.builtin.import_tasks": "summary.yml"}
+    assert start[-1] == {"name": TASK, "ansible.builtin.import_tasks": "summary.yml", "tags": ["session_without_cli"]}
+    # isession skips that tag (it prints its own result and ensures the watcher itself): only the summary and the
+    # two watcher includes carry it
+    tagged = [t["name"] for t in start + start[2]["block"] if "session_without_cli" in t.get("tags", [])]
+    assert sorted(tagged) == sorted([TASK, "Ensure the user's watcher runs, for a start without the CLI",
+                                     "Ensure the user's watcher runs, so that a job that ends while its app starts"
+                                     " is seen at once"])
 
 
 @pytest.mark.bed

@@ -194,6 +194,11 @@ def test_isession_runs_its_plays_with_it_unless_the_user_chose_a_strategy():
     assert runner_env_of({"ANSIBLE_STRATEGY": "free"})["ANSIBLE_STRATEGY"] == "free"
 
 
+def test_isession_skips_the_steps_only_a_play_without_it_needs_keeping_the_users_skips():
+    assert runner_env_of({})["ANSIBLE_SKIP_TAGS"] == "session_without_cli"
+    assert runner_env_of({"ANSIBLE_SKIP_TAGS": "mine, "})["ANSIBLE_SKIP_TAGS"] == "mine,session_without_cli"
+
+
 def runner_env_of(base):
     class _Col:
         root = COLLECTIONS
