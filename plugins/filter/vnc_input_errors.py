@@ -15,10 +15,10 @@ from typing import Any, List, Mapping
 
 from ansible.errors import AnsibleFilterError
 
+from ansible_collections.hpc.interactive.plugins.plugin_utils._plain import PLAIN, is_plain
+
 # argv words that may reach the agent script: no newline, NUL, ;, $ or backtick
 WORD = re.compile(r"^[^\n\r\x00;`$]*\Z")
-# a plain path or command name: never an option, never a word of shell
-PLAIN = re.compile(r"^[A-Za-z0-9_.+/][A-Za-z0-9_.+/-]*\Z")
 GEOMETRY = re.compile(r"^[0-9]{3,5}x[0-9]{3,5}\Z")
 DISPLAY = re.compile(r"^[0-9]{1,3}\Z")
 DISPLAY_RANGE = re.compile(r"^[1-9][0-9]{0,2}(-[1-9][0-9]{0,2})?\Z")
@@ -63,7 +63,7 @@ def input_errors(inputs: Mapping[str, Any], desktops: Mapping[str, Any]) -> List
         errors.append("vnc_desktops must be a non-empty list of " + ", ".join(desktops))
     for field in PATH_FIELDS:
         value = inputs.get(field)
-        if not isinstance(value, str) or not PLAIN.match(value):
+        if not is_plain(value):
             errors.append(field + " must be a plain path or command name")
     extra = inputs.get("vnc_xvnc_extra_args")
     if not _is_list(extra) or not all(WORD.match(str(word)) for word in extra):
