@@ -9,6 +9,9 @@ in as positional arguments, never interpolated — runs the script and writes it
 ``<id>.status``; ``cancel`` writes ``<id>.cancelled`` and signals the group (TERM, then KILL).
 States: running (group leader alive), completed/failed (status file), cancelled (marker),
 failed (died without a status, e.g. killed), absent (no record: ``found: false``).
+
+Pids are reused (``pid_max`` is often 32768), so a job id comes back: the marker holds the start time of the job it
+cancelled and counts only for that job, and a submit removes a marker an earlier job with the same id left.
 """
 from __future__ import annotations
 
@@ -93,6 +96,10 @@ class Local(Backend):
         record = {"job_id": job_id, "name": name, "user": user, "script_path": script_path,
                   "start_time": proc_start_time(job_id, self.proc_root), "status_file": tmp_status}
         final = self._path(job_id, "json")
+        try:  # an earlier job with this pid was cancelled: its marker is not this job's
+            os.unlink(self._path(job_id, "cancelled"))
+        except FileNotFoundError:
+            pass
         with open(final + ".tmp", "w", encoding="utf-8") as handle:
             json.dump(record, handle)
         os.replace(final + ".tmp", final)
@@ -110,6 +117,14 @@ class Local(Backend):
                 return json.load(handle)
         except (OSError, ValueError):
             return None
+
+    def _cancelled(self, record: dict) -> bool:
+        """A cancel marker written for this very job (its start time), not for an earlier job with the same pid."""
+        try:
+            with open(self._path(record["job_id"], "cancelled"), encoding="utf-8") as handle:
+                return handle.read().strip() == str(record.get("start_time"))
+        except OSError:
+            return False
 
     def _alive(self, record: dict) -> bool:
         started = proc_start_time(record["job_id"], self.proc_root)
@@ -130,7 +145,7 @@ class Local(Backend):
                 info.exit_code = int(handle.read().strip())
         except (OSError, ValueError):
             info.exit_code = None
-        if os.path.exists(self._path(job_id, "cancelled")):
+        if self._cancelled(record):
             info.state, info.raw_state = "cancelled", "CANCELLED"
         elif info.exit_code is None:
             info.state, info.raw_state, info.reason = "failed", "DIED", "ended without an exit status (killed?)"
@@ -164,8 +179,10 @@ class Local(Backend):
         record = self._record(job_id)
         if record is None or not self._alive(record):
             return False
-        with open(self._path(job_id, "cancelled"), "w", encoding="utf-8"):
-            pass
+        marker = self._path(job_id, "cancelled")
+        with open(marker + ".tmp", "w", encoding="utf-8") as handle:
+            handle.write(str(record.get("start_time")))
+        os.replace(marker + ".tmp", marker)
         pgid = int(job_id)
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
             try:

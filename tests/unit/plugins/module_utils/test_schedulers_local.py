@@ -138,6 +138,34 @@ def test_a_reused_pid_is_never_signalled(backend, tmp_path):
         other.wait()
 
 
+def test_a_cancel_marker_left_by_an_earlier_job_with_the_same_pid_is_not_this_jobs(tmp_path):
+    """pid_max is small, so a job id comes back: the earlier job's cancel must not make the new one "cancelled"."""
+    state = tmp_path / "state"
+
+    def spawn_over_a_stale_marker(argv):
+        pid = local._spawn_detached(argv)
+        os.makedirs(state, exist_ok=True)
+        (state / ("%d.cancelled" % pid)).write_text("1")  # what a cancel of an earlier job with this pid left
+        return pid
+
+    backend = Local(state_dir=str(state), hostname="testhost", spawn=spawn_over_a_stale_marker)
+    script = tmp_path / "job.sh"
+    script.write_text("#!/bin/sh\nexit 3\n")
+    script.chmod(0o700)
+    job_id = backend.submit(str(script), "job", "tester", str(tmp_path / "job.out"))
+    assert wait_until(lambda: backend.query(job_ids=[job_id]).jobs[job_id].state != "running")
+    info = backend.query(job_ids=[job_id]).jobs[job_id]
+    assert (info.state, info.exit_code) == ("failed", 3)
+
+
+def test_a_marker_for_another_start_time_does_not_count(backend, submit):
+    job_id = submit("exit 3\n")
+    Path(backend.state_dir, "%s.cancelled" % job_id).write_text("1")  # written for another process with this pid
+    assert wait_until(lambda: backend.query(job_ids=[job_id]).jobs[job_id].state != "running")
+    info = backend.query(job_ids=[job_id]).jobs[job_id]
+    assert (info.state, info.exit_code) == ("failed", 3)
+
+
 def test_query_all_and_by_name(backend, submit):
     first = submit("exec sleep 60\n", name="alpha")
     second = submit("exec sleep 60\n", name="beta")
