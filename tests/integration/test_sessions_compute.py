@@ -160,3 +160,49 @@ def test_server_missing_on_the_node_is_failed_in_words(bed, root):
                                         "/nonexistent/nginx not found on compute2"), service
     assert wait_until(lambda: queue(bed, f"isession-{sid}") == "", 10)
     assert reservations(sid) == [] and not session_processes(sid)
+
+
+SLOW_TO_END = """---
+- name: nginx whose server's process group is slow to end
+  hosts: localhost
+  gather_facts: false
+  vars:
+    ansible_pipelining: true
+    slow_to_end: |
+      (trap 'sleep 5; exit 0' TERM; while :; do sleep 0.2; done) &
+  tasks:
+    - name: Describe the nginx service
+      ansible.builtin.import_role:
+        name: hpc.interactive.nginx
+    - name: Give the server's process group a member that ends 5 s after a TERM, after Slurm's KillWait
+      ansible.builtin.set_fact:
+        session_service_spec: >-
+          {{ session_service_spec | combine({'agent_script': slow_to_end ~ session_service_spec.agent_script}) }}
+    - name: Start the session
+      ansible.builtin.import_role:
+        name: hpc.interactive.session
+        tasks_from: start
+"""
+
+
+def test_a_server_slow_to_end_does_not_keep_the_node_port_reserved(bed, root):
+    """Slurm kills the job KillWait (2 s on the bed) after its TERM, and the agent's cleanup waits up to 10 s for the
+    server to end: here a member of the server's group takes 5 s to end after a TERM. The node port's reservation
+    must be released before that wait, not after it: the agent does not live to its end."""
+    inv = cluster_inventory(bed, "slurm")
+    sid = f"nginx-slowend-{int(time.time())}"
+    common = dict(session_id=sid, session_root=str(root))
+    res = bed.playbook_json(SLOW_TO_END, user=WS_USER, inventory=inv,
+                            extra_vars=dict(common, session_target="compute", session_resource="controller",
+                                            session_start_timeout=60, session_queue_timeout=60))
+    assert res.rc == 0, failure_text(res)
+    rdir = Path(read_json(root / sid / "state.json")["remote_dir"])
+    agent = read_json(rdir / "agent.json")
+    assert agent["node_port"] in reservations(sid)  # held while the session runs
+    res = run_playbook(bed, "hpc.interactive.cancel", common, inventory=inv)
+    assert res.rc == 0, failure_text(res)
+    assert wait_until(lambda: queue(bed, f"isession-{sid}") == "", 20), queue(bed, f"isession-{sid}")
+    assert wait_until(lambda: not listening(bed, agent["host"], agent["node_port"]), 10)
+    for marker in (str(rdir), sid):
+        assert wait_until(lambda m=marker: not session_processes(m), 10), session_processes(marker)
+    assert reservations(sid) == []
