@@ -126,7 +126,8 @@ def task_timeline(events: Sequence[dict]) -> Dict[str, Any]:
 
 
 SLURM_LOG_RE = re.compile(
-    r"^\[(\S+)\] (?:_slurm_rpc_submit_batch_job:|sched: Allocate|backfill: Started) JobId=(\d+)\b")
+    r"^\[(\S+)\] (?:_slurm_rpc_submit_batch_job:|sched: Allocate|(?:sched/)?backfill: (?:_start_job: )?Started) "
+    r"JobId=(\d+)\b")
 
 
 def slurm_waits(log_text: str, job_ids: Iterable[str]) -> Dict[str, float]:
