@@ -25,6 +25,7 @@ import importlib
 import os
 import pwd
 import stat
+import sys
 import traceback
 import typing as t
 
@@ -135,6 +136,12 @@ class InProcessAction(ActionBase):
     _supports_check_mode = True
     _supports_async = True
 
+    @classmethod
+    def preload(cls) -> None:
+        """Import the module this action runs in the worker (the strategy linear_idle calls it before forking)."""
+        if cls.MODULE:
+            importlib.import_module(MODULES_PACKAGE + cls.MODULE)
+
     def _in_process(self, task_vars: dict[str, t.Any]) -> bool:
         if not task_vars.get(IN_PROCESS_VAR, True):
             return False
@@ -154,7 +161,10 @@ class InProcessAction(ActionBase):
             return result
         display.vvv("%s: run in the Ansible worker (local connection, same user)" % self._task.action,
                     host=self._play_context.remote_addr)
-        mod = importlib.import_module(MODULES_PACKAGE + self.MODULE)
+        name = MODULES_PACKAGE + self.MODULE
+        display.debug("%s: its module %s" % (self._task.action, "was preloaded" if name in sys.modules
+                                              else "is imported in the worker"))
+        mod = importlib.import_module(name)
         args = {k: v for k, v in self._task.args.items() if not k.startswith("_ansible_")}
         try:
             module = InProcessModule(self._task.action, mod.ARGUMENT_SPEC, args, check_mode=bool(self._task.check_mode),

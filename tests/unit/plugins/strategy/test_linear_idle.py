@@ -299,6 +299,102 @@ def test_loading_the_jinja_plugins_is_best_effort():
     assert linear_idle.load_jinja_plugins((Broken(), Two())) == 2
 
 
+MODULE_TASKS = """
+- name: Every task runs one of this collection's in-process modules, with a lookup and one of its tests
+  hosts: localhost
+  gather_facts: false
+  tasks:
+""" + "".join(f"""
+    - name: Read a record {i}
+      hpc.interactive.session_state:
+        op: read
+        id: nothing-{i}
+        root: "{{{{ lookup('ansible.builtin.env', 'ISESSION_TEST_ROOT') }}}}"
+      when: "'ls' is hpc.interactive.plain_command"
+""" for i in range(3))
+
+
+def _worker_loads(tmp_path, strategy):
+    """Run MODULE_TASKS under ``strategy`` with ansible-core's debug log: how often the env lookup and the
+    plain_command test were loaded from their files, and how often a worker imported session_state's module
+    (plugin_utils/_inprocess.py says so)."""
+    (tmp_path / "play.yml").write_text(MODULE_TASKS)
+    env = dict(os.environ, ANSIBLE_COLLECTIONS_PATH=str(COLLECTIONS), ANSIBLE_COLLECTIONS_SCAN_SYS_PATH="False",
+               ANSIBLE_NOCOLOR="1", ANSIBLE_STRATEGY=strategy, ANSIBLE_DEBUG="1", ANSIBLE_LOCALHOST_WARNING="False",
+               ANSIBLE_INVENTORY_UNPARSED_WARNING="False", ISESSION_TEST_ROOT=str(tmp_path))
+    playbook_cmd = Path(sys.executable).with_name("ansible-playbook")
+    argv = [str(playbook_cmd)] if playbook_cmd.exists() else [shutil.which("ansible-playbook")]
+    cp = subprocess.run(argv + ["-i", "localhost,", "-c", "local", "play.yml",
+                                "-e", "ansible_python_interpreter=" + sys.executable],
+                        capture_output=True, text=True, env=env, timeout=180, cwd=tmp_path, check=False)
+    out = cp.stdout + cp.stderr
+    assert cp.returncode == 0 and "ok=3" in cp.stdout, cp.stdout[-2000:] + cp.stderr[-2000:]
+    # loads from the file (not from the loader's cache, which a worker inherits when ansible-playbook loaded it)
+    lookups = [line for line in re.findall(r"Loading (?:LookupModule '\S*env'|TestModule '\S*plain_command') from .*",
+                                           out) if "found_in_cache=True" not in line]
+    imported = re.findall(r"hpc\.interactive\.session_state: its module is imported in the worker", out)
+    preloaded = re.findall(r"hpc\.interactive\.session_state: its module was preloaded", out)
+    return len(lookups), len(imported), len(preloaded)
+
+
+def test_lookups_and_in_process_modules_are_loaded_once_before_the_workers_fork(tmp_path):
+    # loaded by ansible-playbook itself (one process): no worker loads or imports them again
+    assert _worker_loads(tmp_path, STRATEGY) == (2, 0, 3)
+    # what it saves: a load of each in every worker
+    assert _worker_loads(tmp_path, "ansible.builtin.linear") == (6, 3, 0)
+
+
+def test_the_collections_actions_and_lookups_are_found_by_name():
+    actions = linear_idle.collection_plugin_names("action")
+    assert {"free_port", "scheduler_submit", "service_json", "session_ready", "session_state"} <= set(actions)
+    assert "session_vocabulary" in linear_idle.collection_plugin_names("lookup")
+    assert linear_idle.collection_plugin_names("nosuchkind") == []
+
+
+def test_loading_the_task_plugins_is_best_effort_and_preloads_the_in_process_modules(tmp_path):
+    for kind in ("action", "lookup"):
+        (tmp_path / kind).mkdir()
+        for name in ("good", "broken", "_private"):
+            (tmp_path / kind / (name + ".py")).write_text("")
+    preloaded = []
+
+    class Good:
+        @classmethod
+        def preload(cls):
+            preloaded.append("good")
+
+    class Loader:
+        def __init__(self, everything):
+            self.everything = everything
+
+        def all(self, class_only=False):
+            assert class_only  # classes only: loading must not make instances here
+            if self.everything is None:
+                raise RuntimeError("a broken plugin path")
+            return iter(self.everything)
+
+        def get(self, name, class_only=False):
+            assert class_only and name != "hpc.interactive._private"
+            if name == "hpc.interactive.broken":
+                raise ImportError("no such module")
+            return Good
+
+    # ansible-core's three lookups, this collection's good lookup (not preloaded: only actions run modules) and
+    # its good action, preloaded
+    assert linear_idle.load_task_plugins(Loader(["a", "b", "c"]), Loader(None), plugins_dir=str(tmp_path)) == 5
+    assert preloaded == ["good"]
+    assert linear_idle.load_task_plugins(Loader(None), Loader(None), plugins_dir=str(tmp_path)) == 2
+
+
+def test_an_in_process_action_preloads_the_module_it_runs():
+    from ansible_collections.hpc.interactive.plugins.action.free_port import ActionModule  # noqa: PLC0415
+
+    name = "ansible_collections.hpc.interactive.plugins.modules.free_port"
+    sys.modules.pop(name, None)
+    ActionModule.preload()
+    assert name in sys.modules
+
+
 LAST_COLLECTION = """
 import atexit, gc, sys
 sys.path.insert(0, sys.argv[1])
