@@ -150,7 +150,8 @@ COLLECTION_PLUGINS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def collection_plugin_names(kind: str, plugins_dir: str = COLLECTION_PLUGINS) -> list:
-    """The names of this collection's plugins of one kind (``action``, ``lookup``), from its ``plugins/<kind>/``."""
+    """The names of this collection's plugins of one kind (``action``, ``lookup``, ``filter``, ``test``): the files
+    of its ``plugins/<kind>/``, private ones (``_name``) left out."""
     try:
         entries = os.listdir(os.path.join(plugins_dir, kind))
     except OSError:
