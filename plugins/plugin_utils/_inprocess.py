@@ -162,8 +162,8 @@ class InProcessAction(ActionBase):
         display.vvv("%s: run in the Ansible worker (local connection, same user)" % self._task.action,
                     host=self._play_context.remote_addr)
         name = MODULES_PACKAGE + self.MODULE
-        display.debug("%s: its module %s" % (self._task.action, "was preloaded" if name in sys.modules
-                                              else "is imported in the worker"))
+        loaded = "was preloaded" if name in sys.modules else "is imported in the worker"
+        display.debug("%s: its module %s" % (self._task.action, loaded))
         mod = importlib.import_module(name)
         args = {k: v for k, v in self._task.args.items() if not k.startswith("_ansible_")}
         try:
